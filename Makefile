@@ -1,0 +1,30 @@
+# `make study` runs the default comparison; `make test` runs the tests. Both set up .venv first.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STORE := $(CURDIR)/mlruns
+
+.PHONY: setup study test test-all ui clean-outputs
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[test]"
+	touch $@
+
+# The default study: the course note's two examples, three formulations x 5 seeds each, then the report.
+study: setup
+	$(PY) -m pipeline.run -m +experiment=seed_mnist
+	$(PY) -m pipeline.run -m +experiment=seed_logistic
+
+test: setup
+	$(PY) -m pytest
+
+ui: setup
+	$(PY) -m mlflow ui --backend-store-uri sqlite:///$(STORE)/mlflow.db \
+		--default-artifact-root $(STORE)/artifacts --host 127.0.0.1 --port 5000
+
+clean-outputs:
+	rm -rf outputs multirun reports

@@ -1,0 +1,1 @@
+"""fromlogits: does it matter whether a classifier's loss reads probabilities or logits?"""

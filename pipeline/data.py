@@ -1,0 +1,171 @@
+"""fetch: TFDS `download_and_prepare`; load: prepared splits as in-memory arrays.
+
+Every dataset, bundled or not, goes through a TFDS builder. A second fetch finds the prepared data in
+`data_dir` and does no work. Datasets that are not prepared and cannot be downloaded fail at once with
+what to do offline, instead of TFDS's minutes of retries.
+"""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+import pipeline.datasets  # noqa: F401  (registers the bundled builders)
+from pipeline.config import PIXEL_SCALES, ConfigError, DatasetConfig, PipelineError
+from pipeline.datasets.mnist_sample.mnist_sample_dataset_builder import SOURCE_SHA256
+from pipeline.formulations import Task
+
+tfds.disable_progress_bar()
+
+BUNDLED = {"mnist_sample": SOURCE_SHA256}
+# TFDS's own mirror, tried first for most datasets; if its name does not resolve there is no network.
+DOWNLOAD_HOST = "storage.googleapis.com"
+MNIST_MANUAL_FILES = (
+    "train-images-idx3-ubyte.gz",
+    "train-labels-idx1-ubyte.gz",
+    "t10k-images-idx3-ubyte.gz",
+    "t10k-labels-idx1-ubyte.gz",
+)
+VALIDATION_SEED = 7  # the validation carve-out is the same in every run of a dataset
+
+
+class DatasetUnavailable(PipelineError):
+    """The dataset is neither prepared nor obtainable from here."""
+
+
+@dataclass(frozen=True)
+class DatasetRef:
+    name: str
+    version: str
+    data_dir: str
+    checksum: str | None  # sha256 of the bundled source file, where there is one
+
+
+def builder_for(dataset: DatasetConfig, data_dir: str) -> tfds.core.DatasetBuilder:
+    spec = dataset.name if dataset.version is None else f"{dataset.name}:{dataset.version}"
+    try:
+        builder = tfds.builder(spec, data_dir=data_dir)
+    except tfds.core.registered.DatasetNotFoundError:
+        raise ConfigError(
+            f"dataset.name={dataset.name!r} is not accepted: expected a TFDS dataset name "
+            f"(bundled: {', '.join(BUNDLED)}; others: mnist, fashion_mnist, ... see tfds.list_builders())"
+        ) from None
+    features = builder.info.features
+    if "image" not in features or "label" not in features:
+        raise ConfigError(
+            f"dataset.name={dataset.name!r} is not accepted: expected an image-classification dataset "
+            f"with 'image' and 'label' features (it has {', '.join(features.keys())})"
+        )
+    return builder
+
+
+def _host_resolves(host: str) -> bool:
+    try:
+        socket.getaddrinfo(host, 443)
+        return True
+    except OSError:
+        return False
+
+
+def manual_dir(data_dir: str) -> Path:
+    return Path(data_dir) / "downloads" / "manual"
+
+
+def fetch(dataset: DatasetConfig, data_dir: str, allow_download: bool = True) -> DatasetRef:
+    """Prepares the dataset in `data_dir` (no work when it is prepared already)."""
+    builder = builder_for(dataset, data_dir)
+    manual = manual_dir(data_dir)
+    if dataset.name not in BUNDLED and not builder.is_prepared():
+        has_manual_files = dataset.name == "mnist" and all((manual / f).exists() for f in MNIST_MANUAL_FILES)
+        if not has_manual_files and not (allow_download and _host_resolves(DOWNLOAD_HOST)):
+            offline_hint = (
+                f"put {', '.join(MNIST_MANUAL_FILES)} in {manual}" if dataset.name == "mnist"
+                else f"prepare it in {data_dir} on a machine with network and copy it here"
+            )
+            raise DatasetUnavailable(
+                f"dataset {dataset.name!r} is not prepared in {data_dir} and cannot be downloaded "
+                f"({'downloads disabled' if not allow_download else DOWNLOAD_HOST + ' does not resolve'}). "
+                f"Offline: {offline_hint}, or use dataset=mnist_sample (bundled)."
+            )
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=str(manual)))
+    return DatasetRef(dataset.name, str(builder.version), data_dir, BUNDLED.get(dataset.name))
+
+
+@dataclass
+class Splits:
+    """Flattened float32 inputs and int labels (0..k-1 after class selection)."""
+
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_val: np.ndarray
+    y_val: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    num_classes: int
+    class_ids: list[int]  # original label of each new label
+
+    @property
+    def num_inputs(self) -> int:
+        return self.x_train.shape[1]
+
+
+def _as_arrays(builder, split: str) -> tuple[np.ndarray, np.ndarray]:
+    # Batches rather than `batch_size=-1`, which needs split sizes in the dataset info.
+    batches = list(tfds.as_numpy(builder.as_dataset(split=split, shuffle_files=False).batch(10_000)))
+    return np.concatenate([b["image"] for b in batches]), np.concatenate([b["label"] for b in batches])
+
+
+def select_classes(images, labels, class_ids: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """Keeps the listed classes and relabels them 0..k-1 in the order listed."""
+    keep = np.isin(labels, class_ids)
+    relabel = {c: i for i, c in enumerate(class_ids)}
+    return images[keep], np.array([relabel[int(c)] for c in labels[keep]], dtype=np.int64)
+
+
+def validation_split(labels: np.ndarray, fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """Train and validation indices, stratified by class, the same for every run."""
+    rng = np.random.default_rng(VALIDATION_SEED)
+    train, val = [], []
+    for c in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == c))
+        n_val = int(round(fraction * len(members)))
+        val.append(members[:n_val])
+        train.append(members[n_val:])
+    return np.sort(np.concatenate(train)), np.sort(np.concatenate(val))
+
+
+def load(dataset: DatasetConfig, data_dir: str) -> Splits:
+    builder = builder_for(dataset, data_dir)
+    images, labels = _as_arrays(builder, "train")
+    test_images, test_labels = _as_arrays(builder, "test")
+    labels, test_labels = labels.astype(np.int64), test_labels.astype(np.int64)
+
+    all_ids = list(range(builder.info.features["label"].num_classes))
+    class_ids = list(dataset.classes) if dataset.classes is not None else all_ids
+    absent = [c for c in class_ids if c not in set(np.unique(labels).tolist())]
+    if absent:
+        raise ConfigError(
+            f"dataset.classes={class_ids} is not accepted: class(es) {absent} are absent from "
+            f"{dataset.name}, whose classes are {all_ids}"
+        )
+    if dataset.task is Task.binary and len(class_ids) != 2:
+        raise ConfigError(f"dataset.classes={class_ids} is not accepted: a binary task needs exactly two classes")
+    images, labels = select_classes(images, labels, class_ids)
+    test_images, test_labels = select_classes(test_images, test_labels, class_ids)
+
+    scale = np.float32(PIXEL_SCALES[dataset.pixel_scale])
+
+    def flat(x):
+        return x.reshape(len(x), int(np.prod(x.shape[1:]))).astype(np.float32) * scale
+
+    train_idx, val_idx = validation_split(labels, dataset.validation_fraction)
+    return Splits(
+        x_train=flat(images[train_idx]), y_train=labels[train_idx],
+        x_val=flat(images[val_idx]), y_val=labels[val_idx],
+        x_test=flat(test_images), y_test=test_labels,
+        num_classes=len(class_ids), class_ids=class_ids,
+    )

@@ -1,0 +1,40 @@
+"""evaluate: test-split metrics that are true whatever the formulation did in training.
+
+The model is evaluated as the function its weights define: the output layer is recomputed in float64
+from the features, and NLL, ECE and Brier come from those float64 logits. The float32 probabilities the
+formulation itself produces are used only to count clipped and saturated examples.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import tensorflow as tf
+
+from pipeline.data import Splits
+from pipeline.models import Classifier
+from pipeline.numerics import brier_score, class_probabilities, expected_calibration_error, nll_float64, saturation_summary
+
+
+def evaluate(clf: Classifier, x: np.ndarray, y: np.ndarray) -> dict[str, float]:
+    task = clf.formulation.task
+    x = tf.constant(x)
+    logits64 = clf.logits(x, dtype=tf.float64)
+    probabilities = class_probabilities(logits64, task).numpy()
+    summary = saturation_summary(
+        clf.logits(x), clf.formulation.probabilities(clf.model(x, training=False)), y, task
+    )
+    return {
+        "test_accuracy": float(np.mean(probabilities.argmax(axis=1) == y)),
+        "test_nll": float(tf.reduce_mean(nll_float64(logits64, y, task))),
+        "test_ece": expected_calibration_error(probabilities, y),
+        "test_brier": brier_score(probabilities, y),
+        "test_clipped_fraction": float(summary["clipped_fraction"]),
+        "test_saturated_fraction": float(summary["saturated_fraction"]),
+        "test_above_cap_fraction": float(summary["above_cap_fraction"]),
+        "test_max_abs_logit": float(summary["max_abs_logit"]),
+        "test_examples": float(len(y)),
+    }
+
+
+def evaluate_test(clf: Classifier, splits: Splits) -> dict[str, float]:
+    return evaluate(clf, splits.x_test, splits.y_test)

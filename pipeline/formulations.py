@@ -1,0 +1,101 @@
+"""The three loss formulations compared by this project.
+
+A formulation decides four things and nothing else asks for a string:
+  * the activation of the output layer,
+  * the Keras loss it is compiled with,
+  * how to turn the model's outputs into class probabilities,
+  * whether the loss is *meant* to read logits (what actually happens is probed, see `probe`).
+
+  probs        the course note's "original" code, as written: softmax/sigmoid output layer and
+               `SparseCategoricalCrossentropy()` / `BinaryCrossentropy()`. Under Keras 3 + TensorFlow the
+               loss usually finds the logits behind the activation and computes from them anyway.
+  logits       the note's "more numerically accurate" code: linear output, `from_logits=True`,
+               probabilities by softmax/sigmoid afterwards.
+  probs_naive  the same probabilities, produced by an activation the loss cannot trace back to logits,
+               so Keras's epsilon clipping really applies. This is what `probs` becomes under other
+               backends, under mixed precision, or with probabilities from outside Keras's activations.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+import keras
+import tensorflow as tf
+
+# Keras clips probabilities to [eps, 1 - eps] when it cannot find the logits; the per-example loss is
+# then capped at -log(eps) and its gradient is zero beyond the cap.
+KERAS_EPSILON = 1e-7
+CLIPPED_LOSS_CAP = 16.118095650958319  # -log(1e-7)
+
+
+class Task(str, enum.Enum):
+    multiclass = "multiclass"
+    binary = "binary"
+
+
+class FormulationName(str, enum.Enum):
+    probs = "probs"
+    logits = "logits"
+    probs_naive = "probs_naive"
+
+
+def opaque_softmax(x):
+    """Softmax whose output carries no trace of its logits.
+
+    `keras.activations.softmax` tags its output with `_keras_logits`, and in graph mode the loss also
+    recognises a `Softmax` op; `tf.identity` hides both, so the loss must use the probabilities.
+    """
+    return tf.identity(keras.activations.softmax(x))
+
+
+def opaque_sigmoid(x):
+    """Sigmoid whose output carries no trace of its logit (see `opaque_softmax`)."""
+    return tf.identity(keras.activations.sigmoid(x))
+
+
+@dataclass(frozen=True)
+class Formulation:
+    name: FormulationName
+    task: Task
+
+    @property
+    def outputs_logits(self) -> bool:
+        """Whether the model's output layer is linear (its outputs are logits)."""
+        return self.name is FormulationName.logits
+
+    @property
+    def intends_from_logits(self) -> bool:
+        """What the code as written asks for; `probe.effective_from_logits` says what Keras did."""
+        return self.name is FormulationName.logits
+
+    def output_width(self, num_classes: int) -> int:
+        """Binary tasks have one output unit (the logit of class 1), as in the note."""
+        return 1 if self.task is Task.binary else num_classes
+
+    def output_activation(self):
+        multiclass = self.task is Task.multiclass
+        if self.name is FormulationName.logits:
+            return "linear"
+        if self.name is FormulationName.probs:
+            return "softmax" if multiclass else "sigmoid"
+        return opaque_softmax if multiclass else opaque_sigmoid
+
+    def loss(self) -> keras.losses.Loss:
+        from_logits = self.outputs_logits
+        if self.task is Task.binary:
+            return keras.losses.BinaryCrossentropy(from_logits=from_logits)
+        return keras.losses.SparseCategoricalCrossentropy(from_logits=from_logits)
+
+    def probabilities(self, outputs):
+        """Class-1 probability (binary) or class probabilities (multiclass) from model outputs."""
+        if not self.outputs_logits:
+            return outputs
+        if self.task is Task.binary:
+            return keras.activations.sigmoid(outputs)
+        return keras.activations.softmax(outputs)
+
+
+def formulation(name: str | FormulationName, task: str | Task) -> Formulation:
+    return Formulation(FormulationName(name), Task(task))

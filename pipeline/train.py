@@ -1,0 +1,224 @@
+"""train: the model = architecture + formulation head, fitted with a whole-epoch compiled loop.
+
+The loop computes exactly what `model.fit` computes (same loss object, same optimizer, one update per
+batch of `batch_size`, the last batch partial), but runs a whole epoch inside one `tf.function` over
+in-memory tensors, so the per-step Python overhead that dominates a model this small is gone
+(benchmarks/train_throughput.py measures it; tests/test_train.py pins equality with `model.fit`).
+
+Same seed => same initial weights and the same batch order in every formulation: the arms of a study
+are paired.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from pipeline.config import Config, Precision
+from pipeline.data import Splits
+from pipeline.formulations import Formulation, Task, formulation as make_formulation
+from pipeline.models import Classifier, build_classifier
+from pipeline.numerics import count_nonfinite, saturation_summary
+
+PROBE_BATCH = 256  # fixed batch for the gradient-norm ratio
+
+
+def configure_determinism() -> None:
+    """Same config and seed => same weights and metrics, run after run (op determinism)."""
+    tf.config.experimental.enable_op_determinism()
+
+
+def batch_order(seed: int, epoch: int, n: int) -> np.ndarray:
+    """The epoch's shuffle: a function of (seed, epoch) only, so every formulation sees the same batches."""
+    return np.random.default_rng([seed, epoch]).permutation(n).astype(np.int32)
+
+
+# --- the effective_from_logits probe ----------------------------------------------------------------
+
+
+PROBE_LOGIT = 100.0
+
+
+def probe_effective_from_logits(form: Formulation, output_dtype: str | None) -> tuple[bool, float]:
+    """Whether the compiled loss really consumed logits, found by running it, never by assuming.
+
+    A one-layer model with the formulation's output layer (identity weights, same dtype policy) gets the
+    logits [100, 0, 0] and the label 1 (binary: logit 100, label 0). From logits the loss is 100; from
+    clipped probabilities it is capped at 16.118 (15.94 for binary). Runs inside `tf.function`, as the
+    training loop does, because graph mode changes what Keras can trace.
+    """
+    width = 1 if form.task is Task.binary else 3
+    inputs = keras.Input((width,))
+    layer = keras.layers.Dense(width, activation=form.output_activation(), dtype=output_dtype, name="probe")
+    probe = keras.Model(inputs, layer(inputs))
+    layer.set_weights([np.eye(width, dtype=np.float32), np.zeros(width, np.float32)])
+    loss_fn = form.loss()
+    z = np.zeros((1, width), np.float32)
+    z[0, 0] = PROBE_LOGIT
+    label = np.array([[0.0]] if form.task is Task.binary else [1])
+    loss = float(tf.function(lambda: loss_fn(label, probe(z, training=True)))())
+    return abs(loss - PROBE_LOGIT) < 1e-3 * PROBE_LOGIT, loss
+
+
+# --- the training loop -------------------------------------------------------------------------------
+
+
+def make_optimizer(cfg: Config) -> keras.optimizers.Optimizer:
+    optimizer = keras.optimizers.Adam(learning_rate=cfg.train.learning_rate)
+    if cfg.precision.policy is Precision.mixed_float16:
+        # What `model.compile` does under mixed_float16: dynamic loss scaling against float16 underflow.
+        optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+    return optimizer
+
+
+def make_epoch_fn(model: keras.Model, loss_fn, optimizer, batch_size: int) -> Callable:
+    """A compiled function that runs one epoch of minibatch updates and returns the mean loss."""
+    variables = model.trainable_variables
+    optimizer.build(variables)
+
+    @tf.function(reduce_retracing=True)
+    def run_epoch(x, y, order):
+        n = tf.shape(order)[0]
+        steps = (n + batch_size - 1) // batch_size
+        total = tf.constant(0.0, tf.float32)
+        for step in tf.range(steps):
+            idx = order[step * batch_size : tf.minimum((step + 1) * batch_size, n)]
+            xb, yb = tf.gather(x, idx), tf.gather(y, idx)
+            with tf.GradientTape() as tape:
+                loss = loss_fn(yb, model(xb, training=True))
+                scaled = optimizer.scale_loss(loss)
+            grads = tape.gradient(scaled, variables)
+            optimizer.apply_gradients(zip(grads, variables))
+            # Weighted by batch size, as Keras's epoch loss is: the mean over examples.
+            total += tf.cast(loss, tf.float32) * tf.cast(tf.shape(idx)[0], tf.float32)
+        return total / tf.cast(n, tf.float32)
+
+    return run_epoch
+
+
+def make_diagnostics_fn(clf: Classifier, loss_fn) -> Callable:
+    """Compiled once; evaluates a fixed set of examples at the end of an epoch."""
+    form, model = clf.formulation, clf.model
+
+    @tf.function(reduce_retracing=True)
+    def diagnose(x, y):
+        outputs = model(x, training=False)
+        logits = clf.logits(x)
+        probs = form.probabilities(outputs)
+        stats = saturation_summary(logits, probs, y, form.task)
+        stats["loss"] = loss_fn(y, outputs)
+        predicted = (
+            tf.cast(tf.reshape(logits, [-1]) > 0, tf.int64) if form.task is Task.binary
+            else tf.argmax(logits, axis=-1)
+        )
+        stats["accuracy"] = tf.reduce_mean(tf.cast(predicted == tf.reshape(tf.cast(y, tf.int64), [-1]), tf.float64))
+        return stats
+
+    return diagnose
+
+
+def make_gradient_probe_fn(clf: Classifier, loss_fn) -> Callable:
+    """Ratio of the gradient norm of the loss as trained to that of the exact logits loss.
+
+    1.0 when the trained loss reads logits; far below 1 when clipping has zeroed the gradient of
+    confidently wrong examples.
+    """
+    form, model = clf.formulation, clf.model
+    exact = make_formulation("logits", form.task).loss()
+    variables = model.trainable_variables
+
+    @tf.function(reduce_retracing=True)
+    def probe(x, y):
+        with tf.GradientTape(persistent=True) as tape:
+            trained = loss_fn(y, model(x, training=True))
+            reference = exact(y, clf.logits(x))
+        trained_grads = tape.gradient(trained, variables)
+        reference_grads = tape.gradient(reference, variables)
+        return {
+            "grad_norm_ratio": tf.linalg.global_norm(trained_grads) / tf.linalg.global_norm(reference_grads),
+            "nonfinite_grads": tf.add_n([count_nonfinite(g) for g in trained_grads]),
+        }
+
+    return probe
+
+
+@dataclass
+class TrainResult:
+    classifier: Classifier
+    effective_from_logits: bool
+    probe_loss: float
+    output_dtype: str
+    diverged: bool = False
+    epochs_completed: int = 0
+    history: list[dict] = field(default_factory=list)
+
+
+def _fixed_subset(x, y, limit: int):
+    """The first `limit` examples of a fixed permutation (the same every epoch and every run)."""
+    if len(x) <= limit:
+        return x, y
+    keep = np.sort(np.random.default_rng(0).permutation(len(x))[:limit])
+    return x[keep], y[keep]
+
+
+def weights_finite(model: keras.Model) -> bool:
+    return all(np.isfinite(np.asarray(w)).all() for w in model.weights)
+
+
+def train(
+    cfg: Config,
+    splits: Splits,
+    on_epoch_end: Callable[[int, dict], None] = lambda epoch, metrics: None,
+    classifier: Classifier | None = None,
+    start_epoch: int = 0,
+) -> TrainResult:
+    """Fits the configured model; calls `on_epoch_end(epoch, metrics)` after every epoch (1-based)."""
+    form = make_formulation(cfg.loss.formulation, cfg.dataset.task)
+    keras.mixed_precision.set_global_policy(cfg.precision.policy.value)
+    try:
+        output_dtype = "float32" if cfg.precision.output_float32 else None
+        clf = classifier or build_classifier(
+            form, splits.num_inputs, splits.num_classes, cfg.model.hidden_units, cfg.model.activation, cfg.seed,
+            output_dtype=output_dtype,
+        )
+        effective, probe_loss = probe_effective_from_logits(form, output_dtype)
+        result = TrainResult(clf, effective, probe_loss, clf.output_layer.compute_dtype)
+
+        loss_fn = form.loss()
+        optimizer = make_optimizer(cfg)
+        run_epoch = make_epoch_fn(clf.model, loss_fn, optimizer, cfg.train.batch_size)
+        diagnose = make_diagnostics_fn(clf, loss_fn)
+        gradient_probe = make_gradient_probe_fn(clf, loss_fn)
+
+        x, y = tf.constant(splits.x_train), tf.constant(splits.y_train)
+        x_diag, y_diag = (tf.constant(a) for a in _fixed_subset(splits.x_train, splits.y_train, cfg.train.diagnostics_examples))
+        x_probe, y_probe = x[:PROBE_BATCH], y[:PROBE_BATCH]
+        has_val = len(splits.x_val) > 0
+        x_val, y_val = tf.constant(splits.x_val), tf.constant(splits.y_val)
+
+        for epoch in range(start_epoch + 1, cfg.train.epochs + 1):
+            started = time.perf_counter()
+            epoch_loss = float(run_epoch(x, y, tf.constant(batch_order(cfg.seed, epoch, len(splits.x_train)))))
+            train_seconds = time.perf_counter() - started
+            metrics = {"train_epoch_loss": epoch_loss}
+            metrics.update({f"train_{k}": float(v) for k, v in diagnose(x_diag, y_diag).items()})
+            if has_val:
+                metrics.update({f"val_{k}": float(v) for k, v in diagnose(x_val, y_val).items()})
+            metrics.update({k: float(v) for k, v in gradient_probe(x_probe, y_probe).items()})
+            metrics["epoch_seconds"] = time.perf_counter() - started
+            metrics["epoch_train_seconds"] = train_seconds
+            result.history.append(metrics)
+            result.epochs_completed = epoch
+            on_epoch_end(epoch, metrics)
+            if not math.isfinite(epoch_loss) or not weights_finite(clf.model):
+                result.diverged = True
+                break
+        return result
+    finally:
+        keras.mixed_precision.set_global_policy("float32")

@@ -1,0 +1,128 @@
+"""The bundled TFDS builder, class selection and relabelling, and fetch's behaviour offline."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from pipeline.config import ConfigError, DatasetConfig
+from pipeline.data import MNIST_MANUAL_FILES, DatasetUnavailable, fetch, load
+from pipeline.datasets.mnist_sample.mnist_sample_dataset_builder import SOURCE, ChecksumError, MnistSample
+from pipeline.formulations import Task
+
+
+def test_bundled_builder_splits_are_stratified_4000_1000(data_dir):
+    builder = tfds.builder("mnist_sample", data_dir=data_dir)
+    assert builder.info.splits["train"].num_examples == 4000
+    assert builder.info.splits["test"].num_examples == 1000
+    for split, per_class in [("train", 400), ("test", 100)]:
+        labels = tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1))["label"]
+        assert np.bincount(labels, minlength=10).tolist() == [per_class] * 10
+
+
+def test_train_and_test_hold_different_digits(data_dir):
+    builder = tfds.builder("mnist_sample", data_dir=data_dir)
+    train = tfds.as_numpy(builder.as_dataset(split="train", batch_size=-1))["image"].reshape(4000, -1)
+    test = tfds.as_numpy(builder.as_dataset(split="test", batch_size=-1))["image"].reshape(1000, -1)
+    with np.load(SOURCE) as archive:
+        assert len({row.tobytes() for row in train} | {row.tobytes() for row in test}) == len(
+            {im.tobytes() for im in archive["images"]}
+        )
+
+
+def test_second_fetch_does_no_work(data_dir):
+    files = sorted(Path(data_dir, "mnist_sample").rglob("*.tfrecord*"))
+    before = [(f, f.stat().st_mtime_ns) for f in files]
+    started = time.perf_counter()
+    fetch(DatasetConfig(), data_dir)
+    assert time.perf_counter() - started < 1.0
+    assert [(f, f.stat().st_mtime_ns) for f in sorted(Path(data_dir, "mnist_sample").rglob("*.tfrecord*"))] == before
+
+
+def test_damaged_bundled_file_is_a_clear_error(tmp_path):
+    damaged = tmp_path / "mnist_5k.npz"
+    shutil.copy(SOURCE, damaged)
+    with open(damaged, "r+b") as f:
+        f.seek(1000)
+        f.write(b"\x00\x01\x02")
+
+    class DamagedMnistSample(MnistSample):
+        source = damaged
+
+    with pytest.raises(ChecksumError, match="sha256 .* expected 246e0c30"):
+        DamagedMnistSample(data_dir=str(tmp_path / "tfds")).download_and_prepare()
+    assert not (tmp_path / "tfds" / "damaged_mnist_sample" / "1.0.0").exists()  # nothing half-written
+
+
+def test_validation_split_is_stratified_and_fixed(data_dir):
+    a, b = load(DatasetConfig(validation_fraction=0.1), data_dir), load(DatasetConfig(validation_fraction=0.1), data_dir)
+    assert (len(a.x_train), len(a.x_val), len(a.x_test)) == (3600, 400, 1000)
+    assert np.bincount(a.y_val).tolist() == [40] * 10
+    np.testing.assert_array_equal(a.x_val, b.x_val)
+    assert a.x_train.dtype == np.float32 and a.x_train.max() == 1.0 and a.num_inputs == 784
+
+
+def test_raw_pixels_are_not_scaled(data_dir):
+    assert load(DatasetConfig(pixel_scale="none"), data_dir).x_train.max() == 255.0
+
+
+def test_binary_task_relabels_the_two_classes_in_order(data_dir):
+    full = load(DatasetConfig(validation_fraction=0.0), data_dir)
+    binary = load(DatasetConfig(task=Task.binary, classes=[8, 3], validation_fraction=0.0), data_dir)
+    assert binary.num_classes == 2 and binary.class_ids == [8, 3]
+    assert sorted(np.unique(binary.y_train).tolist()) == [0, 1] and len(binary.y_train) == 800
+    eights = full.x_train[full.y_train == 8]
+    np.testing.assert_array_equal(binary.x_train[binary.y_train == 0], eights)
+    assert len(binary.x_test) == 200
+
+
+def test_class_absent_from_the_dataset_is_rejected(data_dir):
+    with pytest.raises(ConfigError, match=r"class\(es\) \[12\] are absent"):
+        load(DatasetConfig(task=Task.binary, classes=[0, 12]), data_dir)
+
+
+def test_unknown_dataset_is_rejected_naming_it(tmp_path):
+    with pytest.raises(ConfigError, match="dataset.name='no_such_digits' is not accepted"):
+        fetch(DatasetConfig(name="no_such_digits"), str(tmp_path))
+
+
+def _resolves(host: str) -> bool:
+    try:
+        socket.getaddrinfo(host, 443)
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(_resolves("storage.googleapis.com"), reason="this machine has network: the offline path cannot be shown")
+def test_full_mnist_offline_fails_fast_saying_how_to_proceed(tmp_path):
+    started = time.perf_counter()
+    with pytest.raises(DatasetUnavailable) as error:
+        fetch(DatasetConfig(name="mnist"), str(tmp_path))
+    assert time.perf_counter() - started < 10
+    message = str(error.value)
+    assert all(name in message for name in MNIST_MANUAL_FILES) and "dataset=mnist_sample" in message
+
+
+def test_downloads_can_be_disabled(tmp_path):
+    with pytest.raises(DatasetUnavailable, match="downloads disabled"):
+        fetch(DatasetConfig(name="fashion_mnist"), str(tmp_path), allow_download=False)
+
+
+def test_full_mnist_goes_through_the_same_loading_code(tmp_path):
+    """TFDS's real `mnist` builder, with its download mocked (the only thing that cannot happen here)."""
+    manual = tmp_path / "downloads" / "manual"
+    manual.mkdir(parents=True)
+    for name in MNIST_MANUAL_FILES:  # their presence lets fetch go on to (mocked) preparation
+        (manual / name).touch()
+    with tfds.testing.mock_data(num_examples=60):
+        fetch(DatasetConfig(name="mnist"), str(tmp_path))
+        splits = load(DatasetConfig(name="mnist", validation_fraction=0.0), str(tmp_path))
+    assert splits.x_train.shape == (60, 784) and splits.num_classes == 10
+    assert 0.0 <= splits.x_train.min() and splits.x_train.max() <= 1.0

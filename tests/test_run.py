@@ -1,0 +1,86 @@
+"""`python -m pipeline.run` end to end, as a user runs it: real Hydra, real TFDS, real MLflow store."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+
+from conftest import run_cli, runs_of
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, data_dir):
+    root = tmp_path_factory.mktemp("run")
+    uri = f"sqlite:///{root / 'mlruns' / 'mlflow.db'}"
+    result = run_cli(
+        "pipeline.run", "train.epochs=2", "loss=probs", f"data_dir={data_dir}", f"hydra.run.dir={root / 'out'}",
+        env={"MLFLOW_TRACKING_URI": uri},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run,) = runs_of(uri)
+    return uri, run, root, result
+
+
+def test_run_is_complete_in_mlflow(finished_run):
+    uri, run, root, result = finished_run
+    assert run.info.status == "FINISHED"
+    tags, params, metrics = run.data.tags, run.data.params, run.data.metrics
+    assert tags["formulation"] == "probs" and tags["dataset"] == "mnist_sample" and tags["task"] == "multiclass"
+    assert tags["seed"] == "0" and tags["effective_from_logits"] == "true"
+    assert len(tags["git_commit"]) == 40 or tags["git_commit"] == "unknown"
+    assert tags["dataset_sha256"].startswith("246e0c30")
+    assert params["loss.formulation"] == "probs" and params["train.epochs"] == "2" and params["model.hidden_units"] == "[25, 15]"
+    for key in ["test_accuracy", "test_nll", "test_ece", "test_brier"]:
+        assert np.isfinite(metrics[key])
+    assert metrics["test_accuracy"] > 0.6
+    history = mlflow.MlflowClient(uri).get_metric_history(run.info.run_id, "val_nll_float64")
+    assert [m.step for m in history] == [1, 2]
+    written = json.loads((root / "out" / "metrics.json").read_text())
+    assert written["test_nll"] == pytest.approx(metrics["test_nll"]) and written["run_id"] == run.info.run_id
+    assert run.info.run_id in result.stdout
+
+
+def test_logged_model_loads_back_and_predicts_probabilities(finished_run, data_dir):
+    uri, run, _, _ = finished_run
+    from pipeline.config import DatasetConfig
+    from pipeline.data import load
+
+    mlflow.set_tracking_uri(uri)
+    splits = load(DatasetConfig(), data_dir)
+    model = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model")
+    probabilities = np.asarray(model.predict(splits.x_test[:50]))
+    assert probabilities.shape == (50, 10)
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-5)
+    accuracy = np.mean(probabilities.argmax(axis=1) == splits.y_test[:50])
+    assert accuracy > 0.5
+    import yaml
+
+    config = yaml.safe_load(Path(mlflow.artifacts.download_artifacts(f"runs:/{run.info.run_id}/config.yaml")).read_text())
+    assert config["loss"]["formulation"] == "probs"
+
+
+@pytest.mark.parametrize(
+    "override,expected",
+    [
+        ("loss=prob", "probs_naive"),  # the message lists the accepted options
+        ("train.epochs=0", "train.epochs=0"),
+        ("train.learning_rate=-1e-3", "train.learning_rate=-0.001"),
+        ("train.epochs=ten", "ten"),
+        ("dataset.name=no_such_digits", "no_such_digits"),
+    ],
+)
+def test_bad_input_is_a_clear_error_and_leaves_no_run(tmp_path, data_dir, override, expected):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    result = run_cli("pipeline.run", override, f"data_dir={data_dir}", f"hydra.run.dir={tmp_path / 'out'}",
+                     env={"MLFLOW_TRACKING_URI": uri})
+    assert result.returncode != 0
+    assert expected in result.stderr
+    assert "Traceback" not in result.stderr
+    assert [r.info.status for r in runs_of(uri)] == []
+    assert not (tmp_path / "out" / "metrics.json").exists()
