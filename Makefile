@@ -16,8 +16,8 @@ $(VENV)/.installed: pyproject.toml
 
 # The default study: the course note's two examples, three formulations x 5 seeds each, then the report.
 study: setup
-	$(PY) -m pipeline.run -m +experiment=seed_mnist
-	$(PY) -m pipeline.run -m +experiment=seed_logistic
+	$(PY) -m pipeline.run -m experiment=seed_mnist
+	$(PY) -m pipeline.run -m experiment=seed_logistic
 
 test: setup
 	$(PY) -m pytest

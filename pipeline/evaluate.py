@@ -12,10 +12,18 @@ import tensorflow as tf
 
 from pipeline.data import Splits
 from pipeline.models import Classifier
-from pipeline.numerics import brier_score, class_probabilities, expected_calibration_error, nll_float64, saturation_summary
+from pipeline.numerics import (
+    brier_score,
+    class_probabilities,
+    expected_calibration_error,
+    nll_float64,
+    reliability_bins,
+    saturation_summary,
+)
 
 
-def evaluate(clf: Classifier, x: np.ndarray, y: np.ndarray) -> dict[str, float]:
+def evaluate(clf: Classifier, x: np.ndarray, y: np.ndarray) -> tuple[dict[str, float], dict[str, list]]:
+    """Test metrics, and the reliability-diagram bins behind the ECE."""
     task = clf.formulation.task
     x = tf.constant(x)
     logits64 = clf.logits(x, dtype=tf.float64)
@@ -23,7 +31,7 @@ def evaluate(clf: Classifier, x: np.ndarray, y: np.ndarray) -> dict[str, float]:
     summary = saturation_summary(
         clf.logits(x), clf.formulation.probabilities(clf.model(x, training=False)), y, task
     )
-    return {
+    metrics = {
         "test_accuracy": float(np.mean(probabilities.argmax(axis=1) == y)),
         "test_nll": float(tf.reduce_mean(nll_float64(logits64, y, task))),
         "test_ece": expected_calibration_error(probabilities, y),
@@ -34,7 +42,8 @@ def evaluate(clf: Classifier, x: np.ndarray, y: np.ndarray) -> dict[str, float]:
         "test_max_abs_logit": float(summary["max_abs_logit"]),
         "test_examples": float(len(y)),
     }
+    return metrics, reliability_bins(probabilities, y)
 
 
-def evaluate_test(clf: Classifier, splits: Splits) -> dict[str, float]:
+def evaluate_test(clf: Classifier, splits: Splits) -> tuple[dict[str, float], dict[str, list]]:
     return evaluate(clf, splits.x_test, splits.y_test)

@@ -51,19 +51,33 @@ def class_probabilities(logits, task: Task, dtype=tf.float64):
     return tf.nn.softmax(z, axis=-1)
 
 
+def reliability_bins(probabilities: np.ndarray, labels: np.ndarray, bins: int = ECE_BINS) -> dict[str, list]:
+    """Per equal-width confidence bin: example count, mean confidence, accuracy (NaN when empty).
+
+    Rows with non-finite probabilities (a diverged model) fall in no bin.
+    """
+    probabilities = np.asarray(probabilities, np.float64)
+    finite = np.all(np.isfinite(probabilities), axis=1)
+    probabilities = probabilities[finite]
+    confidence = probabilities.max(axis=1) if len(probabilities) else np.zeros(0)
+    correct = probabilities.argmax(axis=1) == np.asarray(labels).reshape(-1)[finite]
+    # Bin b holds confidences in (b/B, (b+1)/B]; a confidence of exactly 0 joins the first bin.
+    which = np.clip(np.ceil(confidence * bins).astype(int) - 1, 0, bins - 1)
+    count = np.bincount(which, minlength=bins)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean_confidence = np.bincount(which, weights=confidence, minlength=bins) / count
+        accuracy = np.bincount(which, weights=correct.astype(np.float64), minlength=bins) / count
+    return {"count": count.tolist(), "confidence": mean_confidence.tolist(), "accuracy": accuracy.tolist()}
+
+
 def expected_calibration_error(probabilities: np.ndarray, labels: np.ndarray, bins: int = ECE_BINS) -> float:
     """ECE with equal-width confidence bins: sum_b (n_b / n) |accuracy_b - confidence_b|."""
-    probabilities = np.asarray(probabilities, np.float64)
-    confidence = probabilities.max(axis=1)
-    correct = probabilities.argmax(axis=1) == np.asarray(labels).reshape(-1)
-    # Bin b holds confidences in ((b-1)/B, b/B]; a confidence of exactly 0 joins the first bin.
-    which = np.clip(np.ceil(confidence * bins).astype(int) - 1, 0, bins - 1)
-    ece = 0.0
-    for b in range(bins):
-        members = which == b
-        if members.any():
-            ece += members.mean() * abs(correct[members].mean() - confidence[members].mean())
-    return float(ece)
+    table = reliability_bins(probabilities, labels, bins)
+    count = np.asarray(table["count"], np.float64)
+    gap = np.abs(np.asarray(table["accuracy"]) - np.asarray(table["confidence"]))
+    if count.sum() < len(probabilities):
+        return float("nan")  # a non-finite row has no calibration
+    return float(np.sum(np.where(count > 0, count * np.nan_to_num(gap), 0.0)) / count.sum())
 
 
 def brier_score(probabilities: np.ndarray, labels: np.ndarray) -> float:

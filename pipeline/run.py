@@ -14,6 +14,7 @@ from pathlib import Path
 
 # Before TensorFlow is imported anywhere: its C++ INFO lines drown the pipeline's own output.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -24,7 +25,7 @@ from pipeline.config import Config, PipelineError, register_configs, validate
 
 register_configs()
 
-PARENT_RUN_ENV = "FROMLOGITS_PARENT_RUN_ID"
+from pipeline.study import PARENT_RUN_ENV  # noqa: E402
 
 
 def run_tags(cfg: Config, dataset_version: str, dataset_checksum: str | None) -> dict[str, str]:
@@ -51,9 +52,14 @@ def log_model(clf, x_example) -> str:
     import mlflow
     from mlflow.models import infer_signature
 
+    import keras
+    import tensorflow as tf
+
     served = clf.served_model()
     signature = infer_signature(x_example, served.predict(x_example, verbose=0))
-    return mlflow.tensorflow.log_model(served, name="model", signature=signature).model_uri
+    # Stated, not inferred: MLflow's inference re-imports the model in a subprocess (~5 s per run).
+    requirements = [f"tensorflow=={tf.__version__}", f"keras=={keras.__version__}"]
+    return mlflow.tensorflow.log_model(served, name="model", signature=signature, pip_requirements=requirements).model_uri
 
 
 def run_pipeline(dcfg: DictConfig, parent_run_id: str | None = None) -> dict[str, float]:
@@ -95,7 +101,8 @@ def run_pipeline(dcfg: DictConfig, parent_run_id: str | None = None) -> dict[str
         })
         mlflow.log_metric("probe_loss", result.probe_loss)
 
-        test_metrics = evaluate_test(result.classifier, splits)
+        test_metrics, reliability = evaluate_test(result.classifier, splits)
+        mlflow.log_dict(reliability, "reliability.json")
         test_metrics["epochs_completed"] = float(result.epochs_completed)
         mlflow.log_metrics(test_metrics)
         log_model(result.classifier, splits.x_test[:5])
@@ -117,24 +124,36 @@ def write_json_atomically(path: Path, payload: dict) -> None:
     os.replace(tmp.name, path)
 
 
+def record_sweep_failure(cfg: DictConfig, parent_run_id: str | None, error: BaseException) -> None:
+    """Puts a job that failed before its run opened on record, so the study's summary can name it."""
+    if getattr(error, "mlflow_run_id", None):
+        return  # tracked_run already ended the job's own run FAILED with the error
+    from pipeline.tracking import prepare_store, record_failed_job, tracking_uri
+
+    uri = tracking_uri(OmegaConf.select(cfg, "tracking.uri"))
+    experiment_id = prepare_store(uri, OmegaConf.select(cfg, "tracking.experiment", default="fromlogits"))
+    overrides = " ".join(HydraConfig.get().overrides.task)
+    tags = {"formulation": str(OmegaConf.select(cfg, "loss.formulation")), "seed": str(OmegaConf.select(cfg, "seed"))}
+    if parent_run_id:
+        tags["mlflow.parentRunId"] = parent_run_id
+    record_failed_job(uri, experiment_id, f"failed: {overrides}", tags, error)
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
     in_sweep = HydraConfig.get().mode is RunMode.MULTIRUN
     parent_run_id = os.environ.get(PARENT_RUN_ENV) if in_sweep else None
     try:
         metrics = run_pipeline(cfg, parent_run_id)
-    except PipelineError as error:
-        if in_sweep:  # recorded (FAILED run or no run at all); the study's summary reports it
+    except Exception as error:
+        if in_sweep:  # other jobs go on; the study's summary reports this one from MLflow
+            record_sweep_failure(cfg, parent_run_id, error)
             print(f"job failed: {error}", file=sys.stderr)
             return None
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
-    except Exception as error:
-        if not in_sweep:
-            raise
-        # The run is recorded FAILED with the error; other jobs go on.
-        print(f"job failed: {type(error).__name__}: {error}", file=sys.stderr)
-        return None
+        if isinstance(error, PipelineError):
+            print(f"error: {error}", file=sys.stderr)
+            sys.exit(2)
+        raise
     return metrics["test_nll"]
 
 

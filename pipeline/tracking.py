@@ -103,6 +103,18 @@ class MetricBuffer:
         self.last_flush = time.monotonic()
 
 
+def describe(error: BaseException) -> str:
+    return f"{type(error).__name__}: {error}"[:5000]
+
+
+def record_failed_job(uri: str, experiment_id: str, run_name: str, tags: dict[str, str], error: BaseException) -> str:
+    """A FAILED run for a sweep job that failed before its run was opened (bad value, missing data)."""
+    client = MlflowClient(uri)
+    run = client.create_run(experiment_id, run_name=run_name, tags={**tags, "error": describe(error)})
+    client.set_terminated(run.info.run_id, RunStatus.to_string(RunStatus.FAILED))
+    return run.info.run_id
+
+
 @contextlib.contextmanager
 def tracked_run(
     uri: str, experiment_id: str, run_name: str, tags: dict[str, str], parent_run_id: str | None = None,
@@ -122,7 +134,8 @@ def tracked_run(
         raise
     except BaseException as error:
         with contextlib.suppress(Exception):
-            mlflow.set_tag("error", f"{type(error).__name__}: {error}"[:5000])
+            mlflow.set_tag("error", describe(error))
+        error.mlflow_run_id = run.info.run_id  # lets a sweep know the failure is on record
         raise
     finally:
         mlflow.end_run(status)

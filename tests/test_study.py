@@ -1,0 +1,87 @@
+"""A real study through Hydra multirun: parent run, children, comparison report, failures recorded."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlflow
+import pytest
+
+from conftest import run_cli, runs_of
+
+pytestmark = pytest.mark.slow
+
+REPORT_FILES = ["report.md", "report.html", "metrics.json", "learning_curves.png", "per_seed.png",
+                "reliability.png", "clipping.png"]
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory, data_dir):
+    root = tmp_path_factory.mktemp("study")
+    uri = f"sqlite:///{root / 'mlruns' / 'mlflow.db'}"
+    result = run_cli(
+        "pipeline.run", "-m", "experiment=seed_mnist", "seed=0,1", "train.epochs=2", f"data_dir={data_dir}",
+        "study=tiny", f"hydra.sweep.dir={root / 'sweep'}", env={"MLFLOW_TRACKING_URI": uri},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return uri, root, result
+
+
+def test_one_parent_run_with_every_arm_and_seed_as_children(study):
+    uri, _, _ = study
+    runs = runs_of(uri)
+    (parent,) = [r for r in runs if r.data.tags.get("role") == "study"]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert parent.info.status == "FINISHED" and parent.data.tags["study"] == "tiny"
+    assert sorted((r.data.tags["formulation"], r.data.tags["seed"]) for r in children) == sorted(
+        (f, s) for f in ["probs", "logits", "probs_naive"] for s in ["0", "1"])
+    assert all(r.info.status == "FINISHED" for r in children)
+
+
+def test_report_files_are_written_and_logged_to_the_parent(study):
+    uri, _, result = study
+    report_dir = Path(result.stdout.split("report: ")[1].split()[0]).parent
+    for name in REPORT_FILES:
+        assert (report_dir / name).stat().st_size > 0, name
+    client = mlflow.MlflowClient(uri)
+    (parent,) = [r for r in runs_of(uri) if r.data.tags.get("role") == "study"]
+    logged = {Path(a.path).name for a in client.list_artifacts(parent.info.run_id, "report")}
+    assert set(REPORT_FILES) <= logged
+    summary = json.loads((report_dir / "metrics.json").read_text())
+    assert parent.data.metrics["test_nll.probs_naive_minus_logits"] == pytest.approx(summary["test_nll.probs_naive_minus_logits"])
+    assert summary["runs_finished"] == 6 and summary["runs_failed"] == 0
+
+
+def test_report_states_the_rescue_and_the_numbers(study):
+    uri, _, result = study
+    report_dir = Path(result.stdout.split("report: ")[1].split()[0]).parent
+    markdown = (report_dir / "report.md").read_text()
+    assert "`probs`: true, `logits`: true, `probs_naive`: false" in markdown
+    assert "3600 train / 400 validation / 1000 test" in markdown
+    # probs is rescued by Keras, so it trains bit-identically to logits: every paired difference is 0
+    assert "test NLL (float64, from logits): probs - logits = +0; equal in all 2 paired seeds." in markdown
+    html = (report_dir / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == 4 and "<table>" in html
+    assert "paired comparison against logits" in result.stdout  # the console table
+
+
+def test_a_diverging_and_a_failing_job_do_not_stop_the_sweep(tmp_path, data_dir):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    result = run_cli(
+        "pipeline.run", "-m", "loss=logits", "seed=0", "train.epochs=30", "dataset.pixel_scale=none",
+        "train.learning_rate=0.001,1e12", "dataset.validation_fraction=0.1,1.5", f"data_dir={data_dir}",
+        f"hydra.sweep.dir={tmp_path / 'sweep'}", env={"MLFLOW_TRACKING_URI": uri},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = runs_of(uri)
+    children = [r for r in runs if r.data.tags.get("role") != "study"]
+    assert len(children) == 4
+    diverged = [r for r in children if r.data.tags.get("diverged") == "true"]
+    assert len(diverged) == 1 and diverged[0].info.status == "FINISHED"
+    assert diverged[0].data.metrics["epochs_completed"] < 30
+    failed = [r for r in children if r.info.status == "FAILED"]
+    assert len(failed) == 2 and all("validation_fraction=1.5" in r.data.tags["error"] for r in failed)
+    assert "FAILED" in result.stdout and "validation_fraction=1.5" in result.stdout
+    (parent,) = [r for r in runs if r.data.tags.get("role") == "study"]
+    assert parent.info.status == "FINISHED"
