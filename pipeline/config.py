@@ -1,5 +1,7 @@
 """Typed schemas for the Hydra configuration in `conf/`.
 
+Imports no TensorFlow, so composing and checking a config takes well under a second.
+
 OmegaConf checks types when a config is composed or overridden (`train.epochs=ten` fails there); the
 `__post_init__` checks below run when `validate` turns the composed config into these dataclasses, so
 an out-of-range value fails before any data is touched or any MLflow run is opened.
@@ -15,9 +17,32 @@ from typing import Any, List, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline.formulations import FormulationName, Task
+
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+def shared_project_root() -> Path:
+    """PROJECT_ROOT, except in DVC's queued experiments (run in .dvc/tmp/exps/... copies of the repo):
+    there, the repository they were queued from, so that their runs land in its MLflow store."""
+    parts = PROJECT_ROOT.parts
+    for i in range(len(parts) - 2):
+        if parts[i : i + 3] == (".dvc", "tmp", "exps"):
+            return Path(*parts[:i])
+    return PROJECT_ROOT
+
+
+class Task(str, enum.Enum):
+    multiclass = "multiclass"
+    binary = "binary"
+
+
+class FormulationName(str, enum.Enum):
+    """The three arms; pipeline/formulations.py says what each one computes."""
+
+    probs = "probs"
+    logits = "logits"
+    probs_naive = "probs_naive"
 
 
 class PipelineError(Exception):
@@ -111,6 +136,18 @@ class TrackingConfig:
 
 
 @dataclass
+class GridConfig:
+    """The formulations x seeds that `dvc repro` trains (a Hydra study sweeps hydra.sweeper.params)."""
+
+    formulations: List[FormulationName] = field(default_factory=lambda: list(FormulationName))
+    seeds: List[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])
+
+    def __post_init__(self):
+        _require(len(self.formulations) > 0, "grid.formulations", self.formulations, "at least one formulation")
+        _require(len(self.seeds) > 0, "grid.seeds", self.seeds, "at least one seed")
+
+
+@dataclass
 class Config:
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -118,14 +155,18 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    grid: GridConfig = field(default_factory=GridConfig)
     seed: int = 0
     # A study groups the runs of one multirun under an MLflow parent run and a report of that name.
     study: Optional[str] = None
-    data_dir: str = str(PROJECT_ROOT / "data" / "tfds")
-    # Where this run's files go (metrics.json, the resolved config); Hydra sets it to its run dir.
-    output_dir: str = "."
+    data_dir: str = "data/tfds"  # TFDS data directory; relative paths are relative to the project root
+    # Where this run's files go (metrics.json); None: Hydra's run directory.
+    output_dir: Optional[str] = None
     # Downloads are tried only when the dataset is not prepared yet and its host resolves.
     allow_download: bool = True
+
+    def __post_init__(self):
+        self.data_dir = str(PROJECT_ROOT / self.data_dir)  # an absolute data_dir stays as it is
 
 
 def register_configs() -> None:

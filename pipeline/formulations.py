@@ -18,11 +18,12 @@ A formulation decides four things and nothing else asks for a string:
 
 from __future__ import annotations
 
-import enum
 from dataclasses import dataclass
 
 import keras
 import tensorflow as tf
+
+from pipeline.config import FormulationName, Task
 
 # Keras clips probabilities to [eps, 1 - eps] when it cannot find the logits; the per-example loss is
 # then capped at -log(eps) and its gradient is zero beyond the cap.
@@ -30,17 +31,7 @@ KERAS_EPSILON = 1e-7
 CLIPPED_LOSS_CAP = 16.118095650958319  # -log(1e-7)
 
 
-class Task(str, enum.Enum):
-    multiclass = "multiclass"
-    binary = "binary"
-
-
-class FormulationName(str, enum.Enum):
-    probs = "probs"
-    logits = "logits"
-    probs_naive = "probs_naive"
-
-
+@keras.saving.register_keras_serializable(package="fromlogits")
 def opaque_softmax(x):
     """Softmax whose output carries no trace of its logits.
 
@@ -50,6 +41,7 @@ def opaque_softmax(x):
     return tf.identity(keras.activations.softmax(x))
 
 
+@keras.saving.register_keras_serializable(package="fromlogits")
 def opaque_sigmoid(x):
     """Sigmoid whose output carries no trace of its logit (see `opaque_softmax`)."""
     return tf.identity(keras.activations.sigmoid(x))

@@ -24,27 +24,21 @@ PARENT_RUN_ENV = "FROMLOGITS_PARENT_RUN_ID"
 
 class StudyCallback(Callback):
     def __init__(self) -> None:
-        self.client: MlflowClient | None = None
         self.parent_run_id: str | None = None
         self.started = 0.0
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
-        from pipeline.tracking import prepare_store, tracking_uri
+        from pipeline.tracking import prepare_store, start_study, tracking_uri
 
         self.uri = tracking_uri(config.tracking.uri)
         self.experiment = config.tracking.experiment
         experiment_id = prepare_store(self.uri, self.experiment)
-        self.client = MlflowClient(self.uri)
         name = config.study or "sweep"
         sweep_params = OmegaConf.select(config, "hydra.sweeper.params")
         sweep = OmegaConf.to_container(sweep_params, resolve=False) if sweep_params is not None else {}
         overrides = list(config.hydra.overrides.task)
-        parent = self.client.create_run(
-            experiment_id, run_name=f"study-{name}",
-            tags={"role": "study", "study": name, "sweep_dir": str(config.hydra.sweep.dir)},
-        )
-        self.parent_run_id = parent.info.run_id
-        self.client.log_param(self.parent_run_id, "sweep", str({**sweep, **{"overrides": overrides}}))
+        self.parent_run_id = start_study(self.uri, experiment_id, name, {"sweep_dir": str(config.hydra.sweep.dir)})
+        MlflowClient(self.uri).log_param(self.parent_run_id, "sweep", str({**sweep, **{"overrides": overrides}}))
         os.environ[PARENT_RUN_ENV] = self.parent_run_id
         self.started = time.monotonic()
         atexit.register(self._end_if_still_running)
@@ -68,8 +62,10 @@ class StudyCallback(Callback):
         self._end(RunStatus.FINISHED)
 
     def _end(self, status: int) -> None:
-        if self.parent_run_id and self.client:
-            self.client.set_terminated(self.parent_run_id, RunStatus.to_string(status))
+        from pipeline.tracking import end_run
+
+        if self.parent_run_id:
+            end_run(self.uri, self.parent_run_id, status)
             os.environ.pop(PARENT_RUN_ENV, None)
             self.parent_run_id = None
 

@@ -20,13 +20,11 @@ from mlflow.entities import Metric, RunStatus
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline.config import PROJECT_ROOT
-
-MLRUNS = PROJECT_ROOT / "mlruns"
+from pipeline.config import PROJECT_ROOT, shared_project_root
 
 
 def default_tracking_uri() -> str:
-    return f"sqlite:///{MLRUNS / 'mlflow.db'}"
+    return f"sqlite:///{shared_project_root() / 'mlruns' / 'mlflow.db'}"
 
 
 def tracking_uri(configured: str | None = None) -> str:
@@ -115,16 +113,31 @@ def record_failed_job(uri: str, experiment_id: str, run_name: str, tags: dict[st
     return run.info.run_id
 
 
+def start_study(uri: str, experiment_id: str, study: str, tags: dict[str, str] | None = None) -> str:
+    """Creates a study's parent run (tag role=study); its children carry its id as mlflow.parentRunId."""
+    run = MlflowClient(uri).create_run(experiment_id, run_name=f"study-{study}", tags={"role": "study", "study": study, **(tags or {})})
+    return run.info.run_id
+
+
+def end_run(uri: str, run_id: str, status: int = RunStatus.FINISHED) -> None:
+    MlflowClient(uri).set_terminated(run_id, RunStatus.to_string(status))
+
+
 @contextlib.contextmanager
 def tracked_run(
-    uri: str, experiment_id: str, run_name: str, tags: dict[str, str], parent_run_id: str | None = None,
-    run_id: str | None = None,
+    uri: str, experiment_id: str, run_name: str | None = None, tags: dict[str, str] | None = None,
+    parent_run_id: str | None = None, run_id: str | None = None,
 ) -> Iterator[mlflow.ActiveRun]:
-    """An MLflow run that ends FINISHED, FAILED (exception) or KILLED (interrupt), never RUNNING."""
+    """An MLflow run (new, or `run_id` resumed) that ends FINISHED, FAILED (exception) or KILLED
+    (interrupt), never RUNNING."""
     mlflow.set_tracking_uri(uri)
+    tags = dict(tags or {})
     if parent_run_id:
-        tags = {**tags, "mlflow.parentRunId": parent_run_id}
-    run = mlflow.start_run(run_id=run_id, experiment_id=experiment_id, run_name=run_name, tags=tags)
+        tags["mlflow.parentRunId"] = parent_run_id
+    if run_id:
+        run = mlflow.start_run(run_id=run_id)
+    else:
+        run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=tags)
     status = RunStatus.to_string(RunStatus.FAILED)
     try:
         yield run

@@ -21,7 +21,7 @@ register_configs()
 def compose_config(*overrides: str):
     """The config `python -m pipeline.run <overrides>` would get (without Hydra's runtime keys)."""
     with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
-        return compose(config_name="config", overrides=["output_dir=.", *overrides])
+        return compose(config_name="config", overrides=list(overrides))
 
 
 @pytest.fixture(scope="session")
