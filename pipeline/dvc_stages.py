@@ -30,6 +30,7 @@ MODELS = OUT / "models"
 CURVES = OUT / "curves"
 RUNS = OUT / "runs.json"
 EVALUATION = OUT / "evaluate.json"
+COMPARISON = OUT / "compare.json"  # the report's summary numbers, as DVC metrics
 REPORT = Path("reports/dvc")
 CURVE_METRICS = ("train_epoch_loss", "val_nll_float64", "train_clipped_fraction", "grad_norm_ratio")
 
@@ -147,17 +148,20 @@ def compare() -> None:
     recorded = json.loads(RUNS.read_text())
     outcome = compare_study(tracking_uri(cfg.tracking.uri), cfg.tracking.experiment,
                             parent_run_id=recorded["parent_run_id"], out_dir=REPORT)
+    from pipeline.stages import write_json_atomically
+
+    write_json_atomically(COMPARISON, outcome["summary"])
     print_comparison(outcome)
 
 
-def params() -> None:
-    """Writes params.yaml from conf/ the way `dvc exp run` does (DVC's own Hydra composer)."""
+def params(overrides: list[str]) -> None:
+    """Writes params.yaml from conf/ (plus Hydra overrides) with DVC's own composer, as `dvc exp run` does."""
     from dvc.utils.hydra import compose_and_dump
 
     from pipeline.config import PROJECT_ROOT
 
-    compose_and_dump(PARAMS, str(PROJECT_ROOT / "conf"), None, "config", str(PROJECT_ROOT), [])
-    print(f"params: wrote {PARAMS} from conf/")
+    compose_and_dump(PARAMS, str(PROJECT_ROOT / "conf"), None, "config", str(PROJECT_ROOT), overrides)
+    print(f"params: wrote {PARAMS} from conf/ {' '.join(overrides)}".rstrip())
 
 
 STAGES = {"params": params, "fetch": fetch, "train": train, "evaluate": evaluate, "compare": compare}
@@ -166,9 +170,12 @@ STAGES = {"params": params, "fetch": fetch, "train": train, "evaluate": evaluate
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline.dvc_stages", description="DVC stage entry points")
     parser.add_argument("stage", choices=sorted(STAGES))
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides (params only)")
     args = parser.parse_args(argv)
+    if args.overrides and args.stage != "params":
+        parser.error("only `params` takes overrides; the stages read params.yaml")
     try:
-        STAGES[args.stage]()
+        STAGES[args.stage](*([args.overrides] if args.stage == "params" else []))
     except PipelineError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

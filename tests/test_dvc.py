@@ -1,0 +1,84 @@
+"""DVC drives the same stages: `dvc repro` runs them, skips them when nothing changed, reruns only what
+a change affects; `dvc exp run -S` composes conf/ with Hydra. Real DVC in a temporary copy of the repo."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import runs_of
+from pipeline.config import PROJECT_ROOT
+
+pytestmark = pytest.mark.slow
+
+VENV_BIN = str(Path(sys.executable).parent)
+TINY = ["train.epochs=1", "grid.seeds=[0]"]
+
+
+def sh(*args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+    result = subprocess.run(list(args), cwd=cwd, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "PATH": f"{VENV_BIN}:{os.environ['PATH']}", **(env or {})})
+    assert result.returncode == 0, f"{args} failed:\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}"
+    return result
+
+
+def ran(output: str) -> list[str]:
+    return [line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage")]
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory) -> Path:
+    """The project's tracked and new files (not its data, outputs or store) in a fresh git repository."""
+    root = tmp_path_factory.mktemp("dvcrepo")
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=PROJECT_ROOT,
+                           capture_output=True, text=True, check=True).stdout.split()
+    for name in files:
+        if (PROJECT_ROOT / name).is_file():
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(PROJECT_ROOT / name, root / name)
+    sh("git", "init", "-q", cwd=root)
+    sh("python", "-m", "pipeline.dvc_stages", "params", *TINY, cwd=root)
+    sh("git", "add", "-A", cwd=root)
+    sh("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "tiny study", cwd=root)
+    return root
+
+
+def test_params_yaml_is_up_to_date_with_conf(tmp_path):
+    """params.yaml is generated from conf/ (`make params`); a stale one fails here."""
+    shutil.copytree(PROJECT_ROOT / "conf", tmp_path / "conf")
+    sh("python", "-m", "pipeline.dvc_stages", "params", cwd=tmp_path)
+    assert (tmp_path / "params.yaml").read_text() == (PROJECT_ROOT / "params.yaml").read_text(), \
+        "params.yaml is out of date with conf/: run `make params`"
+
+
+def test_repro_runs_all_stages_then_nothing_then_only_what_changed(repo):
+    first = sh("dvc", "repro", cwd=repo)
+    assert ran(first.stdout) == ["fetch", "train", "evaluate", "compare"]
+    for path in ["outputs/dvc/evaluate.json", "outputs/dvc/compare.json", "reports/dvc/report.html",
+                 "outputs/dvc/curves/probs_naive.csv"]:
+        assert (repo / path).exists(), path
+    runs = runs_of(f"sqlite:///{repo / 'mlruns' / 'mlflow.db'}")
+    children = [r for r in runs if r.data.tags.get("role") != "study"]
+    assert sorted(r.data.tags["formulation"] for r in children) == ["logits", "probs", "probs_naive"]
+    assert all(r.info.status == "FINISHED" and "test_nll" in r.data.metrics for r in children)
+
+    assert ran(sh("dvc", "repro", cwd=repo).stdout) == []
+
+    sh("python", "-m", "pipeline.dvc_stages", "params", "train.epochs=2", "grid.seeds=[0]", cwd=repo)
+    assert ran(sh("dvc", "repro", cwd=repo).stdout) == ["train", "evaluate", "compare"]
+    metrics = sh("dvc", "metrics", "show", "--json", cwd=repo).stdout
+    assert "test_nll" in metrics
+    plots = sh("dvc", "plots", "show", "--json", cwd=repo).stdout
+    assert "val_nll_float64" in plots
+
+
+def test_exp_run_composes_conf_with_hydra(repo):
+    result = sh("dvc", "exp", "run", "-S", "train.epochs=2", "-S", "grid.seeds=[1]", "-S", "model=seed_sigmoid", cwd=repo)
+    assert "Running stage 'train'" in result.stdout
+    params = (repo / "params.yaml").read_text()
+    assert "epochs: 2" in params and "activation: sigmoid" in params and "- 1\n" in params
