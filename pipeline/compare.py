@@ -319,7 +319,14 @@ def _markdown_table(result: SettingResult) -> list[str]:
             if arm == BASELINE:
                 continue
             d = next((d for d in result.differences if d.arm == arm and d.metric == metric), None)
-            cells.append("-" if d is None else ("0 (identical)" if d.identical else f"{d.mean:+.4g} [{d.ci_low:+.3g}, {d.ci_high:+.3g}]"))
+            if d is None:
+                cells.append("-")
+            elif d.identical:
+                cells.append("0 (identical)")
+            elif math.isnan(d.ci_low):
+                cells.append(f"{d.mean:+.4g} (no interval, {d.n} pair{'s' if d.n != 1 else ''})")
+            else:
+                cells.append(f"{d.mean:+.4g} [{d.ci_low:+.3g}, {d.ci_high:+.3g}]")
         lines.append(f"| {metric} | " + " | ".join(cells) + " |")
     return lines
 
