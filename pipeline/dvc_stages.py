@@ -13,16 +13,12 @@ import argparse
 import csv
 import dataclasses
 import json
-import os
 import sys
 from pathlib import Path
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+from omegaconf import OmegaConf
 
-from omegaconf import OmegaConf  # noqa: E402
-
-from pipeline.config import Config, LossConfig, PipelineError, validate  # noqa: E402
+from pipeline.config import Config, LossConfig, PipelineError, validate
 
 PARAMS = Path("params.yaml")
 OUT = Path("outputs/dvc")

@@ -39,10 +39,17 @@ class Classifier:
 
     def logits(self, x, dtype=tf.float32):
         """Pre-activation outputs of the output layer, computed from its weights in `dtype`."""
-        h = tf.cast(self.features(x), dtype)
+        return self._logits_from_features(self.features(x), dtype)
+
+    def outputs_and_logits(self, x, training: bool = False):
+        """The model's outputs (as the loss sees them) and its float32 logits, from one forward pass."""
+        h = self.features(x, training=training)
+        return self.output_layer(h, training=training), self._logits_from_features(h, tf.float32)
+
+    def _logits_from_features(self, h, dtype):
         kernel = tf.cast(self.output_layer.kernel, dtype)
         bias = tf.cast(self.output_layer.bias, dtype)
-        return tf.matmul(h, kernel) + bias
+        return tf.matmul(tf.cast(h, dtype), kernel) + bias
 
     def served_model(self) -> keras.Model:
         """A float32 model that returns class probabilities (rows sum to 1) for every formulation.

@@ -10,10 +10,6 @@ import os
 import sys
 from pathlib import Path
 
-# Before TensorFlow is imported anywhere: its C++ INFO lines drown the pipeline's own output.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
@@ -35,18 +31,23 @@ def run_pipeline(dcfg: DictConfig, parent_run_id: str | None = None) -> dict[str
     from pipeline.tracking import prepare_store, tracked_run, tracking_uri
     from pipeline.train import configure_determinism
 
+    clock = stages.StageClock()
     uri = tracking_uri(cfg.tracking.uri)
     experiment_id = prepare_store(uri, cfg.tracking.experiment)
-    dataset = fetch(cfg.dataset, cfg.data_dir, cfg.allow_download)
-    splits = load(cfg.dataset, cfg.data_dir)
+    with clock("data"):
+        dataset = fetch(cfg.dataset, cfg.data_dir, cfg.allow_download)
+        splits = load(cfg.dataset, cfg.data_dir)
     configure_determinism()
 
     name = stages.run_name(cfg)
     with tracked_run(uri, experiment_id, name, stages.run_tags(cfg, dataset), parent_run_id=parent_run_id) as run:
-        stages.log_inputs(dcfg, splits)
-        result = stages.train_into_run(cfg, splits)
-        metrics = stages.evaluate_into_run(result.classifier, splits)
+        with clock("logging"):
+            stages.log_inputs(dcfg, splits)
+        with clock("train"):
+            result = stages.train_into_run(cfg, splits)
+        metrics = stages.evaluate_into_run(result.classifier, splits, clock)
         stages.write_json_atomically(Path(cfg.output_dir) / "metrics.json", {"run_id": run.info.run_id, **metrics})
+        clock.log()
     print(stages.summary_line(run.info.run_id, name, result, metrics))
     return metrics
 

@@ -10,9 +10,11 @@ call these; they differ only in how they obtain the config and open the runs.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
+import time
 from pathlib import Path
 
 import mlflow
@@ -83,13 +85,34 @@ def log_model(clf: Classifier, x_example) -> str:
     return mlflow.tensorflow.log_model(served, name="model", signature=signature, pip_requirements=requirements).model_uri
 
 
-def evaluate_into_run(clf: Classifier, splits: Splits) -> dict[str, float]:
+class StageClock:
+    """Wall time per stage of a run, logged as `seconds_<stage>` (benchmarks/ reads them)."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, stage: str):
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - started
+
+    def log(self) -> None:
+        mlflow.log_metrics({f"seconds_{stage}": value for stage, value in self.seconds.items()})
+
+
+def evaluate_into_run(clf: Classifier, splits: Splits, clock: StageClock | None = None) -> dict[str, float]:
     from pipeline.evaluate import evaluate
 
-    metrics, reliability = evaluate(clf, splits.x_test, splits.y_test)
-    mlflow.log_metrics(metrics)
-    mlflow.log_dict(reliability, "reliability.json")
-    log_model(clf, splits.x_test[:5])
+    clock = clock or StageClock()
+    with clock("evaluate"):
+        metrics, reliability = evaluate(clf, splits.x_test, splits.y_test)
+    with clock("logging"):
+        mlflow.log_metrics(metrics)
+        mlflow.log_dict(reliability, "reliability.json")
+        log_model(clf, splits.x_test[:5])
     return metrics
 
 

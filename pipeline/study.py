@@ -49,6 +49,7 @@ class StudyCallback(Callback):
 
         if not self.parent_run_id:
             return  # on_multirun_start failed; Hydra has already shown why
+        compare_started = time.monotonic()
         try:
             outcome = compare(self.uri, self.experiment, parent_run_id=self.parent_run_id,
                               out_dir=Path(config.hydra.sweep.dir) / "report" if config.study is None else None)
@@ -57,6 +58,7 @@ class StudyCallback(Callback):
             print(f"error: the study's comparison failed: {error}", file=sys.stderr, flush=True)
             # Hydra turns a callback's exception into a warning; a failed comparison must fail the command.
             sys.exit(1)
+        MlflowClient(self.uri).log_metric(self.parent_run_id, "seconds_compare", time.monotonic() - compare_started)
         print_comparison(outcome)
         print(f"study took {time.monotonic() - self.started:.0f} s", flush=True)
         self._end(RunStatus.FINISHED)

@@ -104,12 +104,11 @@ def make_epoch_fn(model: keras.Model, loss_fn, optimizer, batch_size: int) -> Ca
 
 def make_diagnostics_fn(clf: Classifier, loss_fn) -> Callable:
     """Compiled once; evaluates a fixed set of examples at the end of an epoch."""
-    form, model = clf.formulation, clf.model
+    form = clf.formulation
 
     @tf.function(reduce_retracing=True)
     def diagnose(x, y):
-        outputs = model(x, training=False)
-        logits = clf.logits(x)
+        outputs, logits = clf.outputs_and_logits(x)
         probs = form.probabilities(outputs)
         stats = saturation_summary(logits, probs, y, form.task)
         stats["loss"] = loss_fn(y, outputs)
@@ -136,8 +135,9 @@ def make_gradient_probe_fn(clf: Classifier, loss_fn) -> Callable:
     @tf.function(reduce_retracing=True)
     def probe(x, y):
         with tf.GradientTape(persistent=True) as tape:
-            trained = loss_fn(y, model(x, training=True))
-            reference = exact(y, clf.logits(x))
+            outputs, logits = clf.outputs_and_logits(x, training=True)
+            trained = loss_fn(y, outputs)
+            reference = exact(y, logits)
         trained_grads = tape.gradient(trained, variables)
         reference_grads = tape.gradient(reference, variables)
         return {

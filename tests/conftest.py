@@ -10,8 +10,6 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
 from pipeline.config import PROJECT_ROOT, register_configs  # noqa: E402
 
 CONF_DIR = PROJECT_ROOT / "conf"
