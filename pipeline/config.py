@@ -160,13 +160,16 @@ class Config:
     # A study groups the runs of one multirun under an MLflow parent run and a report of that name.
     study: Optional[str] = None
     data_dir: str = "data/tfds"  # TFDS data directory; relative paths are relative to the project root
+    reports_dir: str = "reports"  # a study's report goes to <reports_dir>/<study>
     # Where this run's files go (metrics.json); None: Hydra's run directory.
     output_dir: Optional[str] = None
     # Downloads are tried only when the dataset is not prepared yet and its host resolves.
     allow_download: bool = True
 
     def __post_init__(self):
-        self.data_dir = str(PROJECT_ROOT / self.data_dir)  # an absolute data_dir stays as it is
+        # Relative to the project root; an absolute path stays as it is.
+        self.data_dir = str(PROJECT_ROOT / self.data_dir)
+        self.reports_dir = str(PROJECT_ROOT / self.reports_dir)
 
 
 def register_configs() -> None:

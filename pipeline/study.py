@@ -19,6 +19,8 @@ from mlflow.entities import RunStatus
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
+from pipeline.config import PROJECT_ROOT
+
 PARENT_RUN_ENV = "FROMLOGITS_PARENT_RUN_ID"
 
 
@@ -51,8 +53,10 @@ class StudyCallback(Callback):
             return  # on_multirun_start failed; Hydra has already shown why
         compare_started = time.monotonic()
         try:
-            outcome = compare(self.uri, self.experiment, parent_run_id=self.parent_run_id,
-                              out_dir=Path(config.hydra.sweep.dir) / "report" if config.study is None else None)
+            # A named study's report goes to <reports_dir>/<study>; an ad-hoc sweep's stays in its sweep dir.
+            out_dir = (Path(config.hydra.sweep.dir) / "report" if config.study is None
+                       else Path(PROJECT_ROOT / config.reports_dir) / config.study)
+            outcome = compare(self.uri, self.experiment, parent_run_id=self.parent_run_id, out_dir=out_dir)
         except Exception as error:
             self._end(RunStatus.FAILED)
             print(f"error: the study's comparison failed: {error}", file=sys.stderr, flush=True)

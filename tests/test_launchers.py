@@ -87,7 +87,8 @@ def mlflow_server(tmp_path):
 
 
 def test_study_against_a_real_mlflow_server_round_trips(tmp_path, data_dir, mlflow_server):
-    result = sweep(tmp_path, data_dir, mlflow_server, "loss=probs,logits,probs_naive", "seed=0", "study=served")
+    result = sweep(tmp_path, data_dir, mlflow_server, "loss=probs,logits,probs_naive", "seed=0", "study=served",
+                   f"reports_dir={tmp_path / 'reports'}")
     parent, children = study_runs(mlflow_server)
     assert len(children) == 3 and parent.info.status == "FINISHED"
     child = next(r for r in children if r.data.tags["formulation"] == "probs_naive")

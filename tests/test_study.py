@@ -22,7 +22,8 @@ def study(tmp_path_factory, data_dir):
     uri = f"sqlite:///{root / 'mlruns' / 'mlflow.db'}"
     result = run_cli(
         "pipeline.run", "-m", "experiment=seed_mnist", "seed=0,1", "train.epochs=2", f"data_dir={data_dir}",
-        "study=tiny", f"hydra.sweep.dir={root / 'sweep'}", env={"MLFLOW_TRACKING_URI": uri},
+        "study=tiny", f"hydra.sweep.dir={root / 'sweep'}", f"reports_dir={root / 'reports'}",
+        env={"MLFLOW_TRACKING_URI": uri},
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return uri, root, result
@@ -40,8 +41,9 @@ def test_one_parent_run_with_every_arm_and_seed_as_children(study):
 
 
 def test_report_files_are_written_and_logged_to_the_parent(study):
-    uri, _, result = study
+    uri, root, result = study
     report_dir = Path(result.stdout.split("report: ")[1].split()[0]).parent
+    assert report_dir == Path(root) / "reports" / "tiny"
     for name in REPORT_FILES:
         assert (report_dir / name).stat().st_size > 0, name
     client = mlflow.MlflowClient(uri)
