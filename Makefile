@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STORE := $(CURDIR)/mlruns
 
-.PHONY: setup study test test-all ui clean-outputs
+.PHONY: setup study test ui params clean-outputs
 
 setup: $(VENV)/.installed
 
@@ -28,3 +28,7 @@ ui: setup
 
 clean-outputs:
 	rm -rf outputs multirun reports
+
+# params.yaml (what DVC stages read) from conf/, with DVC's own Hydra composer; run after editing conf/.
+params: setup
+	$(PY) -m pipeline.dvc_stages params

@@ -13,11 +13,14 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import html
-import io
 import json
 import math
+import os
+import shutil
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -421,14 +424,52 @@ def compare(uri: str, experiment: str, study: str | None = None, parent_run_id: 
     failed = [r for r in runs if r.info.status != "FINISHED"]
     if not finished:
         raise StudyNotFound(f"study {study!r} (parent run {parent.info.run_id}) has no finished runs to compare")
-    out_dir = out_dir or PROJECT_ROOT / "reports" / study
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = Path(out_dir or PROJECT_ROOT / "reports" / study)
+    summary, results = {}, []
+    with staged_directory(out_dir) as staging:
+        settings = group_settings(finished)
+        results = [summarize_setting(client, s, staging, f"setting{i}_" if len(settings) > 1 else "")
+                   for i, s in enumerate(settings)]
+        write_reports(study, parent, results, failed, staging)
+        summary = summary_metrics(results, finished, failed)
+        (staging / "metrics.json").write_text(json.dumps(summary, indent=2, sort_keys=True))
 
-    settings = group_settings(finished)
-    results = [summarize_setting(client, s, out_dir, f"setting{i}_" if len(settings) > 1 else "")
-               for i, s in enumerate(settings)]
-    md_path, html_path = write_reports(study, parent, results, failed, out_dir)
+    log_buffer = MetricBuffer(client, parent.info.run_id)
+    log_buffer.log(summary, step=0)
+    log_buffer.flush()
+    client.log_artifacts(parent.info.run_id, str(out_dir), artifact_path="report")
+    return {"parent_run_id": parent.info.run_id, "study": study, "report_html": out_dir / "report.html",
+            "report_md": out_dir / "report.md", "results": results, "failed": failed, "summary": summary}
 
+
+class ReportWriteError(PipelineError):
+    pass
+
+
+@contextlib.contextmanager
+def staged_directory(final: Path):
+    """Yields an empty sibling folder; on success it replaces `final` whole, on failure it is removed,
+    so a reader never finds half a report (a full disk leaves the previous report as it was)."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
+    try:
+        yield staging
+        previous = final.with_name(f".{final.name}.previous-{os.getpid()}")
+        if final.exists():
+            final.rename(previous)
+        staging.rename(final)
+        shutil.rmtree(previous, ignore_errors=True)
+    except OSError as error:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise ReportWriteError(f"could not write the report to {final}: {error.strerror or error}; "
+                               "nothing was written (the previous report, if any, is unchanged)") from error
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def summary_metrics(results: list[SettingResult], finished: list[Run], failed: list[Run]) -> dict[str, float]:
+    """The report's numbers as flat metrics for the parent run and for DVC."""
     summary: dict[str, float] = {}
     for i, result in enumerate(results):
         prefix = f"setting{i}." if len(results) > 1 else ""
@@ -439,14 +480,7 @@ def compare(uri: str, experiment: str, study: str | None = None, parent_run_id: 
             summary.update({k: v for k, v in {base: d.mean, f"{base}.ci_low": d.ci_low, f"{base}.ci_high": d.ci_high}.items()
                             if math.isfinite(v)})
     summary["runs_finished"], summary["runs_failed"] = float(len(finished)), float(len(failed))
-    (out_dir / "metrics.json").write_text(json.dumps(summary, indent=2, sort_keys=True))
-
-    log_buffer = MetricBuffer(client, parent.info.run_id)
-    log_buffer.log(summary, step=0)
-    log_buffer.flush()
-    client.log_artifacts(parent.info.run_id, str(out_dir), artifact_path="report")
-    return {"parent_run_id": parent.info.run_id, "study": study, "report_html": html_path, "report_md": md_path,
-            "results": results, "failed": failed, "summary": summary}
+    return summary
 
 
 def print_comparison(outcome: dict, stream=sys.stdout) -> None:

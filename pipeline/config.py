@@ -161,15 +161,19 @@ class Config:
     study: Optional[str] = None
     data_dir: str = "data/tfds"  # TFDS data directory; relative paths are relative to the project root
     reports_dir: str = "reports"  # a study's report goes to <reports_dir>/<study>
+    checkpoints_dir: str = "outputs/checkpoints"  # per-configuration state for resuming interrupted runs
     # Where this run's files go (metrics.json); None: Hydra's run directory.
     output_dir: Optional[str] = None
     # Downloads are tried only when the dataset is not prepared yet and its host resolves.
     allow_download: bool = True
+    # Continue an interrupted run of the same configuration from its checkpoint, in the same MLflow run.
+    resume: bool = True
 
     def __post_init__(self):
         # Relative to the project root; an absolute path stays as it is.
         self.data_dir = str(PROJECT_ROOT / self.data_dir)
         self.reports_dir = str(PROJECT_ROOT / self.reports_dir)
+        self.checkpoints_dir = str(PROJECT_ROOT / self.checkpoints_dir)
 
 
 def register_configs() -> None:

@@ -24,7 +24,7 @@ from pipeline.config import Config
 from pipeline.data import DatasetRef, Splits
 from pipeline.models import Classifier
 from pipeline.tracking import MetricBuffer, flatten, git_state
-from pipeline.train import TrainResult, train
+from pipeline.train import Checkpoint, TrainResult, train
 
 
 def run_name(cfg: Config) -> str:
@@ -39,6 +39,7 @@ def run_tags(cfg: Config, dataset: DatasetRef) -> dict[str, str]:
         "task": cfg.dataset.task.value,
         "seed": str(cfg.seed),
         "precision": cfg.precision.policy.value,
+        "versions": package_versions(),
         **git_state(),
     }
     if dataset.checksum:
@@ -46,6 +47,18 @@ def run_tags(cfg: Config, dataset: DatasetRef) -> dict[str, str]:
     if cfg.study:
         tags["study"] = cfg.study
     return tags
+
+
+def package_versions() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = []
+    for name in ("tensorflow", "tensorflow-cpu", "keras", "tensorflow-datasets", "numpy", "mlflow", "hydra-core"):
+        try:
+            found.append(f"{name}=={version(name)}")
+        except PackageNotFoundError:
+            continue
+    return " ".join(found)
 
 
 def log_inputs(dcfg: DictConfig, splits: Splits) -> None:
@@ -56,11 +69,11 @@ def log_inputs(dcfg: DictConfig, splits: Splits) -> None:
                        "test_examples": len(splits.x_test)})
 
 
-def train_into_run(cfg: Config, splits: Splits) -> TrainResult:
+def train_into_run(cfg: Config, splits: Splits, checkpoint: Checkpoint | None = None) -> TrainResult:
     run_id = mlflow.active_run().info.run_id
     metrics_log = MetricBuffer(mlflow.MlflowClient(), run_id)
     try:
-        result = train(cfg, splits, on_epoch_end=lambda epoch, m: metrics_log.log(m, step=epoch))
+        result = train(cfg, splits, on_epoch_end=lambda epoch, m: metrics_log.log(m, step=epoch), checkpoint=checkpoint)
     finally:
         metrics_log.flush()  # an interrupted run keeps the epochs it finished
     mlflow.set_tags({

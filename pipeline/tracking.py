@@ -10,17 +10,20 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 import subprocess
 import time
+import urllib.request
 from pathlib import Path
 from typing import Iterator
 
 import mlflow
+import psutil
 from mlflow.entities import Metric, RunStatus
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline.config import PROJECT_ROOT, shared_project_root
+from pipeline.config import PROJECT_ROOT, PipelineError, shared_project_root
 
 
 def default_tracking_uri() -> str:
@@ -38,20 +41,80 @@ def _artifact_location(uri: str) -> str | None:
     return None
 
 
+class TrackingUnavailable(PipelineError):
+    """The MLflow store cannot be reached or written."""
+
+
+def _check_reachable(uri: str, timeout: float = 5.0) -> None:
+    """A tracking server that does not answer fails now, not after MLflow's minutes of retries."""
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout):
+            return
+    except (OSError, ValueError) as error:
+        raise TrackingUnavailable(
+            f"tracking server {uri} is unreachable ({getattr(error, 'reason', error)}); start it, fix "
+            "MLFLOW_TRACKING_URI / tracking.uri, or unset them to use the local store in mlruns/"
+        ) from None
+
+
 def prepare_store(uri: str, experiment: str) -> str:
-    """Creates the store and the experiment once (parallel first writers race on both); returns its id."""
+    """Creates the store and the experiment once (parallel first writers race on both), marks runs
+    left RUNNING by dead processes as FAILED; returns the experiment id."""
+    if uri.startswith(("http://", "https://")):
+        _check_reachable(uri)
     if uri.startswith("sqlite:///"):
-        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        folder = Path(uri.removeprefix("sqlite:///")).parent
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            probe = folder / f".write-test-{os.getpid()}"
+            probe.touch()
+            probe.unlink()
+        except OSError as error:
+            raise TrackingUnavailable(f"the MLflow store folder {folder} is not writable ({error.strerror}); "
+                                      "fix its permissions or set MLFLOW_TRACKING_URI elsewhere") from None
     mlflow.set_tracking_uri(uri)
     client = MlflowClient(uri)
     found = client.get_experiment_by_name(experiment)
-    if found is not None:
-        return found.experiment_id
+    if found is None:
+        try:
+            experiment_id = client.create_experiment(experiment, artifact_location=_artifact_location(uri))
+        except mlflow.exceptions.MlflowException:
+            # Another process created it between our lookup and our create.
+            experiment_id = client.get_experiment_by_name(experiment).experiment_id
+    else:
+        experiment_id = found.experiment_id
+    mark_stale_runs(client, experiment_id)
+    return experiment_id
+
+
+def process_tags() -> dict[str, str]:
+    """Who runs a run: lets a later invocation tell a live run from one whose process was killed."""
+    me = psutil.Process()
+    return {"host": socket.gethostname(), "pid": str(me.pid), "pid_started": f"{me.create_time():.3f}"}
+
+
+def _process_alive(pid: str, started: str) -> bool:
     try:
-        return client.create_experiment(experiment, artifact_location=_artifact_location(uri))
-    except mlflow.exceptions.MlflowException:
-        # Another process created it between our lookup and our create.
-        return client.get_experiment_by_name(experiment).experiment_id
+        return abs(psutil.Process(int(pid)).create_time() - float(started)) < 1.0  # same pid, same process
+    except (psutil.Error, ValueError):
+        return False
+
+
+def mark_stale_runs(client: MlflowClient, experiment_id: str) -> list[str]:
+    """Runs of this host still RUNNING whose process is gone (SIGKILL, power loss) end FAILED, tagged why."""
+    stale = []
+    running = client.search_runs([experiment_id], "attributes.status = 'RUNNING'", max_results=1000)
+    for run in running:
+        tags = run.data.tags
+        if tags.get("host") != socket.gethostname() or "pid" not in tags:
+            continue  # another machine's run: its liveness cannot be checked from here
+        if not _process_alive(tags["pid"], tags.get("pid_started", "0")):
+            client.set_tag(run.info.run_id, "failed_reason", f"stale: process {tags['pid']} on {tags['host']} ended without closing the run")
+            client.set_terminated(run.info.run_id, RunStatus.to_string(RunStatus.FAILED))
+            stale.append(run.info.run_id)
+    if stale:
+        print(f"marked {len(stale)} stale RUNNING run(s) FAILED: {', '.join(stale)}", flush=True)
+    return stale
 
 
 def flatten(cfg: DictConfig) -> dict[str, str]:
@@ -115,7 +178,8 @@ def record_failed_job(uri: str, experiment_id: str, run_name: str, tags: dict[st
 
 def start_study(uri: str, experiment_id: str, study: str, tags: dict[str, str] | None = None) -> str:
     """Creates a study's parent run (tag role=study); its children carry its id as mlflow.parentRunId."""
-    run = MlflowClient(uri).create_run(experiment_id, run_name=f"study-{study}", tags={"role": "study", "study": study, **(tags or {})})
+    run = MlflowClient(uri).create_run(experiment_id, run_name=f"study-{study}",
+                                       tags={"role": "study", "study": study, **process_tags(), **(tags or {})})
     return run.info.run_id
 
 
@@ -131,11 +195,12 @@ def tracked_run(
     """An MLflow run (new, or `run_id` resumed) that ends FINISHED, FAILED (exception) or KILLED
     (interrupt), never RUNNING."""
     mlflow.set_tracking_uri(uri)
-    tags = dict(tags or {})
+    tags = {**(tags or {}), **process_tags()}
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id
     if run_id:
         run = mlflow.start_run(run_id=run_id)
+        mlflow.set_tags(tags)
     else:
         run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=tags)
     status = RunStatus.to_string(RunStatus.FAILED)

@@ -12,8 +12,11 @@ are paired.
 from __future__ import annotations
 
 import math
+import os
+import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import keras
@@ -27,6 +30,15 @@ from pipeline.models import Classifier, build_classifier
 from pipeline.numerics import count_nonfinite, saturation_summary
 
 PROBE_BATCH = 256  # fixed batch for the gradient-norm ratio
+
+# Set by a signal handler (pipeline/run.py); the loop stops at the next epoch boundary, after the
+# epoch's metrics and checkpoint are saved. Raising from the handler itself could land anywhere
+# (inside a TensorFlow call, a garbage-collector callback) and be lost.
+stop_requested = threading.Event()
+
+
+class Interrupted(KeyboardInterrupt):
+    """Training stopped on request at an epoch boundary; the checkpoint holds that epoch."""
 
 
 def configure_determinism() -> None:
@@ -171,19 +183,54 @@ def weights_finite(model: keras.Model) -> bool:
     return all(np.isfinite(np.asarray(w)).all() for w in model.weights)
 
 
+class Checkpoint:
+    """The state after a finished epoch — weights, optimizer slots and step count, epoch — in one file.
+
+    Written atomically after every epoch, so an interruption loses at most the epoch in progress; with
+    the same seed the batch order of later epochs is the same, so a resumed run ends where an
+    uninterrupted one would.
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def exists(self) -> bool:
+        return self.path.exists()
+
+    def save(self, model: keras.Model, optimizer, epoch: int) -> None:
+        arrays = {f"w{i}": np.asarray(w) for i, w in enumerate(model.get_weights())}
+        arrays |= {f"o{i}": np.asarray(v) for i, v in enumerate(optimizer.variables)}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp.npz")
+        np.savez(tmp, epoch=epoch, **arrays)
+        os.replace(tmp, self.path)
+
+    def restore(self, model: keras.Model, optimizer) -> int:
+        with np.load(self.path) as saved:
+            model.set_weights([saved[f"w{i}"] for i in range(len(model.get_weights()))])
+            for i, variable in enumerate(optimizer.variables):
+                variable.assign(saved[f"o{i}"])
+            return int(saved["epoch"])
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
 def train(
     cfg: Config,
     splits: Splits,
     on_epoch_end: Callable[[int, dict], None] = lambda epoch, metrics: None,
-    classifier: Classifier | None = None,
-    start_epoch: int = 0,
+    checkpoint: Checkpoint | None = None,
 ) -> TrainResult:
-    """Fits the configured model; calls `on_epoch_end(epoch, metrics)` after every epoch (1-based)."""
+    """Fits the configured model; calls `on_epoch_end(epoch, metrics)` after every epoch (1-based).
+
+    With a `checkpoint`, training resumes from it when it exists and saves it after every epoch.
+    """
     form = make_formulation(cfg.loss.formulation, cfg.dataset.task)
     keras.mixed_precision.set_global_policy(cfg.precision.policy.value)
     try:
         output_dtype = "float32" if cfg.precision.output_float32 else None
-        clf = classifier or build_classifier(
+        clf = build_classifier(
             form, splits.num_inputs, splits.num_classes, cfg.model.hidden_units, cfg.model.activation, cfg.seed,
             output_dtype=output_dtype,
         )
@@ -202,6 +249,8 @@ def train(
         has_val = len(splits.x_val) > 0
         x_val, y_val = tf.constant(splits.x_val), tf.constant(splits.y_val)
 
+        start_epoch = checkpoint.restore(clf.model, optimizer) if checkpoint and checkpoint.exists() else 0
+        result.epochs_completed = start_epoch
         for epoch in range(start_epoch + 1, cfg.train.epochs + 1):
             started = time.perf_counter()
             epoch_loss = float(run_epoch(x, y, tf.constant(batch_order(cfg.seed, epoch, len(splits.x_train)))))
@@ -215,7 +264,11 @@ def train(
             metrics["epoch_train_seconds"] = train_seconds
             result.history.append(metrics)
             result.epochs_completed = epoch
+            if checkpoint:
+                checkpoint.save(clf.model, optimizer, epoch)
             on_epoch_end(epoch, metrics)
+            if stop_requested.is_set():
+                raise Interrupted(f"stopped after epoch {epoch}")
             if not math.isfinite(epoch_loss) or not weights_finite(clf.model):
                 result.diverged = True
                 break

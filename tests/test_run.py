@@ -66,21 +66,28 @@ def test_logged_model_loads_back_and_predicts_probabilities(finished_run, data_d
 
 
 @pytest.mark.parametrize(
-    "override,expected",
+    "overrides,expected",
     [
-        ("loss=prob", "probs_naive"),  # the message lists the accepted options
-        ("train.epochs=0", "train.epochs=0"),
-        ("train.learning_rate=-1e-3", "train.learning_rate=-0.001"),
-        ("train.epochs=ten", "ten"),
-        ("dataset.name=no_such_digits", "no_such_digits"),
+        ("loss=prob", "loss=prob is not accepted: expected one of logits, probs, probs_naive"),
+        ("experiment=nope", "experiment=nope is not accepted: expected one of high_lr, mixed_float16, raw_pixels, seed_logistic, seed_mnist"),
+        ("train.epochs=0", "train.epochs=0 is not accepted: expected a whole number > 0"),
+        ("train.batch_size=0", "train.batch_size=0 is not accepted: expected a whole number > 0"),
+        ("train.learning_rate=-1e-3", "train.learning_rate=-0.001 is not accepted: expected a number > 0"),
+        ("dataset.validation_fraction=1", "dataset.validation_fraction=1.0 is not accepted: expected a number in [0, 1)"),
+        ("train.epochs=ten", "train.epochs=ten is not accepted: Value 'ten' of type 'str' could not be converted to Integer"),
+        ("train.epoch=3", "train.epoch=3 is not accepted: Key 'epoch' not in 'TrainConfig'"),
+        ("dataset.name=no_such_digits", "dataset.name='no_such_digits' is not accepted: expected a TFDS dataset name"),
+        ("dataset=mnist_sample_binary dataset.classes=[0,1,2]", "dataset.classes=[0, 1, 2] is not accepted: expected two distinct class ids"),
+        ("dataset=mnist_sample_binary dataset.classes=[0,12]", "dataset.classes=[0, 12] is not accepted: class(es) [12] are absent"),
     ],
 )
-def test_bad_input_is_a_clear_error_and_leaves_no_run(tmp_path, data_dir, override, expected):
+def test_bad_input_is_one_clear_line_and_leaves_no_run(tmp_path, data_dir, overrides, expected):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    result = run_cli("pipeline.run", override, f"data_dir={data_dir}", f"hydra.run.dir={tmp_path / 'out'}",
+    result = run_cli("pipeline.run", *overrides.split(), f"data_dir={data_dir}", f"hydra.run.dir={tmp_path / 'out'}",
                      env={"MLFLOW_TRACKING_URI": uri})
-    assert result.returncode != 0
-    assert expected in result.stderr
-    assert "Traceback" not in result.stderr
+    assert result.returncode == 2
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: {expected}"), last
+    assert "Traceback" not in result.stderr and "HYDRA_FULL_ERROR" not in result.stderr
     assert [r.info.status for r in runs_of(uri)] == []
     assert not (tmp_path / "out" / "metrics.json").exists()

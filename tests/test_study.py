@@ -68,11 +68,20 @@ def test_report_states_the_rescue_and_the_numbers(study):
     assert "paired comparison against logits" in result.stdout  # the console table
 
 
+def test_a_bad_value_in_a_sweep_fails_before_any_job_runs(tmp_path, data_dir):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    result = run_cli("pipeline.run", "-m", "train.epochs=2,0", f"data_dir={data_dir}", f"hydra.sweep.dir={tmp_path / 's'}",
+                     env={"MLFLOW_TRACKING_URI": uri})
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == "error: train.epochs=0 is not accepted: expected a whole number > 0"
+    assert runs_of(uri) == []
+
+
 def test_a_diverging_and_a_failing_job_do_not_stop_the_sweep(tmp_path, data_dir):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     result = run_cli(
         "pipeline.run", "-m", "loss=logits", "seed=0", "train.epochs=30", "dataset.pixel_scale=none",
-        "train.learning_rate=0.001,1e12", "dataset.validation_fraction=0.1,1.5", f"data_dir={data_dir}",
+        "train.learning_rate=0.001,1e12", "dataset.classes=null,[0,12]", f"data_dir={data_dir}",
         f"hydra.sweep.dir={tmp_path / 'sweep'}", env={"MLFLOW_TRACKING_URI": uri},
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -83,7 +92,7 @@ def test_a_diverging_and_a_failing_job_do_not_stop_the_sweep(tmp_path, data_dir)
     assert len(diverged) == 1 and diverged[0].info.status == "FINISHED"
     assert diverged[0].data.metrics["epochs_completed"] < 30
     failed = [r for r in children if r.info.status == "FAILED"]
-    assert len(failed) == 2 and all("validation_fraction=1.5" in r.data.tags["error"] for r in failed)
-    assert "FAILED" in result.stdout and "validation_fraction=1.5" in result.stdout
+    assert len(failed) == 2 and all("[12] are absent" in r.data.tags["error"] for r in failed)
+    assert "FAILED" in result.stdout and "[12] are absent" in result.stdout
     (parent,) = [r for r in runs if r.data.tags.get("role") == "study"]
     assert parent.info.status == "FINISHED"
