@@ -22,8 +22,9 @@ study: setup
 test: setup
 	$(PY) -m pytest
 
+# The MLflow UI on the local store. Its background job workers serve GenAI features this project does not use.
 ui: setup
-	$(PY) -m mlflow ui --backend-store-uri sqlite:///$(STORE)/mlflow.db \
+	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(PY) -m mlflow ui --backend-store-uri sqlite:///$(STORE)/mlflow.db \
 		--default-artifact-root $(STORE)/artifacts --host 127.0.0.1 --port 5000
 
 clean-outputs:

@@ -18,6 +18,7 @@ import html
 import json
 import math
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -376,6 +377,9 @@ def write_reports(study: str, parent: Run, results: list[SettingResult], failed:
         data = base64.b64encode(path.read_bytes()).decode()
         return f'<figure><img alt="{html.escape(path.stem)}" src="data:image/png;base64,{data}"></figure>'
 
+    def inline(text: str) -> str:
+        return re.sub(r"`([^`]+)`", r"<code>\1</code>", html.escape(text.strip()))
+
     body = []
     for line in markdown.splitlines():
         if line.startswith("!["):
@@ -383,16 +387,16 @@ def write_reports(study: str, parent: Run, results: list[SettingResult], failed:
         elif line.startswith("|---"):
             continue
         elif line.startswith("|"):
-            cells = [html.escape(c.strip()) for c in line.strip("|").split("|")]
+            cells = [inline(c) for c in line.strip("|").split("|")]
             tag = "th" if body and not body[-1].startswith("<tr") else "td"
             body.append("<tr>" + "".join(f"<{tag}>{c}</{tag}>" for c in cells) + "</tr>")
         elif line.startswith("#"):
             level = len(line) - len(line.lstrip("#"))
-            body.append(f"<h{level}>{html.escape(line.lstrip('# '))}</h{level}>")
+            body.append(f"<h{level}>{inline(line.lstrip('# '))}</h{level}>")
         elif line.startswith("- "):
-            body.append(f"<li>{html.escape(line[2:])}</li>")
+            body.append(f"<li>{inline(line[2:])}</li>")
         elif line:
-            body.append(f"<p>{html.escape(line)}</p>")
+            body.append(f"<p>{inline(line)}</p>")
     joined, in_table = [], False
     for item in body:  # wrap consecutive rows in one table
         if item.startswith("<tr") and not in_table:
@@ -407,7 +411,7 @@ def write_reports(study: str, parent: Run, results: list[SettingResult], failed:
     page = ("<!doctype html><html><head><meta charset='utf-8'><title>Study " + html.escape(study) + "</title><style>"
             "body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
             "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;font-size:14px}"
-            "img{max-width:100%}</style></head><body>" + "\n".join(joined) + "</body></html>")
+            "img{max-width:100%}code{background:#f3f3f3;padding:0 3px}</style></head><body>" + "\n".join(joined) + "</body></html>")
     html_path = out_dir / "report.html"
     html_path.write_text(page)
     return md_path, html_path

@@ -50,7 +50,7 @@ def resumable_run(uri: str, folder: Path) -> str | None:
     return run_id if status in ("KILLED", "FAILED") else None
 
 
-def run_pipeline(dcfg: DictConfig, parent_run_id: str | None = None) -> dict[str, float]:
+def run_pipeline(dcfg: DictConfig, parent_run_id: str | None = None, job: int | None = None) -> dict[str, float]:
     """fetch -> train -> evaluate for one configuration, in one MLflow run; returns the test metrics.
 
     An interrupted run (SIGINT/SIGTERM) ends KILLED with a checkpoint of its last epoch; running the
@@ -60,6 +60,7 @@ def run_pipeline(dcfg: DictConfig, parent_run_id: str | None = None) -> dict[str
 
     from pipeline import stages
     from pipeline.data import fetch, load
+    from pipeline.progress import EpochProgress
     from pipeline.tracking import prepare_store, tracked_run, tracking_uri
     from pipeline.train import Checkpoint, configure_determinism
 
@@ -85,8 +86,10 @@ def run_pipeline(dcfg: DictConfig, parent_run_id: str | None = None) -> dict[str
         else:
             with clock("logging"):
                 stages.log_inputs(dcfg, splits)
+        first_epoch = checkpoint.epoch() + 1 if resume_id else 1
+        progress = EpochProgress(name, cfg.train.epochs, first_epoch=first_epoch, job=job)
         with clock("train"):
-            result = stages.train_into_run(cfg, splits, checkpoint)
+            result = stages.train_into_run(cfg, splits, checkpoint, progress)
         metrics = stages.evaluate_into_run(result.classifier, splits, clock)
         stages.write_json_atomically(Path(cfg.output_dir) / "metrics.json", {"run_id": run.info.run_id, **metrics})
         clock.log()
@@ -117,7 +120,7 @@ def main(cfg: DictConfig) -> float | None:
     if cfg.output_dir is None:
         cfg.output_dir = HydraConfig.get().runtime.output_dir
     try:
-        metrics = run_pipeline(cfg, parent_run_id)
+        metrics = run_pipeline(cfg, parent_run_id, HydraConfig.get().job.num if in_sweep else None)
     except KeyboardInterrupt:
         print("interrupted: the run ended KILLED with its finished epochs and a checkpoint; "
               "run the same command again to resume it", file=sys.stderr, flush=True)

@@ -16,6 +16,7 @@ import os
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import mlflow
 from omegaconf import DictConfig, OmegaConf
@@ -69,11 +70,18 @@ def log_inputs(dcfg: DictConfig, splits: Splits) -> None:
                        "test_examples": len(splits.x_test)})
 
 
-def train_into_run(cfg: Config, splits: Splits, checkpoint: Checkpoint | None = None) -> TrainResult:
+def train_into_run(cfg: Config, splits: Splits, checkpoint: Checkpoint | None = None,
+                   progress: Callable[[int, dict], None] | None = None) -> TrainResult:
     run_id = mlflow.active_run().info.run_id
     metrics_log = MetricBuffer(mlflow.MlflowClient(), run_id)
+
+    def on_epoch_end(epoch: int, metrics: dict) -> None:
+        metrics_log.log(metrics, step=epoch)
+        if progress:
+            progress(epoch, metrics)
+
     try:
-        result = train(cfg, splits, on_epoch_end=lambda epoch, m: metrics_log.log(m, step=epoch), checkpoint=checkpoint)
+        result = train(cfg, splits, on_epoch_end=on_epoch_end, checkpoint=checkpoint)
     finally:
         metrics_log.flush()  # an interrupted run keeps the epochs it finished
     mlflow.set_tags({

@@ -20,6 +20,7 @@ from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline.config import PROJECT_ROOT
+from pipeline.progress import STUDY_JOBS_ENV, STUDY_STARTED_ENV, count_sweep_jobs
 
 PARENT_RUN_ENV = "FROMLOGITS_PARENT_RUN_ID"
 
@@ -42,9 +43,13 @@ class StudyCallback(Callback):
         self.parent_run_id = start_study(self.uri, experiment_id, name, {"sweep_dir": str(config.hydra.sweep.dir)})
         MlflowClient(self.uri).log_param(self.parent_run_id, "sweep", str({**sweep, **{"overrides": overrides}}))
         os.environ[PARENT_RUN_ENV] = self.parent_run_id
+        jobs = count_sweep_jobs(overrides, sweep)
+        if jobs:
+            os.environ[STUDY_JOBS_ENV] = str(jobs)
+        os.environ[STUDY_STARTED_ENV] = f"{time.time():.3f}"
         self.started = time.monotonic()
         atexit.register(self._end_if_still_running)
-        print(f"study {name}: MLflow parent run {self.parent_run_id} ({self.uri})", flush=True)
+        print(f"study {name}: {jobs or '?'} jobs, MLflow parent run {self.parent_run_id} ({self.uri})", flush=True)
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         from pipeline.compare import compare, print_comparison

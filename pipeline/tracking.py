@@ -77,7 +77,9 @@ def prepare_store(uri: str, experiment: str) -> str:
     found = client.get_experiment_by_name(experiment)
     if found is None:
         try:
-            experiment_id = client.create_experiment(experiment, artifact_location=_artifact_location(uri))
+            # The kind tag makes MLflow 3's UI open on its training-runs view rather than GenAI traces.
+            experiment_id = client.create_experiment(experiment, artifact_location=_artifact_location(uri),
+                                                     tags={"mlflow.experimentKind": "custom_model_development"})
         except mlflow.exceptions.MlflowException:
             # Another process created it between our lookup and our create.
             experiment_id = client.get_experiment_by_name(experiment).experiment_id

@@ -212,6 +212,10 @@ class Checkpoint:
                 variable.assign(saved[f"o{i}"])
             return int(saved["epoch"])
 
+    def epoch(self) -> int:
+        with np.load(self.path) as saved:
+            return int(saved["epoch"])
+
     def remove(self) -> None:
         self.path.unlink(missing_ok=True)
 

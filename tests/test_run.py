@@ -65,23 +65,44 @@ def test_logged_model_loads_back_and_predicts_probabilities(finished_run, data_d
     assert config["loss"]["formulation"] == "probs"
 
 
+BAD_INPUT = [
+    ("loss=prob", "loss=prob is not accepted: expected one of logits, probs, probs_naive"),
+    ("experiment=nope", "experiment=nope is not accepted: expected one of high_lr, mixed_float16, raw_pixels, seed_logistic, seed_mnist"),
+    ("train.epochs=0", "train.epochs=0 is not accepted: expected a whole number > 0"),
+    ("train.batch_size=0", "train.batch_size=0 is not accepted: expected a whole number > 0"),
+    ("train.learning_rate=-1e-3", "train.learning_rate=-0.001 is not accepted: expected a number > 0"),
+    ("dataset.validation_fraction=1", "dataset.validation_fraction=1.0 is not accepted: expected a number in [0, 1)"),
+    ("train.epochs=ten", "train.epochs=ten is not accepted: Value 'ten' of type 'str' could not be converted to Integer"),
+    ("train.epoch=3", "train.epoch=3 is not accepted: Key 'epoch' not in 'TrainConfig'"),
+    ("dataset=mnist_sample_binary dataset.classes=[0,1,2]", "dataset.classes=[0, 1, 2] is not accepted: expected two distinct class ids"),
+    ("-m loss=probs,prob seed=0,1", "loss=prob is not accepted: expected one of logits, probs, probs_naive"),
+    ("-m train.epochs=3,0", "train.epochs=0 is not accepted: expected a whole number > 0"),
+]
+
+
+@pytest.mark.parametrize("overrides,expected", BAD_INPUT)
+def test_every_bad_override_is_one_line_naming_the_value(overrides, expected):
+    from pipeline.run import precheck_overrides
+
+    assert precheck_overrides(overrides.split()).startswith(expected)
+
+
+def test_good_overrides_pass_the_precheck():
+    from pipeline.run import precheck_overrides
+
+    assert precheck_overrides(["-m", "experiment=seed_mnist", "loss=probs,logits", "seed=range(3)", "hydra/launcher=joblib"]) is None
+
+
 @pytest.mark.parametrize(
     "overrides,expected",
     [
-        ("loss=prob", "loss=prob is not accepted: expected one of logits, probs, probs_naive"),
-        ("experiment=nope", "experiment=nope is not accepted: expected one of high_lr, mixed_float16, raw_pixels, seed_logistic, seed_mnist"),
-        ("train.epochs=0", "train.epochs=0 is not accepted: expected a whole number > 0"),
-        ("train.batch_size=0", "train.batch_size=0 is not accepted: expected a whole number > 0"),
-        ("train.learning_rate=-1e-3", "train.learning_rate=-0.001 is not accepted: expected a number > 0"),
-        ("dataset.validation_fraction=1", "dataset.validation_fraction=1.0 is not accepted: expected a number in [0, 1)"),
-        ("train.epochs=ten", "train.epochs=ten is not accepted: Value 'ten' of type 'str' could not be converted to Integer"),
-        ("train.epoch=3", "train.epoch=3 is not accepted: Key 'epoch' not in 'TrainConfig'"),
+        BAD_INPUT[0],  # composition error
+        BAD_INPUT[6],  # wrong type
         ("dataset.name=no_such_digits", "dataset.name='no_such_digits' is not accepted: expected a TFDS dataset name"),
-        ("dataset=mnist_sample_binary dataset.classes=[0,1,2]", "dataset.classes=[0, 1, 2] is not accepted: expected two distinct class ids"),
         ("dataset=mnist_sample_binary dataset.classes=[0,12]", "dataset.classes=[0, 12] is not accepted: class(es) [12] are absent"),
     ],
 )
-def test_bad_input_is_one_clear_line_and_leaves_no_run(tmp_path, data_dir, overrides, expected):
+def test_bad_input_from_the_command_line_is_one_line_and_leaves_no_run(tmp_path, data_dir, overrides, expected):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     result = run_cli("pipeline.run", *overrides.split(), f"data_dir={data_dir}", f"hydra.run.dir={tmp_path / 'out'}",
                      env={"MLFLOW_TRACKING_URI": uri})

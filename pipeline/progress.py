@@ -1,0 +1,90 @@
+"""What a researcher sees while a run or a study trains.
+
+On a terminal: one line rewritten in place per epoch. Elsewhere (CI logs, files, `tee`): a compact line
+every few epochs, so a 100-epoch run prints about ten lines. In a study, each line also says which job
+of how many is running and when the study should end; the study's callback puts its size and start
+time in the environment, which every launcher's workers inherit.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import TextIO
+
+STUDY_JOBS_ENV = "FROMLOGITS_STUDY_JOBS"
+STUDY_STARTED_ENV = "FROMLOGITS_STUDY_STARTED"
+
+
+def clock(seconds: float) -> str:
+    seconds = max(0, int(round(seconds)))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 else f"{seconds // 60}:{seconds % 60:02d}"
+
+
+@dataclass
+class EpochProgress:
+    """Call with (epoch, metrics) after every epoch (it is `train`'s `on_epoch_end`)."""
+
+    name: str
+    epochs: int
+    first_epoch: int = 1  # > 1 when a run resumes
+    job: int | None = None  # 0-based job number in a study
+    stream: TextIO = field(default_factory=lambda: sys.stdout)
+    interactive: bool | None = None
+
+    def __post_init__(self):
+        if self.interactive is None:
+            self.interactive = self.stream.isatty()
+        self.started = time.monotonic()
+        self.every = max(1, self.epochs // 10)
+        jobs = os.environ.get(STUDY_JOBS_ENV)
+        self.study_jobs = int(jobs) if jobs and self.job is not None else None
+        self.study_started = float(os.environ.get(STUDY_STARTED_ENV, time.time()))
+
+    def line(self, epoch: int, metrics: dict) -> str:
+        elapsed = time.monotonic() - self.started
+        done = epoch - self.first_epoch + 1
+        left = elapsed / done * (self.epochs - epoch) if done > 0 else 0.0
+        parts = []
+        if self.study_jobs:
+            study_elapsed = time.time() - self.study_started
+            finished_jobs = self.job + done / max(1, self.epochs - self.first_epoch + 1)
+            study_left = study_elapsed / finished_jobs * (self.study_jobs - finished_jobs) if finished_jobs > 0 else 0.0
+            parts.append(f"job {self.job + 1}/{self.study_jobs} (study {clock(study_elapsed)}, ~{clock(study_left)} left)")
+        parts.append(f"{self.name} epoch {epoch}/{self.epochs}")
+        parts.append(f"loss {metrics.get('train_epoch_loss', float('nan')):.4g}")
+        if "val_nll_float64" in metrics:
+            parts.append(f"val_nll {metrics['val_nll_float64']:.4g}")
+        if metrics.get("val_clipped_fraction"):
+            parts.append(f"clipped {metrics['val_clipped_fraction']:.1%}")
+        parts.append(f"{clock(elapsed)} elapsed, ~{clock(left)} left")
+        return "  ".join(parts)
+
+    def __call__(self, epoch: int, metrics: dict) -> None:
+        if self.interactive:
+            end = "\n" if epoch == self.epochs else ""
+            print(f"\r\033[K{self.line(epoch, metrics)}", end=end, file=self.stream, flush=True)
+        elif epoch == self.first_epoch or epoch == self.epochs or epoch % self.every == 0:
+            print(self.line(epoch, metrics), file=self.stream, flush=True)
+
+
+def count_sweep_jobs(task_overrides: list[str], sweeper_params: dict) -> int | None:
+    """How many jobs a basic-sweeper multirun launches: the product of its sweeps' lengths."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    # Sweeper params first: a sweep given on the command line replaces the preset's.
+    lines = [f"{k}={v}" for k, v in (sweeper_params or {}).items()] + list(task_overrides)
+    try:
+        parsed = OverridesParser.create().parse_overrides(lines)
+    except Exception:  # noqa: BLE001 - a size we cannot tell is shown as unknown, not as an error
+        return None
+    sweeps: dict[str, int] = {}
+    for override in parsed:
+        if override.is_sweep_override():
+            sweeps[override.get_key_element()] = len(list(override.sweep_string_iterator()))
+    total = 1
+    for n in sweeps.values():
+        total *= n
+    return total

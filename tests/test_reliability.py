@@ -1,0 +1,155 @@
+"""Reproducibility, interruption and resume, stale runs, and failures of the store and the disk."""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+
+from conftest import run_cli, runs_of
+from pipeline.config import PROJECT_ROOT
+
+pytestmark = pytest.mark.slow
+
+TIMING = ("seconds_", "epoch_seconds", "epoch_train_seconds")
+
+
+def all_metrics(uri: str, run) -> dict[str, list[tuple[int, float]]]:
+    client = mlflow.MlflowClient(uri)
+    return {key: [(m.step, m.value) for m in sorted(client.get_metric_history(run.info.run_id, key), key=lambda m: m.step)]
+            for key in run.data.metrics if not key.startswith(TIMING)}
+
+
+def cli(tmp_path: Path, data_dir: str, uri: str, *overrides: str, name: str = "out"):
+    return run_cli("pipeline.run", f"data_dir={data_dir}", f"hydra.run.dir={tmp_path / name}",
+                   f"checkpoints_dir={tmp_path / 'checkpoints'}", *overrides, env={"MLFLOW_TRACKING_URI": uri})
+
+
+def test_same_config_and_seed_give_identical_metrics_and_weights(tmp_path, data_dir):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    for name in ("first", "second"):
+        assert cli(tmp_path, data_dir, uri, "train.epochs=3", "loss=probs_naive", "seed=7", name=name).returncode == 0
+    first, second = sorted(runs_of(uri), key=lambda r: r.info.start_time)
+    a, b = all_metrics(uri, first), all_metrics(uri, second)
+    assert set(a) == set(b) and len(a) > 25
+    assert a == b  # every metric, every epoch, bit for bit
+    tags = first.data.tags
+    assert tags["dataset_sha256"].startswith("246e0c30") and tags["dataset_version"] == "1.0.0"
+    assert "tensorflow" in tags["versions"] and "keras==" in tags["versions"] and tags["git_dirty"] in ("true", "false", "unknown")
+
+
+def start(tmp_path, data_dir, uri, *overrides, name="out"):
+    from pipeline.tracking import prepare_store
+
+    prepare_store(uri, "fromlogits")  # the test reads the store while the run writes it: create it first
+    return subprocess.Popen(
+        [sys.executable, "-m", "pipeline.run", f"data_dir={data_dir}", f"hydra.run.dir={tmp_path / name}",
+         f"checkpoints_dir={tmp_path / 'checkpoints'}", *overrides],
+        cwd=PROJECT_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "MLFLOW_TRACKING_URI": uri},
+    )
+
+
+def wait_for_training(tmp_path: Path, timeout: float = 120) -> None:
+    """Until the run has finished an epoch: its checkpoint (written after every epoch) exists."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if list((tmp_path / "checkpoints").glob("*/state.npz")):
+            return
+        time.sleep(0.2)
+    pytest.fail("the run did not finish an epoch in time")
+
+
+def test_sigterm_saves_a_checkpoint_and_the_rerun_resumes_to_the_same_result(tmp_path, data_dir):
+    config = ["train.epochs=250", "seed=2"]
+    reference_uri = f"sqlite:///{tmp_path / 'reference.db'}"
+    assert cli(tmp_path, data_dir, reference_uri, *config, "resume=false", name="reference").returncode == 0
+    (reference,) = runs_of(reference_uri)
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    process = start(tmp_path, data_dir, uri, *config)
+    wait_for_training(tmp_path)
+    stopped = time.monotonic()
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=60)
+    assert time.monotonic() - stopped < 10  # promptly: at the end of the current epoch
+    assert process.returncode == 130 and "run the same command again to resume" in stderr
+    (killed,) = runs_of(uri)
+    done = len(mlflow.MlflowClient(uri).get_metric_history(killed.info.run_id, "val_nll_float64"))
+    assert killed.info.status == "KILLED" and 1 <= done < 250
+    assert list((tmp_path / "checkpoints").glob("*/state.npz"))
+
+    resumed = cli(tmp_path, data_dir, uri, *config, name="resumed")
+    assert resumed.returncode == 0 and f"resuming run {killed.info.run_id}" in resumed.stdout
+    (finished,) = runs_of(uri)  # the same run, not a new one
+    assert finished.info.run_id == killed.info.run_id and finished.info.status == "FINISHED"
+    assert all_metrics(uri, finished)["test_nll"] == all_metrics(reference_uri, reference)["test_nll"]
+    assert all_metrics(uri, finished)["val_nll_float64"] == all_metrics(reference_uri, reference)["val_nll_float64"]
+    assert not list((tmp_path / "checkpoints").glob("*/state.npz"))  # finished: nothing left to resume
+
+
+def test_a_run_killed_with_sigkill_is_marked_failed_by_the_next_invocation(tmp_path, data_dir):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    process = start(tmp_path, data_dir, uri, "train.epochs=400")
+    wait_for_training(tmp_path)
+    process.kill()
+    process.wait(timeout=30)
+    (orphan,) = runs_of(uri)
+    assert orphan.info.status == "RUNNING"
+
+    nxt = cli(tmp_path, data_dir, uri, "train.epochs=1", "seed=1", "resume=false", name="next")
+    assert nxt.returncode == 0 and "marked 1 stale RUNNING run(s) FAILED" in nxt.stdout
+    orphan = mlflow.MlflowClient(uri).get_run(orphan.info.run_id)
+    assert orphan.info.status == "FAILED" and "ended without closing the run" in orphan.data.tags["failed_reason"]
+
+
+def test_unreachable_tracking_server_fails_within_seconds(tmp_path, data_dir):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: nothing listens there
+    started = time.monotonic()
+    result = cli(tmp_path, data_dir, f"http://127.0.0.1:{port}", "train.epochs=50")
+    assert time.monotonic() - started < 30
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith(f"error: tracking server http://127.0.0.1:{port} is unreachable")
+
+
+def test_unwritable_store_is_a_clear_error(tmp_path, data_dir):
+    """/proc is a filesystem nobody can create folders on, root included."""
+    result = cli(tmp_path, data_dir, "sqlite:////proc/fromlogits-store/mlflow.db", "train.epochs=1")
+    assert result.returncode == 2
+    assert "error: the MLflow store folder /proc/fromlogits-store is not writable" in result.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "out" / "metrics.json").exists()
+
+
+def test_a_full_disk_while_writing_the_report_leaves_no_partial_report(tmp_path, data_dir, monkeypatch):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    study = run_cli("pipeline.run", "-m", "loss=probs,logits", "seed=0", "train.epochs=1", f"data_dir={data_dir}",
+                    "study=full", f"reports_dir={tmp_path / 'reports'}", f"hydra.sweep.dir={tmp_path / 'sweep'}",
+                    env={"MLFLOW_TRACKING_URI": uri})
+    assert study.returncode == 0
+    report = tmp_path / "reports" / "full"
+    before = {p.name: p.read_bytes() for p in report.iterdir()}
+
+    from pipeline import compare as compare_module
+
+    real_write_text = Path.write_text
+
+    def disk_full_on_html(self, *args, **kwargs):
+        if self.name == "report.html":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_write_text(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", disk_full_on_html)
+    with pytest.raises(compare_module.ReportWriteError, match="No space left on device"):
+        compare_module.compare(uri, "fromlogits", study="full", out_dir=report)
+    assert {p.name: p.read_bytes() for p in report.iterdir()} == before  # the previous report, untouched
+    assert [p.name for p in report.parent.iterdir()] == ["full"]  # no partial folder left behind
