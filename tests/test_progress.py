@@ -1,0 +1,55 @@
+"""What a run and a study print while they train."""
+
+from __future__ import annotations
+
+import io
+
+from pipeline.progress import STUDY_JOBS_ENV, STUDY_STARTED_ENV, EpochProgress, clock, count_sweep_jobs
+
+METRICS = {"train_epoch_loss": 0.5, "val_nll_float64": 0.25, "val_clipped_fraction": 0.125}
+
+
+def test_non_interactive_output_is_about_ten_lines_per_run():
+    out = io.StringIO()
+    progress = EpochProgress("logits-seed0", epochs=100, stream=out, interactive=False)
+    for epoch in range(1, 101):
+        progress(epoch, METRICS)
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 11  # epoch 1, every 10th, and the last (100 is both)
+    assert lines[0].startswith("logits-seed0 epoch 1/100  loss 0.5  val_nll 0.25  clipped 12.5%")
+    assert lines[-1].startswith("logits-seed0 epoch 100/100") and "~0:00 left" in lines[-1]
+    assert "\r" not in out.getvalue()
+
+
+def test_interactive_output_rewrites_one_line():
+    out = io.StringIO()
+    progress = EpochProgress("probs-seed1", epochs=3, stream=out, interactive=True)
+    for epoch in range(1, 4):
+        progress(epoch, METRICS)
+    text = out.getvalue()
+    assert text.count("\r") == 3 and text.count("\n") == 1 and text.endswith("\n")
+
+
+def test_in_a_study_each_line_says_which_job_of_how_many(monkeypatch):
+    monkeypatch.setenv(STUDY_JOBS_ENV, "15")
+    monkeypatch.setenv(STUDY_STARTED_ENV, "0")
+    out = io.StringIO()
+    EpochProgress("probs-seed0", epochs=10, job=3, stream=out, interactive=False)(1, METRICS)
+    assert out.getvalue().startswith("job 4/15 (study ")
+
+
+def test_a_resumed_run_counts_its_remaining_epochs_only():
+    out = io.StringIO()
+    progress = EpochProgress("logits-seed0", epochs=100, first_epoch=61, stream=out, interactive=False)
+    progress(61, METRICS)
+    assert "epoch 61/100" in out.getvalue()
+
+
+def test_sweep_size_is_the_product_of_the_sweeps_and_the_command_line_wins():
+    assert count_sweep_jobs(["loss=probs,logits,probs_naive", "seed=range(5)"], {}) == 15
+    assert count_sweep_jobs(["seed=0,1"], {"loss": "probs,logits,probs_naive", "seed": "range(5)"}) == 6
+    assert count_sweep_jobs(["train.epochs=2"], {}) == 1
+
+
+def test_clock_format():
+    assert (clock(5), clock(65), clock(3725)) == ("0:05", "1:05", "1:02:05")
