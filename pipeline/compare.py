@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 from mlflow.entities import Run
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from scipy import stats
 
@@ -184,6 +185,14 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
+def _finish_axes(ax, xlabel: str, ylabel: str) -> None:
+    """Every panel: named axes with units, a light grid, the formulations' legend."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+
+
 def _histories(client: MlflowClient, setting: Setting, key: str) -> dict[str, np.ndarray]:
     """Per arm, an (n_seeds, n_epochs) array of a per-epoch metric (NaN-padded where runs stopped early)."""
     out = {}
@@ -217,10 +226,7 @@ def plot_curves(client, setting: Setting, panels: list[tuple[str, str, bool]], t
         if log_scale and positive:
             ax.set_yscale("log")
         ax.xaxis.get_major_locator().set_params(integer=True)
-        ax.set_xlabel("epoch")
-        ax.set_ylabel(ylabel)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        _finish_axes(ax, "epoch", ylabel)
     fig.suptitle(f"{title}\n(mean over seeds; band = min..max)", fontsize=10)
     return _save(fig, path)
 
@@ -234,10 +240,7 @@ def plot_per_seed(setting: Setting, path: Path) -> Path:
             style = STYLE[arm]
             ax.plot(seeds, [runs[s].data.metrics.get(metric, np.nan) for s in seeds], color=style["color"],
                     linestyle=style["linestyle"], marker=style["marker"], label=style["label"])
-        ax.set_xlabel("seed")
-        ax.set_ylabel(ylabel)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        _finish_axes(ax, "seed", ylabel)
     fig.suptitle(f"Per-seed test results ({setting.label})", fontsize=10)
     return _save(fig, path)
 
@@ -251,8 +254,8 @@ def plot_reliability(client: MlflowClient, setting: Setting, path: Path) -> Path
         for run in setting.by_arm(arm).values():
             try:
                 bins = json.loads(Path(client.download_artifacts(run.info.run_id, "reliability.json")).read_text())
-            except Exception:
-                continue  # a failed run has none
+            except (MlflowException, OSError):
+                continue  # a run that failed before evaluation has none
             n = np.asarray(bins["count"], np.float64)
             c, a = np.nan_to_num(np.asarray(bins["confidence"], np.float64)), np.nan_to_num(np.asarray(bins["accuracy"], np.float64))
             count, conf, acc = (n, c * n, a * n) if count is None else (count + n, conf + c * n, acc + a * n)
@@ -262,12 +265,9 @@ def plot_reliability(client: MlflowClient, setting: Setting, path: Path) -> Path
         style = STYLE[arm]
         ax.plot(conf[filled] / count[filled], acc[filled] / count[filled], color=style["color"],
                 linestyle=style["linestyle"], marker=style["marker"], label=style["label"])
-    ax.set_xlabel("mean confidence in bin (max probability)")
-    ax.set_ylabel("accuracy in bin (fraction)")
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    _finish_axes(ax, "mean confidence in bin (max probability)", "accuracy in bin (fraction)")
     ax.set_title(f"Reliability, test split, 15 bins, seeds pooled ({setting.label})", fontsize=10)
     return _save(fig, path)
 
