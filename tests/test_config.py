@@ -10,7 +10,7 @@ from conftest import CONF_DIR, compose_config
 from pipeline.config import Config, ConfigError, validate
 from pipeline.formulations import FormulationName, Task
 
-GROUPS = sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir() and p.name != "experiment")
+GROUPS = sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir())
 
 
 def options(group: str) -> list[str]:
@@ -30,6 +30,16 @@ def test_groups_offer_what_the_readme_promises():
     assert {"mnist_sample", "mnist_sample_binary", "mnist", "mnist_binary", "fashion_mnist"} <= set(options("dataset"))
     assert options("model") == ["seed_relu", "seed_sigmoid"]
     assert options("precision") == ["float32", "mixed_bfloat16", "mixed_float16"]
+    assert options("experiment") == ["high_lr", "mixed_float16", "raw_pixels", "seed_logistic", "seed_mnist"]
+
+
+def test_study_presets_set_what_their_names_say():
+    raw = validate(compose_config("experiment=raw_pixels"))
+    assert raw.dataset.pixel_scale == "none" and raw.study == "raw_pixels"
+    assert validate(compose_config("experiment=high_lr")).train.learning_rate == 0.05
+    assert validate(compose_config("experiment=mixed_float16")).precision.policy.value == "mixed_float16"
+    logistic = validate(compose_config("experiment=seed_logistic"))
+    assert logistic.dataset.task is Task.binary and logistic.model.activation == "sigmoid"
 
 
 def test_defaults_are_the_course_notes_settings():
