@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STORE := $(CURDIR)/mlruns
 
-.PHONY: setup study test ui params clean-outputs
+.PHONY: setup study test ui params benchmark clean-outputs
 
 setup: $(VENV)/.installed
 
@@ -29,6 +29,10 @@ ui: setup
 
 clean-outputs:
 	rm -rf outputs multirun reports
+
+# Training speed: the note's model.fit vs the pipeline's loop, side by side (a few minutes).
+benchmark: setup
+	$(PY) benchmarks/train_throughput.py
 
 # params.yaml (what DVC stages read) from conf/, with DVC's own Hydra composer; run after editing conf/.
 params: setup
