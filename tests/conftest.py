@@ -22,6 +22,15 @@ def compose_config(*overrides: str):
         return compose(config_name="config", overrides=list(overrides))
 
 
+@pytest.fixture(autouse=True)
+def no_inherited_tracking_uri():
+    """`mlflow.set_tracking_uri` also sets MLFLOW_TRACKING_URI in os.environ, so a store chosen by one test
+    would leak into the subprocesses of the next; every test starts without one."""
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    yield
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+
+
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory) -> str:
     """A TFDS data dir with the bundled sample prepared once for the whole session."""
