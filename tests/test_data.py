@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shutil
-import socket
 import time
 from pathlib import Path
 
@@ -12,7 +11,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from pipeline.config import ConfigError, DatasetConfig
-from pipeline.data import MNIST_MANUAL_FILES, DatasetUnavailable, fetch, load
+from pipeline.data import DOWNLOAD_HOST, MNIST_MANUAL_FILES, DatasetUnavailable, _host_resolves, fetch, load
 from pipeline.datasets.mnist_sample.mnist_sample_dataset_builder import SOURCE, ChecksumError, MnistSample
 from pipeline.formulations import Task
 
@@ -92,15 +91,7 @@ def test_unknown_dataset_is_rejected_naming_it(tmp_path):
         fetch(DatasetConfig(name="no_such_digits"), str(tmp_path))
 
 
-def _resolves(host: str) -> bool:
-    try:
-        socket.getaddrinfo(host, 443)
-        return True
-    except OSError:
-        return False
-
-
-@pytest.mark.skipif(_resolves("storage.googleapis.com"), reason="this machine has network: the offline path cannot be shown")
+@pytest.mark.skipif(_host_resolves(DOWNLOAD_HOST), reason="this machine has network: the offline path cannot be shown")
 def test_full_mnist_offline_fails_fast_saying_how_to_proceed(tmp_path):
     started = time.perf_counter()
     with pytest.raises(DatasetUnavailable) as error:
