@@ -264,6 +264,8 @@ def train(
             if has_val:
                 metrics.update({f"val_{k}": float(v) for k, v in diagnose(x_val, y_val).items()})
             metrics.update({k: float(v) for k, v in gradient_probe(x_probe, y_probe).items()})
+            if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+                metrics["loss_scale"] = float(optimizer.dynamic_scale)  # falls when float16 gradients overflow
             metrics["epoch_seconds"] = time.perf_counter() - started
             metrics["epoch_train_seconds"] = train_seconds
             result.history.append(metrics)

@@ -68,3 +68,14 @@ def test_huge_learning_rate_diverges_and_stops_early(data_dir):
     cfg = validate(compose_config("train.epochs=30", "train.learning_rate=1e12", "dataset.pixel_scale=none"))
     result = train(cfg, load(cfg.dataset, data_dir))
     assert result.diverged and result.epochs_completed < 30
+
+
+def test_mixed_float16_loses_the_rescue_and_logs_the_loss_scale(data_dir):
+    cfg = validate(compose_config("train.epochs=1", "loss=probs", "precision=mixed_float16"))
+    result = train(cfg, load(cfg.dataset, data_dir))
+    assert result.output_dtype == "float16" and result.effective_from_logits is False
+    assert result.history[-1]["loss_scale"] > 0
+    assert keras.mixed_precision.global_policy().name == "float32"  # the next run in this process is unaffected
+
+    kept = validate(compose_config("train.epochs=1", "loss=probs", "precision=mixed_float16", "precision.output_float32=true"))
+    assert train(kept, load(kept.dataset, data_dir)).effective_from_logits is True
