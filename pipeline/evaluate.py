@@ -10,7 +10,6 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
-from pipeline.data import Splits
 from pipeline.models import Classifier
 from pipeline.numerics import (
     brier_score,
@@ -44,6 +43,3 @@ def evaluate(clf: Classifier, x: np.ndarray, y: np.ndarray) -> tuple[dict[str, f
     }
     return metrics, reliability_bins(probabilities, y)
 
-
-def evaluate_test(clf: Classifier, splits: Splits) -> tuple[dict[str, float], dict[str, list]]:
-    return evaluate(clf, splits.x_test, splits.y_test)

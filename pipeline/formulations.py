@@ -4,7 +4,8 @@ A formulation decides four things and nothing else asks for a string:
   * the activation of the output layer,
   * the Keras loss it is compiled with,
   * how to turn the model's outputs into class probabilities,
-  * whether the loss is *meant* to read logits (what actually happens is probed, see `probe`).
+  * whether the output layer is linear (whether the loss then really reads logits is probed at run
+    time: pipeline/train.py, `probe_effective_from_logits`).
 
   probs        the course note's "original" code, as written: softmax/sigmoid output layer and
                `SparseCategoricalCrossentropy()` / `BinaryCrossentropy()`. Under Keras 3 + TensorFlow the
@@ -55,11 +56,6 @@ class Formulation:
     @property
     def outputs_logits(self) -> bool:
         """Whether the model's output layer is linear (its outputs are logits)."""
-        return self.name is FormulationName.logits
-
-    @property
-    def intends_from_logits(self) -> bool:
-        """What the code as written asks for; `probe.effective_from_logits` says what Keras did."""
         return self.name is FormulationName.logits
 
     def output_width(self, num_classes: int) -> int:
