@@ -285,8 +285,8 @@ class SettingResult:
     plots: list[Path]
 
 
-def summarize_setting(client: MlflowClient, setting: Setting, out_dir: Path, prefix: str) -> SettingResult:
-    finished = Setting(setting.label, setting.params, [r for r in setting.runs if r.info.status == "FINISHED"])
+def summarize_setting(client: MlflowClient, finished: Setting, out_dir: Path, prefix: str) -> SettingResult:
+    """Tables, sentences and plots of one setting; `finished` holds only the setting's FINISHED runs."""
     means, differences, sentences = {}, [], []
     for metric, description, direction in METRICS:
         values = {arm: {s: r.data.metrics[metric] for s, r in finished.by_arm(arm).items() if metric in r.data.metrics} for arm in ARMS}
@@ -303,12 +303,12 @@ def summarize_setting(client: MlflowClient, setting: Setting, out_dir: Path, pre
     plots = [
         plot_curves(client, finished, [("train_epoch_loss", "loss as optimized (train, epoch mean)", True),
                                        ("val_nll_float64", "validation NLL (float64, from logits)", True)],
-                    f"Learning curves ({setting.label})", out_dir / f"{prefix}learning_curves.png"),
+                    f"Learning curves ({finished.label})", out_dir / f"{prefix}learning_curves.png"),
         plot_per_seed(finished, out_dir / f"{prefix}per_seed.png"),
         plot_reliability(client, finished, out_dir / f"{prefix}reliability.png"),
         plot_curves(client, finished, [("train_clipped_fraction", "train fraction with p_y < 1e-7", False),
                                        ("grad_norm_ratio", "gradient-norm ratio (trained / exact logits loss)", False)],
-                    f"Clipping over training ({setting.label})", out_dir / f"{prefix}clipping.png"),
+                    f"Clipping over training ({finished.label})", out_dir / f"{prefix}clipping.png"),
     ]
     return SettingResult(finished, means, differences, sentences, effective, plots)
 

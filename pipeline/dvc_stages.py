@@ -39,11 +39,10 @@ def load_params() -> tuple[Config, object]:
 
 
 def arms(cfg: Config):
-    """(name, config) for every formulation x seed of the grid."""
+    """The config of every formulation x seed of the grid."""
     for formulation in cfg.grid.formulations:
         for seed in cfg.grid.seeds:
-            arm = dataclasses.replace(cfg, loss=LossConfig(formulation), seed=seed, study="dvc")
-            yield f"{formulation.value}-seed{seed}", arm
+            yield dataclasses.replace(cfg, loss=LossConfig(formulation), seed=seed, study="dvc")
 
 
 def fetch() -> None:
@@ -91,7 +90,8 @@ def train() -> None:
     MODELS.mkdir(parents=True, exist_ok=True)
     runs, histories = {}, {}
     try:
-        for name, arm in arms(cfg):
+        for arm in arms(cfg):
+            name = stages.run_name(arm)
             arm_raw = OmegaConf.merge(raw, {"loss": {"formulation": arm.loss.formulation.value}, "seed": arm.seed, "study": "dvc"})
             with tracked_run(uri, experiment_id, name, stages.run_tags(arm, dataset), parent_run_id=parent) as run:
                 stages.log_inputs(arm_raw, splits)
@@ -107,9 +107,7 @@ def train() -> None:
         raise
     end_run(uri, parent)
     _write_curves(histories)
-    from pipeline.stages import write_json_atomically
-
-    write_json_atomically(RUNS, {"parent_run_id": parent, "runs": runs})
+    stages.write_json_atomically(RUNS, {"parent_run_id": parent, "runs": runs})
 
 
 def evaluate() -> None:
@@ -138,14 +136,13 @@ def evaluate() -> None:
 
 def compare() -> None:
     from pipeline.compare import compare as compare_study, print_comparison
+    from pipeline.stages import write_json_atomically
     from pipeline.tracking import tracking_uri
 
     cfg, _ = load_params()
     recorded = json.loads(RUNS.read_text())
     outcome = compare_study(tracking_uri(cfg.tracking.uri), cfg.tracking.experiment,
                             parent_run_id=recorded["parent_run_id"], out_dir=REPORT)
-    from pipeline.stages import write_json_atomically
-
     write_json_atomically(COMPARISON, outcome["summary"])
     print_comparison(outcome)
 
