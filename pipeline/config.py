@@ -1,23 +1,24 @@
-"""Typed schemas for the Hydra configuration in `conf/`.
+"""The configuration: typed schemas for `conf/`, and the check of a command line's overrides.
 
 Imports no TensorFlow, so composing and checking a config takes well under a second.
 
 OmegaConf checks types when a config is composed or overridden (`train.epochs=ten` fails there); the
 `__post_init__` checks below run when `validate` turns the composed config into these dataclasses, so
-an out-of-range value fails before any data is touched or any MLflow run is opened.
+an out-of-range value fails before any data is touched or any MLflow run is opened. `precheck_overrides`
+does both for every value of a sweep before Hydra starts, and reports the first problem in one line.
 """
 
 from __future__ import annotations
 
 import enum
+import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
-
-
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
@@ -56,6 +57,18 @@ class ConfigError(PipelineError, ValueError):
 def _require(condition: bool, key: str, value: Any, accepted: str) -> None:
     if not condition:
         raise ConfigError(f"{key}={value!r} is not accepted: expected {accepted}")
+
+
+# Study and experiment names become folder names and MLflow filter values: a closed alphabet, no path.
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+NAME_RULE = "1 to 64 letters, digits, '_', '.' or '-', starting with a letter or digit"
+SEED_LIMIT = 2**32  # numpy's and Keras's seeds are unsigned 32-bit
+
+
+def check_name(key: str, value: str) -> str:
+    """A user-typed name that may become a path: accepted only from NAME_PATTERN."""
+    _require(isinstance(value, str) and NAME_PATTERN.fullmatch(value) is not None, key, value, NAME_RULE)
+    return value
 
 
 # "1/255" maps pixels to [0, 1]; "none" keeps raw 0..255, the setting where probabilities saturate early.
@@ -129,10 +142,23 @@ class PrecisionConfig:
     output_float32: bool = False  # keep the output layer in float32 under a mixed policy
 
 
+DEFAULT_EXPERIMENT = "fromlogits"
+
+
 @dataclass
 class TrackingConfig:
     uri: Optional[str] = None  # None: $MLFLOW_TRACKING_URI, else sqlite:///<project>/mlruns/mlflow.db
-    experiment: str = "fromlogits"
+    experiment: str = DEFAULT_EXPERIMENT
+    # A tracking server that stops answering: each request gives up after `timeout_seconds`, and the
+    # run fails once the server has been unreachable for `give_up_seconds` in all.
+    timeout_seconds: float = 10.0
+    give_up_seconds: float = 45.0
+
+    def __post_init__(self):
+        check_name("tracking.experiment", self.experiment)
+        _require(self.timeout_seconds > 0, "tracking.timeout_seconds", self.timeout_seconds, "a number > 0")
+        _require(self.give_up_seconds >= self.timeout_seconds, "tracking.give_up_seconds", self.give_up_seconds,
+                 "a number >= tracking.timeout_seconds")
 
 
 @dataclass
@@ -168,19 +194,110 @@ class Config:
     allow_download: bool = True
     # Continue an interrupted run of the same configuration from its checkpoint, in the same MLflow run.
     resume: bool = True
+    # The state of conf/ this config was composed from (conf/config.yaml fills it in); DVC's stages
+    # compare it with conf/ as it is, so a stale params.yaml cannot train silently.
+    conf_digest: Optional[str] = None
 
     def __post_init__(self):
+        _require(0 <= self.seed < SEED_LIMIT, "seed", self.seed, f"a whole number in [0, {SEED_LIMIT})")
+        if self.study is not None:
+            check_name("study", self.study)
         # Relative to the project root; an absolute path stays as it is.
         self.data_dir = str(PROJECT_ROOT / self.data_dir)
         self.reports_dir = str(PROJECT_ROOT / self.reports_dir)
         self.checkpoints_dir = str(PROJECT_ROOT / self.checkpoints_dir)
 
 
+def conf_digest() -> str:
+    """sha256 (16 hex digits) of every file under conf/: lets a reader of params.yaml tell whether
+    conf/ changed since it was composed."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for path in sorted((PROJECT_ROOT / "conf").rglob("*.yaml")):
+        digest.update(path.relative_to(PROJECT_ROOT).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()[:16]
+
+
 def register_configs() -> None:
-    """Makes `schema` available to `conf/config.yaml`, which types every group against it."""
+    """Makes `schema` available to `conf/config.yaml`, which types every group against it, and the
+    `conf_digest` resolver that stamps a composed config with the state of conf/."""
     ConfigStore.instance().store(name="schema", node=Config)
+    if not OmegaConf.has_resolver("fromlogits_conf_digest"):
+        OmegaConf.register_new_resolver("fromlogits_conf_digest", conf_digest)
 
 
 def validate(cfg: DictConfig) -> Config:
-    """The composed config as typed objects; raises ConfigError for out-of-range values."""
+    """The composed config as typed objects (Hydra's own `hydra` node aside); raises ConfigError for
+    out-of-range values."""
+    if "hydra" in cfg:
+        cfg = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]))
     return OmegaConf.to_object(cfg)
+
+
+# --- checking a command line's overrides ---------------------------------------------------------------
+
+
+def sweep_values(lines: list[str]) -> tuple[list[str], dict[str, list[str]]]:
+    """Hydra override lines as (fixed overrides, {swept key: its values}); a later sweep of a key
+    replaces an earlier one, as Hydra's basic sweeper does. Raises OverrideParseException."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    fixed, sweeps = [], {}
+    for override in OverridesParser.create().parse_overrides(lines):
+        if override.key_or_group.startswith("hydra"):
+            continue
+        if override.is_sweep_override():
+            sweeps[override.get_key_element()] = list(override.sweep_string_iterator())
+        else:
+            fixed.append(override.input_line)
+    return fixed, sweeps
+
+
+def count_jobs(sweeps: dict[str, list[str]]) -> int:
+    """How many jobs the basic sweeper launches: the product of the sweeps' lengths."""
+    return math.prod(len(values) for values in sweeps.values())
+
+
+def composition_error(override: str, error: Exception) -> str:
+    """Hydra's multi-line composition error as one line naming the value and what is accepted."""
+    from hydra.errors import MissingConfigException
+
+    message = str(error)
+    if isinstance(error, MissingConfigException) and "Available options in" in message:
+        options = [line.strip() for line in message.split("Available options in", 1)[1].splitlines()[1:]
+                   if line.startswith("\t") and "provider=" not in line]
+        return f"{override} is not accepted: expected one of {', '.join(options)}"
+    cause = error.__cause__ or error
+    first = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+    return f"{override} is not accepted: {first}"
+
+
+def precheck_overrides(argv: list[str]) -> str | None:
+    """Composes the command line's config overrides before Hydra does; returns a one-line error or None.
+
+    Hydra reports a bad override over several lines with a hint about HYDRA_FULL_ERROR; researchers
+    should instead read which value is wrong and what is accepted. Every value of a sweep is checked
+    (each with the fixed overrides), so a typo in the fifth value fails before the first job starts.
+    """
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import OverrideParseException
+
+    try:
+        fixed, sweeps = sweep_values([a for a in argv if not a.startswith("-") and "=" in a])
+    except OverrideParseException as error:
+        return f"cannot parse the overrides: {str(error).splitlines()[0]}"
+    trials = [(line, fixed) for line in fixed] + [
+        (f"{key}={value}", [*fixed, f"{key}={value}"]) for key, values in sweeps.items() for value in values
+    ]
+    with initialize_config_dir(config_dir=str(PROJECT_ROOT / "conf"), version_base="1.3"):
+        for override, overrides in trials or [("(defaults)", [])]:
+            try:
+                cfg = compose(config_name="config", overrides=overrides)
+            except Exception as error:  # noqa: BLE001 - every composition error becomes one line
+                return composition_error(override, error)
+            try:
+                validate(cfg)
+            except PipelineError as error:
+                return str(error)
+    return None

@@ -7,6 +7,7 @@ what to do offline, instead of TFDS's minutes of retries.
 
 from __future__ import annotations
 
+import logging
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,8 +19,19 @@ import pipeline.datasets  # noqa: F401  (registers the bundled builders)
 from pipeline.config import PIXEL_SCALES, ConfigError, DatasetConfig, PipelineError
 from pipeline.datasets.mnist_sample.mnist_sample_dataset_builder import SOURCE_SHA256
 from pipeline.formulations import Task
+from pipeline.record import DatasetRef
 
 tfds.disable_progress_bar()
+
+
+class _NoOpenCvAdvice(logging.Filter):
+    """TFDS advises installing OpenCV once per process when it decodes images with PIL; PIL is fine here."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "OpenCV is not installed" not in record.getMessage()
+
+
+logging.getLogger("absl").addFilter(_NoOpenCvAdvice())
 
 BUNDLED = {"mnist_sample": SOURCE_SHA256}
 # TFDS's own mirror, tried first for most datasets; if its name does not resolve there is no network.
@@ -30,6 +42,9 @@ MNIST_MANUAL_FILES = (
     "t10k-images-idx3-ubyte.gz",
     "t10k-labels-idx1-ubyte.gz",
 )
+# ArrayRecord files are read by random access without a tf.data pipeline (which logs a spurious C++
+# error with TFDS 4.9.10 + TF 2.21, and costs a graph per load).
+FILE_FORMAT = "array_record"
 VALIDATION_SEED = 7  # the validation carve-out is the same in every run of a dataset
 
 
@@ -37,18 +52,10 @@ class DatasetUnavailable(PipelineError):
     """The dataset is neither prepared nor obtainable from here."""
 
 
-@dataclass(frozen=True)
-class DatasetRef:
-    name: str
-    version: str
-    data_dir: str
-    checksum: str | None  # sha256 of the bundled source file, where there is one
-
-
 def builder_for(dataset: DatasetConfig, data_dir: str) -> tfds.core.DatasetBuilder:
     spec = dataset.name if dataset.version is None else f"{dataset.name}:{dataset.version}"
     try:
-        builder = tfds.builder(spec, data_dir=data_dir)
+        builder = tfds.builder(spec, data_dir=data_dir, file_format=FILE_FORMAT)
     except tfds.core.registered.DatasetNotFoundError:
         raise ConfigError(
             f"dataset.name={dataset.name!r} is not accepted: expected a TFDS dataset name "
@@ -113,10 +120,30 @@ class Splits:
         return self.x_train.shape[1]
 
 
-def _as_arrays(builder, split: str) -> tuple[np.ndarray, np.ndarray]:
-    # Batches rather than `batch_size=-1`, which needs split sizes in the dataset info.
-    batches = list(tfds.as_numpy(builder.as_dataset(split=split, shuffle_files=False).batch(10_000)))
-    return np.concatenate([b["image"] for b in batches]), np.concatenate([b["label"] for b in batches])
+def split_arrays(builder, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """A prepared split as arrays, read by random access (no tf.data graph: nothing to log, nothing to trace)."""
+    folder = Path(builder.data_dir)
+    try:
+        source = builder.as_data_source(split=split)
+        examples = [source[i] for i in range(len(source))]
+    except Exception as error:  # noqa: BLE001 - a damaged or foreign-format file: say which folder to rebuild
+        raise DatasetUnavailable(
+            f"the prepared {builder.name} in {folder} cannot be read ({type(error).__name__}: "
+            f"{str(error).splitlines()[0][:200] if str(error) else ''}); delete {folder.parent} to rebuild it") from None
+    return np.stack([e["image"] for e in examples]), np.array([e["label"] for e in examples])
+
+
+def content_digest(dataset: DatasetConfig, data_dir: str) -> str:
+    """sha256 of the prepared splits' pixels and labels: the same whenever the same data is prepared,
+    although TFDS's files differ byte for byte from one preparation to the next."""
+    import hashlib
+
+    builder = builder_for(dataset, data_dir)
+    digest = hashlib.sha256()
+    for split in ("train", "test"):
+        for array in split_arrays(builder, split):
+            digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()
 
 
 def select_classes(images, labels, class_ids: list[int]) -> tuple[np.ndarray, np.ndarray]:
@@ -140,8 +167,8 @@ def validation_split(labels: np.ndarray, fraction: float) -> tuple[np.ndarray, n
 
 def load(dataset: DatasetConfig, data_dir: str) -> Splits:
     builder = builder_for(dataset, data_dir)
-    images, labels = _as_arrays(builder, "train")
-    test_images, test_labels = _as_arrays(builder, "test")
+    images, labels = split_arrays(builder, "train")
+    test_images, test_labels = split_arrays(builder, "test")
     labels, test_labels = labels.astype(np.int64), test_labels.astype(np.int64)
 
     all_ids = list(range(builder.info.features["label"].num_classes))
@@ -163,6 +190,10 @@ def load(dataset: DatasetConfig, data_dir: str) -> Splits:
         return x.reshape(len(x), int(np.prod(x.shape[1:]))).astype(np.float32) * scale
 
     train_idx, val_idx = validation_split(labels, dataset.validation_fraction)
+    if len(train_idx) == 0:
+        raise ConfigError(
+            f"dataset.validation_fraction={dataset.validation_fraction} is not accepted: it leaves no training "
+            f"examples of the {len(labels)} in {dataset.name}'s train split; expected a smaller fraction")
     return Splits(
         x_train=flat(images[train_idx]), y_train=labels[train_idx],
         x_val=flat(images[val_idx]), y_val=labels[val_idx],

@@ -1,10 +1,12 @@
-"""DVC's entry points: `python -m pipeline.dvc_stages {fetch,train,evaluate,compare}` (see dvc.yaml).
+"""DVC's entry points: `python -m pipeline.dvc_stages {params,fetch,train,evaluate,compare}` (see dvc.yaml).
 
 Each stage reads `params.yaml`, which `dvc exp run` composes from conf/ (DVC's Hydra integration) and
-`make params` writes for `dvc repro`. `train` trains every formulation x seed of `grid` in one process
-(TensorFlow imported once) as one MLflow study; `evaluate` reopens those runs to add test metrics and
-models; `compare` writes the study's report. Files go to outputs/dvc/ and reports/dvc/ in the working
-directory, which is DVC's workspace (a temporary copy for queued experiments).
+`make params` writes for `dvc repro`; a params.yaml composed from another state of conf/ is refused.
+`train` runs every formulation x seed of `grid` as one MLflow study (one process, TensorFlow imported
+once), each arm exactly as `python -m pipeline.run` would — trained, evaluated, logged, resumable after
+an interruption — and saves the models; `evaluate` recomputes the test metrics from the saved model
+files; `compare` writes the study's report. Files go to outputs/dvc/, metrics/ and reports/dvc/ in
+DVC's workspace (a temporary copy for queued experiments).
 """
 
 from __future__ import annotations
@@ -18,141 +20,153 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from pipeline.config import Config, LossConfig, PipelineError, validate
+from pipeline.config import Config, LossConfig, PipelineError, conf_digest, validate
+from pipeline.files import write_atomically, write_json
 
 PARAMS = Path("params.yaml")
 OUT = Path("outputs/dvc")
 MODELS = OUT / "models"
-CURVES = OUT / "curves"
+CURVES = OUT / "curves.csv"
 RUNS = OUT / "runs.json"
-EVALUATION = OUT / "evaluate.json"
-COMPARISON = OUT / "compare.json"  # the report's summary numbers, as DVC metrics
+DATASET = OUT / "dataset.json"
+METRICS = Path("metrics")  # git-tracked (cache: false), so `dvc exp show` can compare experiments
+EVALUATION = METRICS / "evaluate.json"
+COMPARISON = METRICS / "compare.json"
 REPORT = Path("reports/dvc")
+STUDY = "dvc"
 CURVE_METRICS = ("train_epoch_loss", "val_nll_float64", "train_clipped_fraction", "grad_norm_ratio")
 
 
-def load_params() -> tuple[Config, object]:
+def load_params() -> Config:
     if not PARAMS.exists():
         raise PipelineError(f"{PARAMS} is missing: run `make params` (or `dvc exp run`, which composes it from conf/)")
     raw = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(PARAMS))
-    return validate(raw), raw
+    cfg = validate(raw)
+    if cfg.conf_digest != conf_digest():
+        raise PipelineError(f"{PARAMS} was composed from another state of conf/ (conf_digest {cfg.conf_digest} != "
+                            f"{conf_digest()}): run `make params` (or use `dvc exp run`) before `dvc repro`")
+    return cfg
 
 
 def arms(cfg: Config):
     """The config of every formulation x seed of the grid."""
     for formulation in cfg.grid.formulations:
         for seed in cfg.grid.seeds:
-            yield dataclasses.replace(cfg, loss=LossConfig(formulation), seed=seed, study="dvc")
+            yield dataclasses.replace(cfg, loss=LossConfig(formulation), seed=seed, study=STUDY)
 
 
 def fetch() -> None:
     from pipeline.data import fetch as fetch_dataset
 
-    cfg, _ = load_params()
+    cfg = load_params()
+    from pipeline.data import content_digest
+
     ref = fetch_dataset(cfg.dataset, cfg.data_dir, cfg.allow_download)
+    # What `train` depends on: byte-stable, unlike the prepared files themselves.
+    write_json(DATASET, {"name": ref.name, "version": ref.version, "sha256": content_digest(cfg.dataset, cfg.data_dir)})
     print(f"fetch: {ref.name} {ref.version} prepared in {ref.data_dir}")
 
 
-def _setup(cfg: Config):
-    from pipeline.data import fetch as fetch_dataset, load
-    from pipeline.tracking import prepare_store, tracking_uri
-    from pipeline.train import configure_determinism
-
-    uri = tracking_uri(cfg.tracking.uri)
-    experiment_id = prepare_store(uri, cfg.tracking.experiment)
-    dataset = fetch_dataset(cfg.dataset, cfg.data_dir, allow_download=False)  # prepared by the fetch stage
-    configure_determinism()
-    return uri, experiment_id, dataset, load(cfg.dataset, cfg.data_dir)
-
-
-def _write_curves(histories: dict[str, list[list[dict]]]) -> None:
-    """Per formulation, the per-epoch mean over seeds: what `dvc plots show` draws."""
-    import numpy as np
-
-    CURVES.mkdir(parents=True, exist_ok=True)
-    for formulation, runs in histories.items():
-        epochs = max(len(h) for h in runs)
-        with open(CURVES / f"{formulation}.csv", "w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(["epoch", *CURVE_METRICS])
-            for e in range(epochs):
-                rows = [h[e] for h in runs if len(h) > e]
-                writer.writerow([e + 1, *(float(np.mean([r[k] for r in rows])) for k in CURVE_METRICS)])
-
-
 def train() -> None:
-    from pipeline import stages
-    from pipeline.tracking import end_run, start_study, tracked_run
+    from pipeline.record import run_name
+    from pipeline.stages import run_configuration
+    from pipeline.tracking import Study, prepare_store, tracking_uri
 
-    cfg, raw = load_params()
-    uri, experiment_id, dataset, splits = _setup(cfg)
-    parent = start_study(uri, experiment_id, "dvc", {"source": "dvc"})
-    MODELS.mkdir(parents=True, exist_ok=True)
-    runs, histories = {}, {}
-    try:
+    cfg = load_params()
+    uri = tracking_uri(cfg.tracking.uri)
+    experiment_id = prepare_store(uri, cfg.tracking.experiment, cfg.tracking)
+    runs = {}
+    with Study(uri, experiment_id, STUDY, {"source": "dvc"}) as study:
         for arm in arms(cfg):
-            name = stages.run_name(arm)
-            arm_raw = OmegaConf.merge(raw, {"loss": {"formulation": arm.loss.formulation.value}, "seed": arm.seed, "study": "dvc"})
-            with tracked_run(uri, experiment_id, name, stages.run_tags(arm, dataset), parent_run_id=parent) as run:
-                stages.log_inputs(arm_raw, splits)
-                result = stages.train_into_run(arm, splits)
-            result.classifier.model.save(MODELS / f"{name}.keras")
-            runs[name] = {"run_id": run.info.run_id, "formulation": arm.loss.formulation.value, "seed": arm.seed}
-            histories.setdefault(arm.loss.formulation.value, []).append(result.history)
-            print(f"train: {name} ({result.epochs_completed} epochs) -> run {run.info.run_id}", flush=True)
-    except BaseException:
-        from mlflow.entities import RunStatus
+            name = run_name(arm)
+            metrics = run_configuration(arm, OUT / "runs" / name, study.run_id, model_path=MODELS / f"{name}.keras")
+            runs[name] = {"run_id": metrics["run_id"], "formulation": arm.loss.formulation.value, "seed": arm.seed}
+        write_json(RUNS, {"parent_run_id": study.run_id, "runs": runs})
+    write_curves(uri, runs)
 
-        end_run(uri, parent, RunStatus.FAILED)
-        raise
-    end_run(uri, parent)
-    _write_curves(histories)
-    stages.write_json_atomically(RUNS, {"parent_run_id": parent, "runs": runs})
+
+def write_curves(uri: str, runs: dict) -> None:
+    """Per formulation and epoch (by step), the mean over seeds: what `dvc plots show` draws."""
+    import numpy as np
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.report.plots import by_epoch
+
+    client = MlflowClient(uri)
+    per_arm: dict[str, list[dict[str, dict[int, float]]]] = {}
+    for run in runs.values():
+        history = {key: {m.step: m.value for m in client.get_metric_history(run["run_id"], key)} for key in CURVE_METRICS}
+        per_arm.setdefault(run["formulation"], []).append(history)
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["formulation", "epoch", *CURVE_METRICS])
+            for formulation, histories in per_arm.items():
+                columns = {key: by_epoch([h[key] for h in histories]) for key in CURVE_METRICS}
+                for i, epoch in enumerate(columns[CURVE_METRICS[0]][0]):
+                    writer.writerow([formulation, int(epoch), *(float(np.nanmean(columns[k][1][:, i])) for k in CURVE_METRICS)])
+
+    write_atomically(CURVES, write)
 
 
 def evaluate() -> None:
+    """Test metrics recomputed from the saved model files, per run and as the mean per formulation."""
     import keras
     import numpy as np
 
-    from pipeline import stages
+    from pipeline.data import load
+    from pipeline.evaluate import evaluate as evaluate_model
     from pipeline.formulations import formulation
     from pipeline.models import Classifier
-    from pipeline.tracking import tracked_run
 
-    cfg, _ = load_params()
-    uri, experiment_id, _, splits = _setup(cfg)
+    cfg = load_params()
+    splits = load(cfg.dataset, cfg.data_dir)
     recorded = json.loads(RUNS.read_text())
-    per_run, by_formulation = {}, {}
+    by_formulation: dict[str, list[dict]] = {}
     for name, run in recorded["runs"].items():
         clf = Classifier(keras.models.load_model(MODELS / f"{name}.keras"), formulation(run["formulation"], cfg.dataset.task))
-        with tracked_run(uri, experiment_id, run_id=run["run_id"]):
-            metrics = stages.evaluate_into_run(clf, splits)
-        per_run[name] = metrics
+        metrics, _ = evaluate_model(clf, splits.x_test, splits.y_test)
         by_formulation.setdefault(run["formulation"], []).append(metrics)
         print(f"evaluate: {name}: test_nll {metrics['test_nll']:.4f} test_accuracy {metrics['test_accuracy']:.4f}", flush=True)
-    means = {f: {k: float(np.mean([m[k] for m in ms])) for k in ms[0]} for f, ms in by_formulation.items()}
-    stages.write_json_atomically(EVALUATION, {"mean": means, "runs": per_run})
+    # The headline numbers only: `dvc metrics show` fits a terminal; per-run detail is in MLflow and the report.
+    write_json(EVALUATION, {f: {k: float(np.mean([m[k] for m in ms])) for k in ("test_accuracy", "test_nll")}
+                            for f, ms in by_formulation.items()})
 
 
 def compare() -> None:
-    from pipeline.compare import compare as compare_study, print_comparison
-    from pipeline.stages import write_json_atomically
+    from pipeline.report import build_report, print_report
     from pipeline.tracking import tracking_uri
 
-    cfg, _ = load_params()
+    cfg = load_params()
     recorded = json.loads(RUNS.read_text())
-    outcome = compare_study(tracking_uri(cfg.tracking.uri), cfg.tracking.experiment,
-                            parent_run_id=recorded["parent_run_id"], out_dir=REPORT)
-    write_json_atomically(COMPARISON, outcome["summary"])
-    print_comparison(outcome)
+    report = build_report(tracking_uri(cfg.tracking.uri), Path(cfg.reports_dir), cfg.tracking.experiment,
+                          parent_run_id=recorded["parent_run_id"], out_dir=REPORT)
+    write_json(COMPARISON, headline(report))
+    print_report(report)
+
+
+def headline(report) -> dict:
+    """Per compared arm, test NLL as a ratio to logits and accuracy as a difference, with intervals."""
+    out = {}
+    for result in report.results:
+        for c in result.comparisons:
+            if c.metric not in ("test_nll", "test_accuracy") or c.difference is None:
+                continue
+            effect = c.ratio if c.ratio is not None else c.difference
+            kind = "ratio" if c.ratio is not None else "diff"
+            out.setdefault(c.arm, {})[f"{c.metric}_{kind}"] = {
+                "value": effect.estimate, "ci_low": effect.low, "ci_high": effect.high, "shown": c.shown}
+    return out
 
 
 def params(overrides: list[str]) -> None:
     """Writes params.yaml from conf/ (plus Hydra overrides) with DVC's own composer, as `dvc exp run` does."""
     from dvc.utils.hydra import compose_and_dump
 
-    from pipeline.config import PROJECT_ROOT
+    from pipeline.config import PROJECT_ROOT, register_configs
 
+    register_configs()
     compose_and_dump(PARAMS, str(PROJECT_ROOT / "conf"), None, "config", str(PROJECT_ROOT), overrides)
     print(f"params: wrote {PARAMS} from conf/ {' '.join(overrides)}".rstrip())
 
@@ -161,14 +175,24 @@ STAGES = {"params": params, "fetch": fetch, "train": train, "evaluate": evaluate
 
 
 def main(argv: list[str] | None = None) -> int:
+    from pipeline.interrupt import install_stop_handlers
+
     parser = argparse.ArgumentParser(prog="python -m pipeline.dvc_stages", description="DVC stage entry points")
     parser.add_argument("stage", choices=sorted(STAGES))
     parser.add_argument("overrides", nargs="*", help="Hydra overrides (params only)")
     args = parser.parse_args(argv)
     if args.overrides and args.stage != "params":
         parser.error("only `params` takes overrides; the stages read params.yaml")
+    install_stop_handlers()
     try:
         STAGES[args.stage](*([args.overrides] if args.stage == "params" else []))
+    except KeyboardInterrupt:
+        print("interrupted: the current run ended KILLED with a checkpoint; `dvc repro` continues it",
+              file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        import os
+
+        os._exit(130)
     except PipelineError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

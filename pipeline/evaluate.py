@@ -40,6 +40,10 @@ def evaluate(clf: Classifier, x: np.ndarray, y: np.ndarray) -> tuple[dict[str, f
         "test_above_cap_fraction": float(summary["above_cap_fraction"]),
         "test_max_abs_logit": float(summary["max_abs_logit"]),
         "test_examples": float(len(y)),
+        "test_nonfinite_logits": float(summary["nonfinite_logits"]),
     }
+    if summary["nonfinite_logits"]:  # a diverged network: saturation counts over NaN rows are not true zeros
+        for key in ("test_clipped_fraction", "test_saturated_fraction", "test_above_cap_fraction", "test_max_abs_logit"):
+            metrics[key] = float("nan")
     return metrics, reliability_bins(probabilities, y)
 

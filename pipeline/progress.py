@@ -68,23 +68,3 @@ class EpochProgress:
             print(f"\r\033[K{self.line(epoch, metrics)}", end=end, file=self.stream, flush=True)
         elif epoch == self.first_epoch or epoch == self.epochs or epoch % self.every == 0:
             print(self.line(epoch, metrics), file=self.stream, flush=True)
-
-
-def count_sweep_jobs(task_overrides: list[str], sweeper_params: dict) -> int | None:
-    """How many jobs a basic-sweeper multirun launches: the product of its sweeps' lengths."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    # Sweeper params first: a sweep given on the command line replaces the preset's.
-    lines = [f"{k}={v}" for k, v in (sweeper_params or {}).items()] + list(task_overrides)
-    try:
-        parsed = OverridesParser.create().parse_overrides(lines)
-    except Exception:  # noqa: BLE001 - a size we cannot tell is shown as unknown, not as an error
-        return None
-    sweeps: dict[str, int] = {}
-    for override in parsed:
-        if override.is_sweep_override():
-            sweeps[override.get_key_element()] = len(list(override.sweep_string_iterator()))
-    total = 1
-    for n in sweeps.values():
-        total *= n
-    return total

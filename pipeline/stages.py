@@ -1,95 +1,171 @@
-"""The pipeline's stages, each logging into the active MLflow run.
+"""Running one configuration: fetch -> train -> evaluate, logged into one MLflow run, resumable.
 
-`pipeline.run` (Hydra, one configuration) and `pipeline.dvc_stages` (DVC, one stage per process) both
-call these; they differ only in how they obtain the config and open the runs.
-
-    fetch     TFDS download_and_prepare (pipeline/data.py)
-    train     log_inputs + train_into_run: params, tags, per-epoch metrics and diagnostics
-    evaluate  evaluate_into_run: test metrics, reliability bins, the probability-returning model
+`run_configuration` is what `python -m pipeline.run` does for each job (resume policy included). The
+stage functions it calls — `log_inputs`, `train_into_run`, `evaluate_into_run` — log into the active
+MLflow run; the DVC entry point (pipeline/dvc_stages.py) calls them too, one stage per process.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
-import tempfile
+import shutil
 import time
 from pathlib import Path
 from typing import Callable
 
 import mlflow
-from omegaconf import DictConfig, OmegaConf
+import numpy as np
+from mlflow.entities import Metric, RunTag
 
 from pipeline.config import Config
-from pipeline.data import DatasetRef, Splits
+from pipeline.data import Splits, fetch, load
+from pipeline.files import exclusive, write_json
 from pipeline.models import Classifier
-from pipeline.tracking import MetricBuffer, flatten, git_state
-from pipeline.train import Checkpoint, TrainResult, train
+from pipeline.progress import EpochProgress
+from pipeline.record import DatasetRef, RunRecord, Tag, checkpoint_key, run_record
+from pipeline.tracking import MetricBuffer, prepare_store, resumable, tracked_run, tracking_uri
+from pipeline.interrupt import interruptible, stop_requested
+from pipeline.train import Checkpoint, TrainResult, configure_determinism, train
+
+# --- one configuration, end to end ----------------------------------------------------------------------
 
 
-def run_name(cfg: Config) -> str:
-    return f"{cfg.loss.formulation.value}-seed{cfg.seed}"
+def checkpoint_folder(cfg: Config) -> Path:
+    """Where a configuration's checkpoint lives: keyed by what is trained and where it is recorded."""
+    key = hashlib.sha256(json.dumps(checkpoint_key(cfg), sort_keys=True).encode()).hexdigest()[:16]
+    return Path(cfg.checkpoints_dir) / key
 
 
-def run_tags(cfg: Config, dataset: DatasetRef) -> dict[str, str]:
-    tags = {
-        "formulation": cfg.loss.formulation.value,
-        "dataset": cfg.dataset.name,
-        "dataset_version": dataset.version,
-        "task": cfg.dataset.task.value,
-        "seed": str(cfg.seed),
-        "precision": cfg.precision.policy.value,
-        "versions": package_versions(),
-        **git_state(),
-    }
-    if dataset.checksum:
-        tags["dataset_sha256"] = dataset.checksum
-    if cfg.study:
-        tags["study"] = cfg.study
-    return tags
+def previous_attempt(uri: str, folder: Path) -> str | None:
+    """The run an interrupted attempt of this configuration left (KILLED or FAILED), if it can go on."""
+    marker, state = folder / "run.json", folder / "state.npz"
+    if not (marker.exists() and state.exists()):
+        return None
+    run_id = json.loads(marker.read_text())["run_id"]
+    if resumable(uri, run_id):
+        return run_id
+    print(f"discarding the checkpoint in {folder}: its run {run_id} was deleted or cannot be continued",
+          flush=True)
+    return None
 
 
-def package_versions() -> str:
-    from importlib.metadata import PackageNotFoundError, version
+def run_configuration(cfg: Config, output_dir: Path, parent_run_id: str | None = None, job: int | None = None,
+                      model_path: Path | None = None) -> dict:
+    """fetch -> train -> evaluate for one configuration, in one MLflow run; returns the run's id
+    (`run_id`) and its test metrics.
 
-    found = []
-    for name in ("tensorflow", "tensorflow-cpu", "keras", "tensorflow-datasets", "numpy", "mlflow", "hydra-core"):
-        try:
-            found.append(f"{name}=={version(name)}")
-        except PackageNotFoundError:
-            continue
-    return " ".join(found)
+    An interrupted run (SIGINT/SIGTERM) ends KILLED with a checkpoint of its last persisted epoch;
+    running the same configuration again continues it in the same MLflow run (unless `resume=false`).
+    Two identical commands at once never share a checkpoint: the second trains from scratch in a
+    folder of its own. `model_path`: also save the trained Keras model there (DVC's output).
+    """
+    clock = StageClock()
+    uri = tracking_uri(cfg.tracking.uri)
+    experiment_id = prepare_store(uri, cfg.tracking.experiment, cfg.tracking)
+    with clock("data"):
+        dataset = fetch(cfg.dataset, cfg.data_dir, cfg.allow_download)
+        splits = load(cfg.dataset, cfg.data_dir)
+    configure_determinism()
+    record = run_record(cfg, dataset)
+
+    folder = checkpoint_folder(cfg)
+    with exclusive(folder.with_name(f"{folder.name}.lock")) as owned:
+        if not owned:
+            folder = folder.with_name(f"{folder.name}-pid{os.getpid()}")
+            print(f"another process is running this configuration; this one trains on its own ({folder})", flush=True)
+        resume_id = previous_attempt(uri, folder) if cfg.resume and owned else None
+        checkpoint = Checkpoint(folder / "state.npz")
+        if not resume_id:
+            checkpoint.remove()
+        with tracked_run(uri, experiment_id, record.name, record.tags, parent_run_id=parent_run_id,
+                         run_id=resume_id) as run:
+            run_id = run.info.run_id
+            write_json(folder / "run.json", {"run_id": run_id})
+            if resume_id:  # its params and inputs were logged by the first attempt
+                print(f"resuming run {resume_id} from its checkpoint ({folder})", flush=True)
+            else:
+                with clock("logging"):
+                    log_inputs(record, dataset, splits)
+            first_epoch = checkpoint.epoch() + 1 if resume_id else 1
+            progress = EpochProgress(record.name, cfg.train.epochs, first_epoch=first_epoch, job=job)
+            with clock("train"):
+                result = interruptible(lambda: train_into_run(cfg, run_id, splits, checkpoint, progress))
+            metrics = evaluate_into_run(result.classifier, splits, clock)
+            if model_path:
+                model_path.parent.mkdir(parents=True, exist_ok=True)
+                result.classifier.model.save(model_path)
+            write_json(output_dir / "metrics.json", {"run_id": run_id, **metrics})
+            clock.log()
+        shutil.rmtree(folder, ignore_errors=True)  # finished: nothing to resume
+    print(summary_line(run_id, record.name, result, metrics), flush=True)
+    return {"run_id": run_id, **metrics}
 
 
-def log_inputs(dcfg: DictConfig, splits: Splits) -> None:
-    """The resolved config (as params and as a file) and the split sizes."""
-    mlflow.log_params(flatten(dcfg))
-    mlflow.log_text(OmegaConf.to_yaml(dcfg, resolve=True), "config.yaml")
-    mlflow.log_params({"train_examples": len(splits.x_train), "val_examples": len(splits.x_val),
-                       "test_examples": len(splits.x_test)})
+# --- the stages, each logging into the active run -------------------------------------------------------
 
 
-def train_into_run(cfg: Config, splits: Splits, checkpoint: Checkpoint | None = None,
+def log_inputs(record: RunRecord, dataset: DatasetRef, splits: Splits) -> None:
+    """The run's params (the typed config, flattened), its config file, and its dataset as an MLflow input."""
+    from omegaconf import OmegaConf
+
+    sizes = {"split.train_examples": len(splits.x_train), "split.val_examples": len(splits.x_val),
+             "split.test_examples": len(splits.x_test)}
+    mlflow.log_params({**record.params, **sizes})
+    mlflow.log_text(OmegaConf.to_yaml(OmegaConf.create(unflatten(record.params))), "config.yaml")
+    digest = dataset.checksum or hashlib.sha256(splits.x_train.tobytes() + splits.y_train.tobytes()).hexdigest()
+    from mlflow.data.dataset_source_registry import get_dataset_source_from_json
+
+    # Named explicitly: from a bare file URI MLflow would warn that two source types could match.
+    source = get_dataset_source_from_json(json.dumps({"uri": Path(dataset.data_dir, dataset.name, dataset.version).as_uri()}),
+                                          "local")
+    data = mlflow.data.from_numpy(splits.x_train, targets=splits.y_train, name=dataset.name, digest=digest[:8],
+                                  source=source)
+    mlflow.log_input(data, context="training", tags={"version": dataset.version, "sha256": digest,
+                                                     **{k.split(".")[1]: str(v) for k, v in sizes.items()}})
+
+
+def unflatten(params: dict[str, str]) -> dict:
+    tree: dict = {}
+    for key, value in params.items():
+        node = tree
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return tree
+
+
+def train_into_run(cfg: Config, run_id: str, splits: Splits, checkpoint: Checkpoint | None = None,
                    progress: Callable[[int, dict], None] | None = None) -> TrainResult:
-    run_id = mlflow.active_run().info.run_id
-    metrics_log = MetricBuffer(mlflow.MlflowClient(), run_id)
+    """Trains, sending per-epoch metrics to run `run_id` in batches; a checkpoint is saved only after a
+    batch is persisted, so a resumed run logs every epoch exactly once."""
+    metrics_log = MetricBuffer(mlflow.MlflowClient(), run_id, give_up_seconds=cfg.tracking.give_up_seconds)
 
-    def on_epoch_end(epoch: int, metrics: dict) -> None:
+    def on_epoch_end(epoch: int, metrics: dict) -> bool:
         metrics_log.log(metrics, step=epoch)
         if progress:
             progress(epoch, metrics)
+        if metrics_log.due() or stop_requested.is_set() or epoch == cfg.train.epochs:
+            metrics_log.flush()
+            return True
+        return False
 
     try:
         result = train(cfg, splits, on_epoch_end=on_epoch_end, checkpoint=checkpoint)
     finally:
-        metrics_log.flush()  # an interrupted run keeps the epochs it finished
-    mlflow.set_tags({
-        "effective_from_logits": str(result.effective_from_logits).lower(),
-        "output_dtype": result.output_dtype,
-        "diverged": str(result.diverged).lower(),
-    })
-    mlflow.log_metrics({"probe_loss": result.probe_loss, "epochs_completed": float(result.epochs_completed)})
+        with contextlib.suppress(Exception):
+            metrics_log.flush()  # a diverged or failed run keeps the epochs it finished
+    now = int(time.time() * 1000)
+    mlflow.MlflowClient().log_batch(
+        run_id,
+        metrics=[Metric("probe_loss", result.probe_loss, now, 0),
+                 Metric("epochs_completed", float(result.epochs_completed), now, 0)],
+        tags=[RunTag(Tag.EFFECTIVE_FROM_LOGITS, str(result.effective_from_logits).lower()),
+              RunTag(Tag.OUTPUT_DTYPE, result.output_dtype), RunTag(Tag.DIVERGED, str(result.diverged).lower())],
+    )
     return result
 
 
@@ -100,7 +176,7 @@ def log_model(clf: Classifier, x_example) -> str:
     from mlflow.models import infer_signature
 
     served = clf.served_model()
-    signature = infer_signature(x_example, served.predict(x_example, verbose=0))
+    signature = infer_signature(x_example, np.asarray(served(x_example)))  # not predict(): no tf.data graph
     # Stated, not inferred: MLflow's inference re-imports the model in a subprocess (~5 s per run).
     requirements = [f"tensorflow=={tf.__version__}", f"keras=={keras.__version__}"]
     return mlflow.tensorflow.log_model(served, name="model", signature=signature, pip_requirements=requirements).model_uri
@@ -143,9 +219,18 @@ def summary_line(run_id: str, name: str, result: TrainResult, metrics: dict[str,
             f"test_nll {metrics['test_nll']:.4f}  test_ece {metrics['test_ece']:.4f}  test_brier {metrics['test_brier']:.4f}")
 
 
-def write_json_atomically(path: Path, payload: dict) -> None:
-    """Readers never see half a file: write to a temporary sibling, then rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as tmp:
-        json.dump(payload, tmp, indent=2, sort_keys=True)
-    os.replace(tmp.name, path)
+def record_job_failure(dcfg, parent_run_id: str | None, overrides: str, error: BaseException) -> None:
+    """Puts a sweep job that failed before its run opened on record, so the study's report names it."""
+    from pipeline.config import ConfigError, validate
+    from pipeline.record import identity_tags
+    from pipeline.tracking import record_failed_job
+
+    if getattr(error, "mlflow_run_id", None):
+        return  # tracked_run already ended the job's own run FAILED with the error
+    try:
+        cfg = validate(dcfg)
+    except ConfigError:
+        return  # the pre-check rejects such values before a sweep starts; nothing sensible to record
+    uri = tracking_uri(cfg.tracking.uri)
+    tags = identity_tags(cfg) | ({Tag.PARENT: parent_run_id} if parent_run_id else {})
+    record_failed_job(uri, prepare_store(uri, cfg.tracking.experiment, cfg.tracking), f"failed: {overrides}", tags, error)

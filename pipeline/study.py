@@ -1,9 +1,9 @@
-"""A study = one Hydra multirun: an MLflow parent run, its child runs, and the comparison at the end.
+"""A study = one Hydra multirun: an MLflow parent run, its child runs, and the report at the end.
 
 Registered as a Hydra callback in conf/config.yaml, so it works with every launcher: the parent run
-is created in the launching process before any job starts (which also creates the store and the
-experiment once: parallel first writers crash SQLite's schema creation), and its id reaches the jobs
-through the environment, which local and SLURM workers inherit.
+is created in the launching process before any job starts (which also creates the store, the
+experiment and the prepared dataset once: parallel first writers race on all three), and its id
+reaches the jobs through the environment, which local and SLURM workers inherit.
 """
 
 from __future__ import annotations
@@ -15,72 +15,79 @@ import time
 from pathlib import Path
 
 from hydra.experimental.callback import Callback
-from mlflow.entities import RunStatus
-from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline.config import PROJECT_ROOT
-from pipeline.progress import STUDY_JOBS_ENV, STUDY_STARTED_ENV, count_sweep_jobs
+from pipeline.config import count_jobs, sweep_values, validate
+from pipeline.progress import STUDY_JOBS_ENV, STUDY_STARTED_ENV
 
 PARENT_RUN_ENV = "FROMLOGITS_PARENT_RUN_ID"
+
+_active: "StudyCallback | None" = None  # the study this process launched, if any
+_failed_jobs = 0
+
+
+def end_active_study(error: BaseException) -> None:
+    """Ends this process's open study (interrupted: KILLED) before the process exits without atexit."""
+    if _active is not None:
+        _active.study.close(error)
+
+
+def sweep_exit_code() -> int:
+    """1 when a job of this process's study failed (its report names it), else 0."""
+    return 1 if _failed_jobs else 0
 
 
 class StudyCallback(Callback):
     def __init__(self) -> None:
-        self.parent_run_id: str | None = None
+        self.study = None
         self.started = 0.0
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
-        from pipeline.tracking import prepare_store, start_study, tracking_uri
+        global _active
+        from pipeline.data import fetch
+        from pipeline.tracking import Study, prepare_store, tracking_uri
 
-        self.uri = tracking_uri(config.tracking.uri)
-        self.experiment = config.tracking.experiment
-        experiment_id = prepare_store(self.uri, self.experiment)
-        name = config.study or "sweep"
+        cfg = validate(config)
+        self.uri = tracking_uri(cfg.tracking.uri)
+        experiment_id = prepare_store(self.uri, cfg.tracking.experiment, cfg.tracking)
+        fetch(cfg.dataset, cfg.data_dir, cfg.allow_download)  # once, before jobs that would race to prepare it
         sweep_params = OmegaConf.select(config, "hydra.sweeper.params")
-        sweep = OmegaConf.to_container(sweep_params, resolve=False) if sweep_params is not None else {}
+        preset = OmegaConf.to_container(sweep_params, resolve=False) if sweep_params is not None else {}
         overrides = list(config.hydra.overrides.task)
-        self.parent_run_id = start_study(self.uri, experiment_id, name, {"sweep_dir": str(config.hydra.sweep.dir)})
-        MlflowClient(self.uri).log_param(self.parent_run_id, "sweep", str({**sweep, **{"overrides": overrides}}))
-        os.environ[PARENT_RUN_ENV] = self.parent_run_id
-        jobs = count_sweep_jobs(overrides, sweep)
-        if jobs:
-            os.environ[STUDY_JOBS_ENV] = str(jobs)
+        _, sweeps = sweep_values([f"{k}={v}" for k, v in preset.items()] + overrides)
+        jobs = count_jobs(sweeps)
+        self.study = Study(self.uri, experiment_id, cfg.study or "sweep", {"sweep_dir": str(config.hydra.sweep.dir)})
+        parent_run_id = self.study.open()
+        _active = self
+        from mlflow.tracking import MlflowClient
+
+        MlflowClient(self.uri).log_param(parent_run_id, "sweep", str({**preset, "overrides": overrides}))
+        os.environ[PARENT_RUN_ENV] = parent_run_id
+        os.environ[STUDY_JOBS_ENV] = str(jobs)
         os.environ[STUDY_STARTED_ENV] = f"{time.time():.3f}"
         self.started = time.monotonic()
-        atexit.register(self._end_if_still_running)
-        print(f"study {name}: {jobs or '?'} jobs, MLflow parent run {self.parent_run_id} ({self.uri})", flush=True)
+        atexit.register(self.study.close, KeyboardInterrupt())  # a sweep that never reaches its end
+        print(f"study {self.study.name}: {jobs} jobs, MLflow parent run {parent_run_id} ({self.uri})", flush=True)
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
-        from pipeline.compare import compare, print_comparison
+        global _failed_jobs
+        from pipeline.report import build_report, print_report
 
-        if not self.parent_run_id:
+        if self.study is None or self.study.run_id is None:
             return  # on_multirun_start failed; Hydra has already shown why
-        compare_started = time.monotonic()
+        study_name = OmegaConf.select(config, "study")
+        # A named study's report goes to <reports_dir>/<study>; an ad-hoc sweep's stays in its sweep dir.
+        out_dir = (Path(config.hydra.sweep.dir) / "report" if study_name is None
+                   else Path(validate(config).reports_dir) / study_name)
         try:
-            # A named study's report goes to <reports_dir>/<study>; an ad-hoc sweep's stays in its sweep dir.
-            out_dir = (Path(config.hydra.sweep.dir) / "report" if config.study is None
-                       else Path(PROJECT_ROOT / config.reports_dir) / config.study)
-            outcome = compare(self.uri, self.experiment, parent_run_id=self.parent_run_id, out_dir=out_dir)
+            report = build_report(self.uri, parent_run_id=self.study.run_id, out_dir=out_dir)
         except Exception as error:
-            self._end(RunStatus.FAILED)
-            print(f"error: the study's comparison failed: {error}", file=sys.stderr, flush=True)
-            # Hydra turns a callback's exception into a warning; a failed comparison must fail the command.
+            self.study.close(error)
+            print(f"error: the study's report failed: {error}", file=sys.stderr, flush=True)
+            # Hydra turns a callback's exception into a warning; a failed report must fail the command.
             sys.exit(1)
-        MlflowClient(self.uri).log_metric(self.parent_run_id, "seconds_compare", time.monotonic() - compare_started)
-        print_comparison(outcome)
+        print_report(report)
         print(f"study took {time.monotonic() - self.started:.0f} s", flush=True)
-        self._end(RunStatus.FINISHED)
-
-    def _end(self, status: int) -> None:
-        from pipeline.tracking import end_run
-
-        if self.parent_run_id:
-            end_run(self.uri, self.parent_run_id, status)
-            os.environ.pop(PARENT_RUN_ENV, None)
-            self.parent_run_id = None
-
-    def _end_if_still_running(self) -> None:
-        """The sweep was interrupted or crashed before on_multirun_end: never leave the parent RUNNING."""
-        if self.parent_run_id:
-            self._end(RunStatus.KILLED)
+        _failed_jobs = len(report.failed)
+        self.study.close()
+        os.environ.pop(PARENT_RUN_ENV, None)

@@ -1,9 +1,11 @@
-"""MLflow plumbing: where the store is, one run's lifecycle, batched metric logging.
+"""MLflow: where the store is, the life of runs and studies, batched metric logging, and every query.
 
 The default store is SQLite inside `mlruns/` (MLflow 3's file store raises), with artifacts beside it in
 `mlruns/artifacts`. `MLFLOW_TRACKING_URI` (or `tracking.uri`) points runs elsewhere, e.g. at a shared
-`mlflow server`. A run is never left RUNNING by this process: an exception ends it FAILED, an
-interruption ends it KILLED.
+`mlflow server` (with `basic-auth`, credentials come from `MLFLOW_TRACKING_USERNAME`/`_PASSWORD`).
+A run or study is never left RUNNING by this process: one rule (`end_status`) ends it FINISHED,
+FAILED (exception) or KILLED (interruption). This is the only module of the pipeline that queries
+MLflow, apart from pipeline/report/runs.py, which reads a study back for its report.
 """
 
 from __future__ import annotations
@@ -11,19 +13,24 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
-import subprocess
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Iterator
 
 import mlflow
 import psutil
-from mlflow.entities import Metric, RunStatus
+from mlflow.entities import Metric, Run, RunStatus
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
-from omegaconf import DictConfig, OmegaConf
 
-from pipeline.config import PROJECT_ROOT, PipelineError, shared_project_root
+from pipeline.config import PipelineError, TrackingConfig, shared_project_root
+from pipeline.record import STUDY_ROLE, Tag
+
+
+class TrackingUnavailable(PipelineError):
+    """The MLflow store cannot be reached, read or written."""
 
 
 def default_tracking_uri() -> str:
@@ -34,6 +41,10 @@ def tracking_uri(configured: str | None = None) -> str:
     return configured or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
 
 
+def is_server(uri: str) -> bool:
+    return uri.startswith(("http://", "https://"))
+
+
 def _artifact_location(uri: str) -> str | None:
     """Artifacts of the local store live beside its database; a server chooses its own."""
     if uri.startswith("sqlite:///"):
@@ -41,52 +52,99 @@ def _artifact_location(uri: str) -> str | None:
     return None
 
 
-class TrackingUnavailable(PipelineError):
-    """The MLflow store cannot be reached or written."""
+def bound_requests(tracking: TrackingConfig) -> None:
+    """Every request to a tracking server gives up after `timeout_seconds`, with one quick retry:
+    MLflow's defaults (120 s, 7 retries with doubling back-off) hang a run for minutes on a dead server."""
+    os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(int(max(1, tracking.timeout_seconds)))
+    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "1"
+    os.environ["MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"] = "1"
 
 
-def _check_reachable(uri: str, timeout: float = 5.0) -> None:
-    """A tracking server that does not answer fails now, not after MLflow's minutes of retries."""
+def _check_server(uri: str, timeout: float) -> None:
+    """A server that does not answer, or refuses our credentials, fails now in one line."""
+    request = urllib.request.Request(f"{uri.rstrip('/')}/api/2.0/mlflow/experiments/get-by-name?experiment_name=Default")
+    user, password = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD")
+    if user is not None and password is not None:
+        import base64
+
+        request.add_header("Authorization", "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode())
     try:
-        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout):
+        with urllib.request.urlopen(request, timeout=timeout):
             return
+    except urllib.error.HTTPError as error:
+        if error.code in (401, 403):
+            raise TrackingUnavailable(
+                f"tracking server {uri} refused the request (HTTP {error.code}): credentials missing or wrong; "
+                "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD") from None
+        if error.code == 404:
+            return  # no Default experiment (deleted): the server answers, which is what we check
+        raise TrackingUnavailable(f"tracking server {uri} answered HTTP {error.code}; check its log") from None
     except (OSError, ValueError) as error:
         raise TrackingUnavailable(
             f"tracking server {uri} is unreachable ({getattr(error, 'reason', error)}); start it, fix "
-            "MLFLOW_TRACKING_URI / tracking.uri, or unset them to use the local store in mlruns/"
-        ) from None
+            "MLFLOW_TRACKING_URI / tracking.uri, or unset them to use the local store in mlruns/") from None
 
 
-def prepare_store(uri: str, experiment: str) -> str:
-    """Creates the store and the experiment once (parallel first writers race on both), marks runs
-    left RUNNING by dead processes as FAILED; returns the experiment id."""
-    if uri.startswith(("http://", "https://")):
-        _check_reachable(uri)
+def _check_local_store(uri: str) -> None:
     if uri.startswith("sqlite:///"):
-        folder = Path(uri.removeprefix("sqlite:///")).parent
+        database = Path(uri.removeprefix("sqlite:///"))
         try:
-            folder.mkdir(parents=True, exist_ok=True)
-            probe = folder / f".write-test-{os.getpid()}"
+            database.parent.mkdir(parents=True, exist_ok=True)
+            probe = database.parent / f".write-test-{os.getpid()}"
             probe.touch()
             probe.unlink()
         except OSError as error:
-            raise TrackingUnavailable(f"the MLflow store folder {folder} is not writable ({error.strerror}); "
-                                      "fix its permissions or set MLFLOW_TRACKING_URI elsewhere") from None
+            raise TrackingUnavailable(f"the MLflow store folder {database.parent} is not writable "
+                                      f"({error.strerror}); fix it or set MLFLOW_TRACKING_URI elsewhere") from None
+    elif uri.startswith(("file:", "/", ".")) or "://" not in uri:
+        raise TrackingUnavailable(f"tracking URI {uri!r} is not accepted: MLflow 3's file store is deprecated; "
+                                  "expected sqlite:///<path>/mlflow.db, http(s)://<server> or a database URI")
+
+
+def prepare_store(uri: str, experiment: str, tracking: TrackingConfig | None = None) -> str:
+    """Creates the store and the experiment once (parallel first writers race on both), marks runs
+    left RUNNING by dead processes as FAILED; returns the experiment id. Fails in one line when the
+    store cannot be used."""
+    tracking = tracking or TrackingConfig(experiment=experiment)
+    bound_requests(tracking)
+    if is_server(uri):
+        _check_server(uri, tracking.timeout_seconds)
+    else:
+        _check_local_store(uri)
     mlflow.set_tracking_uri(uri)
     client = MlflowClient(uri)
-    found = client.get_experiment_by_name(experiment)
-    if found is None:
-        try:
-            # The kind tag makes MLflow 3's UI open on its training-runs view rather than GenAI traces.
-            experiment_id = client.create_experiment(experiment, artifact_location=_artifact_location(uri),
-                                                     tags={"mlflow.experimentKind": "custom_model_development"})
-        except mlflow.exceptions.MlflowException:
-            # Another process created it between our lookup and our create.
-            experiment_id = client.get_experiment_by_name(experiment).experiment_id
-    else:
-        experiment_id = found.experiment_id
-    mark_stale_runs(client, experiment_id)
+    try:
+        experiment_id = _experiment_id(client, uri, experiment)
+        mark_stale_runs(client, experiment_id)
+    except MlflowException as error:
+        raise TrackingUnavailable(f"the MLflow store {uri} cannot be used: {_first_line(error)}") from None
+    except Exception as error:  # noqa: BLE001 - a damaged database, a missing driver: one line, not a traceback
+        raise TrackingUnavailable(f"the MLflow store {uri} cannot be opened: {type(error).__name__}: "
+                                  f"{_first_line(error)}") from None
     return experiment_id
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0][:300] if text else type(error).__name__
+
+
+def _experiment_id(client: MlflowClient, uri: str, experiment: str) -> str:
+    found = client.get_experiment_by_name(experiment)
+    if found is not None and found.lifecycle_stage == "deleted":
+        raise TrackingUnavailable(f"tracking.experiment={experiment!r} is deleted in {uri}; restore it in the "
+                                  "MLflow UI, or choose another name")
+    if found is not None:
+        return found.experiment_id
+    try:
+        # The kind tag makes MLflow 3's UI open on its training-runs view rather than GenAI traces.
+        return client.create_experiment(experiment, artifact_location=_artifact_location(uri),
+                                        tags={"mlflow.experimentKind": "custom_model_development"})
+    except MlflowException:
+        return client.get_experiment_by_name(experiment).experiment_id  # another process created it first
+
+
+# --- who runs a run, and runs whose process died ------------------------------------------------------
 
 
 def process_tags() -> dict[str, str]:
@@ -105,13 +163,13 @@ def _process_alive(pid: str, started: str) -> bool:
 def mark_stale_runs(client: MlflowClient, experiment_id: str) -> list[str]:
     """Runs of this host still RUNNING whose process is gone (SIGKILL, power loss) end FAILED, tagged why."""
     stale = []
-    running = client.search_runs([experiment_id], "attributes.status = 'RUNNING'", max_results=1000)
-    for run in running:
+    for run in client.search_runs([experiment_id], "attributes.status = 'RUNNING'", max_results=1000):
         tags = run.data.tags
         if tags.get("host") != socket.gethostname() or "pid" not in tags:
             continue  # another machine's run: its liveness cannot be checked from here
         if not _process_alive(tags["pid"], tags.get("pid_started", "0")):
-            client.set_tag(run.info.run_id, "failed_reason", f"stale: process {tags['pid']} on {tags['host']} ended without closing the run")
+            client.set_tag(run.info.run_id, Tag.FAILED_REASON,
+                           f"stale: process {tags['pid']} on {tags['host']} ended without closing the run")
             client.set_terminated(run.info.run_id, RunStatus.to_string(RunStatus.FAILED))
             stale.append(run.info.run_id)
     if stale:
@@ -119,103 +177,143 @@ def mark_stale_runs(client: MlflowClient, experiment_id: str) -> list[str]:
     return stale
 
 
-def flatten(cfg: DictConfig) -> dict[str, str]:
-    """The resolved config as MLflow params: dotted keys, string values."""
-    flat: dict[str, str] = {}
-
-    def walk(node, prefix):
-        if isinstance(node, dict):
-            for key, value in node.items():
-                walk(value, f"{prefix}{key}.")
-        else:
-            flat[prefix[:-1]] = str(node)
-
-    walk(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True), "")
-    return flat
+def resumable(uri: str, run_id: str) -> bool:
+    """Whether a checkpoint's run can be continued: it exists, is not deleted, and ended KILLED or FAILED."""
+    try:
+        run = MlflowClient(uri).get_run(run_id)
+    except MlflowException:
+        return False  # deleted for good, or from another store
+    return run.info.lifecycle_stage == "active" and run.info.status in ("KILLED", "FAILED")
 
 
-def git_state() -> dict[str, str]:
-    def git(*args):
-        return subprocess.run(["git", *args], cwd=PROJECT_ROOT, capture_output=True, text=True, check=False)
-
-    commit = git("rev-parse", "HEAD")
-    if commit.returncode != 0:
-        return {"git_commit": "unknown", "git_dirty": "unknown"}
-    dirty = bool(git("status", "--porcelain", "--untracked-files=no").stdout.strip())
-    return {"git_commit": commit.stdout.strip(), "git_dirty": str(dirty).lower()}
+# --- the end states, one rule --------------------------------------------------------------------------
 
 
-class MetricBuffer:
-    """Collects per-epoch metrics and sends them in batches (SQLite logging costs ~65 ms a call)."""
-
-    def __init__(self, client: MlflowClient, run_id: str, flush_seconds: float = 5.0):
-        self.client, self.run_id, self.flush_seconds = client, run_id, flush_seconds
-        self.pending: list[Metric] = []
-        self.last_flush = time.monotonic()
-
-    def log(self, metrics: dict[str, float], step: int) -> None:
-        now = int(time.time() * 1000)
-        self.pending += [Metric(k, float(v), now, step) for k, v in metrics.items()]
-        if time.monotonic() - self.last_flush >= self.flush_seconds:
-            self.flush()
-
-    def flush(self) -> None:
-        for start in range(0, len(self.pending), 1000):  # log_batch takes at most 1000 metrics
-            self.client.log_batch(self.run_id, metrics=self.pending[start : start + 1000])
-        self.pending = []
-        self.last_flush = time.monotonic()
+def end_status(error: BaseException | None) -> str:
+    """FINISHED without an error, KILLED for an interruption, FAILED for anything else."""
+    if error is None:
+        return RunStatus.to_string(RunStatus.FINISHED)
+    if isinstance(error, KeyboardInterrupt):
+        return RunStatus.to_string(RunStatus.KILLED)
+    return RunStatus.to_string(RunStatus.FAILED)
 
 
 def describe(error: BaseException) -> str:
     return f"{type(error).__name__}: {error}"[:5000]
 
 
+@contextlib.contextmanager
+def tracked_run(uri: str, experiment_id: str, run_name: str | None = None, tags: dict[str, str] | None = None,
+                parent_run_id: str | None = None, run_id: str | None = None) -> Iterator[mlflow.ActiveRun]:
+    """An MLflow run (new, or `run_id` resumed) that ends as `end_status` says, never RUNNING."""
+    mlflow.set_tracking_uri(uri)
+    tags = {**(tags or {}), **process_tags()}
+    if parent_run_id:
+        tags[Tag.PARENT] = parent_run_id
+    if run_id:
+        run = mlflow.start_run(run_id=run_id)
+        mlflow.set_tags(tags)
+        client = MlflowClient(uri)
+        for stale_tag in (Tag.FAILED_REASON, Tag.ERROR):  # the earlier attempt's failure is history now
+            with contextlib.suppress(MlflowException):
+                client.delete_tag(run_id, stale_tag)
+    else:
+        run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=tags)
+    error: BaseException | None = None
+    try:
+        yield run
+    except BaseException as raised:
+        error = raised
+        if not isinstance(raised, KeyboardInterrupt):
+            with contextlib.suppress(Exception):
+                mlflow.set_tag(Tag.ERROR, describe(raised))
+            raised.mlflow_run_id = run.info.run_id  # lets a sweep know the failure is on record
+        raise
+    finally:
+        with contextlib.suppress(Exception) if error is not None else contextlib.nullcontext():
+            mlflow.end_run(end_status(error))
+
+
 def record_failed_job(uri: str, experiment_id: str, run_name: str, tags: dict[str, str], error: BaseException) -> str:
-    """A FAILED run for a sweep job that failed before its run was opened (bad value, missing data)."""
+    """A FAILED run for a sweep job that failed before its run was opened (missing data, a bad class)."""
     client = MlflowClient(uri)
-    run = client.create_run(experiment_id, run_name=run_name, tags={**tags, "error": describe(error)})
+    run = client.create_run(experiment_id, run_name=run_name, tags={**tags, Tag.ERROR: describe(error)})
     client.set_terminated(run.info.run_id, RunStatus.to_string(RunStatus.FAILED))
     return run.info.run_id
 
 
-def start_study(uri: str, experiment_id: str, study: str, tags: dict[str, str] | None = None) -> str:
-    """Creates a study's parent run (tag role=study); its children carry its id as mlflow.parentRunId."""
-    run = MlflowClient(uri).create_run(experiment_id, run_name=f"study-{study}",
-                                       tags={"role": "study", "study": study, **process_tags(), **(tags or {})})
-    return run.info.run_id
+class Study:
+    """A study's parent run (tag role=study); its children carry its id as mlflow.parentRunId.
+
+    `open` creates it, `close(error)` ends it by `end_status`; as a context manager (DVC) the error is
+    whatever left the block, and the Hydra callback calls both itself.
+    """
+
+    def __init__(self, uri: str, experiment_id: str, name: str, tags: dict[str, str] | None = None):
+        self.uri, self.experiment_id, self.name, self.tags = uri, experiment_id, name, tags or {}
+        self.run_id: str | None = None
+
+    def open(self) -> str:
+        run = MlflowClient(self.uri).create_run(
+            self.experiment_id, run_name=f"study-{self.name}",
+            tags={Tag.ROLE: STUDY_ROLE, Tag.STUDY: self.name, **process_tags(), **self.tags})
+        self.run_id = run.info.run_id
+        return self.run_id
+
+    def close(self, error: BaseException | None = None) -> None:
+        if self.run_id:
+            with contextlib.suppress(Exception) if error is not None else contextlib.nullcontext():
+                MlflowClient(self.uri).set_terminated(self.run_id, end_status(error))
+            self.run_id = None
+
+    def __enter__(self) -> "Study":
+        self.open()
+        return self
+
+    def __exit__(self, kind, error, traceback) -> None:
+        self.close(error)
 
 
-def end_run(uri: str, run_id: str, status: int = RunStatus.FINISHED) -> None:
-    MlflowClient(uri).set_terminated(run_id, RunStatus.to_string(status))
+# --- metrics, batched ----------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def tracked_run(
-    uri: str, experiment_id: str, run_name: str | None = None, tags: dict[str, str] | None = None,
-    parent_run_id: str | None = None, run_id: str | None = None,
-) -> Iterator[mlflow.ActiveRun]:
-    """An MLflow run (new, or `run_id` resumed) that ends FINISHED, FAILED (exception) or KILLED
-    (interrupt), never RUNNING."""
-    mlflow.set_tracking_uri(uri)
-    tags = {**(tags or {}), **process_tags()}
-    if parent_run_id:
-        tags["mlflow.parentRunId"] = parent_run_id
-    if run_id:
-        run = mlflow.start_run(run_id=run_id)
-        mlflow.set_tags(tags)
-    else:
-        run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=tags)
-    status = RunStatus.to_string(RunStatus.FAILED)
-    try:
-        yield run
-        status = RunStatus.to_string(RunStatus.FINISHED)
-    except KeyboardInterrupt:
-        status = RunStatus.to_string(RunStatus.KILLED)
-        raise
-    except BaseException as error:
-        with contextlib.suppress(Exception):
-            mlflow.set_tag("error", describe(error))
-        error.mlflow_run_id = run.info.run_id  # lets a sweep know the failure is on record
-        raise
-    finally:
-        mlflow.end_run(status)
+class MetricBuffer:
+    """Collects per-epoch metrics and sends them in batches (SQLite logging costs ~65 ms a call).
+
+    A failed send keeps the metrics and is retried at the next flush; once the store has failed for
+    `give_up_seconds` in a row, `flush` raises TrackingUnavailable.
+    """
+
+    def __init__(self, client: MlflowClient, run_id: str, flush_seconds: float = 5.0, give_up_seconds: float = 45.0):
+        self.client, self.run_id = client, run_id
+        self.flush_seconds, self.give_up_seconds = flush_seconds, give_up_seconds
+        self.pending: list[Metric] = []
+        self.last_flush = time.monotonic()
+        self.failing_since: float | None = None
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        now = int(time.time() * 1000)
+        self.pending += [Metric(k, float(v), now, step) for k, v in metrics.items()]
+
+    def due(self) -> bool:
+        return time.monotonic() - self.last_flush >= self.flush_seconds
+
+    def flush(self) -> None:
+        """Sends every pending metric, retrying with back-off until `give_up_seconds` have passed."""
+        delay = 1.0
+        while self.pending:
+            try:
+                while self.pending:
+                    self.client.log_batch(self.run_id, metrics=self.pending[:1000])  # at most 1000 a call
+                    self.pending = self.pending[1000:]
+                self.failing_since = None
+            except Exception as error:  # noqa: BLE001 - any failure to reach the store is retried, then reported
+                self.failing_since = self.failing_since or time.monotonic()
+                waited = time.monotonic() - self.failing_since
+                if waited >= self.give_up_seconds:
+                    raise TrackingUnavailable(
+                        f"the tracking store did not accept metrics for {waited:.0f} s ({_first_line(error)}); "
+                        "the run's checkpoint is kept: run the same command again when the store is back") from None
+                time.sleep(min(delay, self.give_up_seconds - waited))
+                delay *= 2
+        self.last_flush = time.monotonic()

@@ -12,8 +12,6 @@ are paired.
 from __future__ import annotations
 
 import math
-import os
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,17 +23,13 @@ import tensorflow as tf
 
 from pipeline.config import Config, Precision
 from pipeline.data import Splits
+from pipeline.files import write_atomically
+from pipeline.interrupt import stop_requested
 from pipeline.formulations import Formulation, Task, formulation as make_formulation
 from pipeline.models import Classifier, build_classifier
 from pipeline.numerics import count_nonfinite, saturation_summary
 
 PROBE_BATCH = 256  # fixed batch for the gradient-norm ratio
-
-# Set by a signal handler (pipeline/run.py); the loop stops at the next epoch boundary, after the
-# epoch's metrics and checkpoint are saved. Raising from the handler itself could land anywhere
-# (inside a TensorFlow call, a garbage-collector callback) and be lost.
-stop_requested = threading.Event()
-
 
 class Interrupted(KeyboardInterrupt):
     """Training stopped on request at an epoch boundary; the checkpoint holds that epoch."""
@@ -186,9 +180,9 @@ def weights_finite(model: keras.Model) -> bool:
 class Checkpoint:
     """The state after a finished epoch — weights, optimizer slots and step count, epoch — in one file.
 
-    Written atomically after every epoch, so an interruption loses at most the epoch in progress; with
-    the same seed the batch order of later epochs is the same, so a resumed run ends where an
-    uninterrupted one would.
+    Written atomically, and only once every metric up to that epoch is persisted, so a resumed run logs
+    each epoch exactly once; with the same seed the batch order of later epochs is the same, so a
+    resumed run ends where an uninterrupted one would.
     """
 
     def __init__(self, path: Path):
@@ -200,10 +194,12 @@ class Checkpoint:
     def save(self, model: keras.Model, optimizer, epoch: int) -> None:
         arrays = {f"w{i}": np.asarray(w) for i, w in enumerate(model.get_weights())}
         arrays |= {f"o{i}": np.asarray(v) for i, v in enumerate(optimizer.variables)}
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp.npz")
-        np.savez(tmp, epoch=epoch, **arrays)
-        os.replace(tmp, self.path)
+
+        def write(tmp: Path) -> None:
+            with open(tmp, "wb") as f:  # a file object: np.savez would add ".npz" to a path
+                np.savez(f, epoch=epoch, **arrays)
+
+        write_atomically(self.path, write)
 
     def restore(self, model: keras.Model, optimizer) -> int:
         with np.load(self.path) as saved:
@@ -223,12 +219,13 @@ class Checkpoint:
 def train(
     cfg: Config,
     splits: Splits,
-    on_epoch_end: Callable[[int, dict], None] = lambda epoch, metrics: None,
+    on_epoch_end: Callable[[int, dict], bool] = lambda epoch, metrics: True,
     checkpoint: Checkpoint | None = None,
 ) -> TrainResult:
     """Fits the configured model; calls `on_epoch_end(epoch, metrics)` after every epoch (1-based).
 
-    With a `checkpoint`, training resumes from it when it exists and saves it after every epoch.
+    `on_epoch_end` returns whether every epoch's metrics so far are persisted; only then is the
+    `checkpoint` saved (when given; training resumes from it when it exists).
     """
     form = make_formulation(cfg.loss.formulation, cfg.dataset.task)
     keras.mixed_precision.set_global_policy(cfg.precision.policy.value)
@@ -270,9 +267,8 @@ def train(
             metrics["epoch_train_seconds"] = train_seconds
             result.history.append(metrics)
             result.epochs_completed = epoch
-            if checkpoint:
+            if on_epoch_end(epoch, metrics) and checkpoint:
                 checkpoint.save(clf.model, optimizer, epoch)
-            on_epoch_end(epoch, metrics)
             if stop_requested.is_set():
                 raise Interrupted(f"stopped after epoch {epoch}")
             if not math.isfinite(epoch_loss) or not weights_finite(clf.model):

@@ -42,11 +42,6 @@ def data_dir(tmp_path_factory) -> str:
     return str(path)
 
 
-@pytest.fixture
-def mlflow_uri(tmp_path) -> str:
-    return f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
-
-
 def run_cli(*args: str, env: dict | None = None, cwd: Path = PROJECT_ROOT, timeout: float = 600):
     """Runs `python -m <args>` as a user would; returns the CompletedProcess."""
     return subprocess.run(

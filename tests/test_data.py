@@ -11,24 +11,25 @@ import pytest
 import tensorflow_datasets as tfds
 
 from pipeline.config import ConfigError, DatasetConfig
-from pipeline.data import DOWNLOAD_HOST, MNIST_MANUAL_FILES, DatasetUnavailable, _host_resolves, fetch, load
+from pipeline.data import (DOWNLOAD_HOST, MNIST_MANUAL_FILES, DatasetUnavailable, _host_resolves, builder_for, fetch,
+                           load, split_arrays)
 from pipeline.datasets.mnist_sample.mnist_sample_dataset_builder import SOURCE, ChecksumError, MnistSample
 from pipeline.formulations import Task
 
 
 def test_bundled_builder_splits_are_stratified_4000_1000(data_dir):
-    builder = tfds.builder("mnist_sample", data_dir=data_dir)
+    builder = builder_for(DatasetConfig(), data_dir)
     assert builder.info.splits["train"].num_examples == 4000
     assert builder.info.splits["test"].num_examples == 1000
     for split, per_class in [("train", 400), ("test", 100)]:
-        labels = tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1))["label"]
+        _, labels = split_arrays(builder, split)
         assert np.bincount(labels, minlength=10).tolist() == [per_class] * 10
 
 
 def test_train_and_test_hold_different_digits(data_dir):
-    builder = tfds.builder("mnist_sample", data_dir=data_dir)
-    train = tfds.as_numpy(builder.as_dataset(split="train", batch_size=-1))["image"].reshape(4000, -1)
-    test = tfds.as_numpy(builder.as_dataset(split="test", batch_size=-1))["image"].reshape(1000, -1)
+    builder = builder_for(DatasetConfig(), data_dir)
+    train = split_arrays(builder, "train")[0].reshape(4000, -1)
+    test = split_arrays(builder, "test")[0].reshape(1000, -1)
     with np.load(SOURCE) as archive:
         assert len({row.tobytes() for row in train} | {row.tobytes() for row in test}) == len(
             {im.tobytes() for im in archive["images"]}

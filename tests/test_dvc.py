@@ -67,8 +67,8 @@ def test_params_yaml_is_up_to_date_with_conf(tmp_path):
 def test_repro_runs_all_stages_then_nothing(repo):
     first = sh("dvc", "repro", cwd=repo)
     assert ran(first.stdout) == ["fetch", "train", "evaluate", "compare"]
-    for path in ["outputs/dvc/evaluate.json", "outputs/dvc/compare.json", "reports/dvc/report.html",
-                 "outputs/dvc/curves/probs_naive.csv"]:
+    for path in ["metrics/evaluate.json", "metrics/compare.json", "reports/dvc/report.html",
+                 "outputs/dvc/curves.csv"]:
         assert (repo / path).exists(), path
     runs = runs_of(f"sqlite:///{repo / 'mlruns' / 'mlflow.db'}")
     children = [r for r in runs if r.data.tags.get("role") != "study"]
@@ -80,9 +80,46 @@ def test_repro_runs_all_stages_then_nothing(repo):
     assert ran(sh("dvc", "repro", cwd=repo).stdout) == []
 
 
+def test_re_preparing_the_data_does_not_retrain(repo):
+    lock = (repo / "dvc.lock").read_text()
+    shutil.rmtree(repo / "data" / "tfds")
+    assert ran(sh("dvc", "repro", cwd=repo).stdout) == ["fetch"]  # the content digest is the same
+    assert "outputs/dvc/dataset.json" in lock and (repo / "dvc.lock").read_text().count("md5") == lock.count("md5")
+
+
+def test_an_edit_to_any_pipeline_module_makes_its_stages_stale(repo):
+    module = repo / "pipeline" / "tracking.py"
+    original = module.read_text()
+    module.write_text(original + "\n# an edit\n")
+    try:
+        status = sh("dvc", "status", "--json", cwd=repo).stdout
+        assert all(stage in status for stage in ("fetch", "train", "evaluate", "compare")), status
+    finally:
+        module.write_text(original)
+    assert sh("dvc", "status", "--json", cwd=repo).stdout.strip() == "{}"
+
+
+def test_a_stale_params_yaml_stops_repro_in_one_line(repo):
+    conf = repo / "conf" / "train" / "default.yaml"
+    original = conf.read_text()
+    edit(conf, "epochs: 1", "epochs: 2")
+    try:
+        result = subprocess.run(["dvc", "repro"], cwd=repo, capture_output=True, text=True, timeout=600,
+                                env={**os.environ, "PATH": f"{VENV_BIN}:{os.environ['PATH']}"})
+        assert result.returncode != 0
+        assert "error: params.yaml was composed from another state of conf/" in result.stderr
+        assert "run `make params`" in result.stderr and "Traceback" not in result.stderr
+        assert "Running stage 'train'" not in result.stdout
+    finally:
+        conf.write_text(original)
+
+
 def test_exp_run_composes_conf_and_reruns_only_what_a_train_parameter_affects(repo):
     result = sh("dvc", "exp", "run", "-S", "train.epochs=2", "-S", "model=seed_sigmoid", cwd=repo)
-    assert ran(result.stdout) == ["train", "evaluate", "compare"]  # not fetch: the dataset did not change
+    # fetch depends on conf/ (to refuse a stale params.yaml) and may run; it prepares nothing new.
+    assert [stage for stage in ran(result.stdout) if stage != "fetch"] == ["train", "evaluate", "compare"]
     params = (repo / "params.yaml").read_text()
     assert "epochs: 2" in params and "activation: sigmoid" in params
     assert "- 0\n" in params and "- 1\n" not in params  # the committed tiny grid, composed from conf/ + -S
+    shown = sh("dvc", "exp", "show", "--json", cwd=repo).stdout
+    assert '"test_nll"' in shown and '"test_accuracy"' in shown and "FileNotFoundError" not in shown

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import io
 
-from pipeline.progress import STUDY_JOBS_ENV, STUDY_STARTED_ENV, EpochProgress, clock, count_sweep_jobs
+from pipeline.config import count_jobs, sweep_values
+from pipeline.progress import STUDY_JOBS_ENV, STUDY_STARTED_ENV, EpochProgress, clock
 
 METRICS = {"train_epoch_loss": 0.5, "val_nll_float64": 0.25, "val_clipped_fraction": 0.125}
 
@@ -38,17 +39,25 @@ def test_in_a_study_each_line_says_which_job_of_how_many(monkeypatch):
     assert out.getvalue().startswith("job 4/15 (study ")
 
 
-def test_a_resumed_run_counts_its_remaining_epochs_only():
+def test_a_resumed_run_estimates_from_its_remaining_epochs_only(monkeypatch):
+    times = iter([0.0, 10.0])  # started at 0 s; epoch 61 (its first) done at 10 s
+    monkeypatch.setattr("pipeline.progress.time.monotonic", lambda: next(times))
     out = io.StringIO()
     progress = EpochProgress("logits-seed0", epochs=100, first_epoch=61, stream=out, interactive=False)
     progress(61, METRICS)
-    assert "epoch 61/100" in out.getvalue()
+    # One epoch in 10 s, 39 left: 6:30, not the 0:06 that counting the 60 resumed epochs as done would give.
+    assert "epoch 61/100" in out.getvalue() and "~6:30 left" in out.getvalue()
+
+
+def sweep_size(lines: list[str]) -> int:
+    return count_jobs(sweep_values(lines)[1])
 
 
 def test_sweep_size_is_the_product_of_the_sweeps_and_the_command_line_wins():
-    assert count_sweep_jobs(["loss=probs,logits,probs_naive", "seed=range(5)"], {}) == 15
-    assert count_sweep_jobs(["seed=0,1"], {"loss": "probs,logits,probs_naive", "seed": "range(5)"}) == 6
-    assert count_sweep_jobs(["train.epochs=2"], {}) == 1
+    assert sweep_size(["loss=probs,logits,probs_naive", "seed=range(5)"]) == 15
+    # A preset's sweeper params come first; the command line's sweep of the same key replaces them.
+    assert sweep_size(["loss=probs,logits,probs_naive", "seed=range(5)", "seed=0,1"]) == 6
+    assert sweep_size(["train.epochs=2"]) == 1
 
 
 def test_clock_format():

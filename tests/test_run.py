@@ -77,18 +77,25 @@ BAD_INPUT = [
     ("dataset=mnist_sample_binary dataset.classes=[0,1,2]", "dataset.classes=[0, 1, 2] is not accepted: expected two distinct class ids"),
     ("-m loss=probs,prob seed=0,1", "loss=prob is not accepted: expected one of logits, probs, probs_naive"),
     ("-m train.epochs=3,0", "train.epochs=0 is not accepted: expected a whole number > 0"),
+    # Names that would become paths, and seeds numpy cannot take: refused before anything runs.
+    ("study=../../some-folder", "study='../../some-folder' is not accepted: expected 1 to 64 letters, digits"),
+    ("study=", "study='' is not accepted: expected 1 to 64 letters"),
+    ("study=" + "x" * 300, "study='" + "x" * 300 + "' is not accepted: expected 1 to 64 letters"),
+    ("tracking.experiment=", "tracking.experiment='' is not accepted: expected 1 to 64 letters"),
+    ("seed=-1", "seed=-1 is not accepted: expected a whole number in [0, 4294967296)"),
+    ("seed=99999999999", "seed=99999999999 is not accepted: expected a whole number in [0, 4294967296)"),
 ]
 
 
 @pytest.mark.parametrize("overrides,expected", BAD_INPUT)
 def test_every_bad_override_is_one_line_naming_the_value(overrides, expected):
-    from pipeline.run import precheck_overrides
+    from pipeline.config import precheck_overrides
 
     assert precheck_overrides(overrides.split()).startswith(expected)
 
 
 def test_good_overrides_pass_the_precheck():
-    from pipeline.run import precheck_overrides
+    from pipeline.config import precheck_overrides
 
     assert precheck_overrides(["-m", "experiment=seed_mnist", "loss=probs,logits", "seed=range(3)", "hydra/launcher=joblib"]) is None
 

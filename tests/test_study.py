@@ -12,7 +12,7 @@ from conftest import run_cli, runs_of
 
 pytestmark = pytest.mark.slow
 
-REPORT_FILES = ["report.md", "report.html", "metrics.json", "learning_curves.png", "per_seed.png",
+REPORT_FILES = ["report.md", "report.html", "metrics.json", "atlas.png", "learning_curves.png", "per_seed.png",
                 "reliability.png", "clipping.png"]
 
 
@@ -62,9 +62,10 @@ def test_report_states_the_rescue_and_the_numbers(study):
     assert "`probs`: true, `logits`: true, `probs_naive`: false" in markdown
     assert "3600 train / 400 validation / 1000 test" in markdown
     # probs is rescued by Keras, so it trains bit-identically to logits: every paired difference is 0
-    assert "test NLL (float64, from logits): probs - logits = +0; equal in all 2 paired seeds." in markdown
+    assert "test NLL (float64, from logits), `probs` vs `logits`: identical in all 2 seeds." in markdown
+    assert "## Decision rule" in markdown
     html = (report_dir / "report.html").read_text()
-    assert html.count("data:image/png;base64,") == 4 and "<table>" in html
+    assert html.count("data:image/png;base64,") == 5 and "<table>" in html
     assert "paired comparison against logits" in result.stdout  # the console table
 
 

@@ -1,0 +1,113 @@
+"""Writing files so that readers never see half of one, and so that colleagues can read them.
+
+Every file and folder the pipeline writes for others (metrics.json, run.json, DVC outputs, reports,
+checkpoints) goes through here: written beside its target and renamed into place, with the modes the
+user's umask gives (temporary files and folders are created 0600/0700, which would hide results from a
+shared group). A report folder is replaced only if the pipeline made it (it carries MARKER).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable, Iterator
+
+from pipeline.config import PipelineError
+
+MARKER = ".fromlogits-report"  # in every report folder the pipeline writes; nothing else is replaced
+
+
+def _umask() -> int:
+    current = os.umask(0o022)
+    os.umask(current)
+    return current
+
+
+UMASK = _umask()
+FILE_MODE = 0o666 & ~UMASK
+FOLDER_MODE = 0o777 & ~UMASK
+
+
+class WriteError(PipelineError):
+    """An output could not be written; nothing half-written was left."""
+
+
+def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
+    """Calls `write(tmp)` for a temporary sibling of `path`, then renames it into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        write(tmp)
+        os.chmod(tmp, FILE_MODE)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, payload: dict) -> None:
+    write_atomically(path, lambda tmp: tmp.write_text(json.dumps(payload, indent=2, sort_keys=True)))
+
+
+def write_text(path: Path, text: str) -> None:
+    write_atomically(path, lambda tmp: tmp.write_text(text))
+
+
+@contextlib.contextmanager
+def staged_folder(final: Path) -> Iterator[Path]:
+    """Yields an empty sibling folder; on success it replaces `final` whole, on failure it is removed,
+    so a reader never finds half a report (a full disk leaves the previous report as it was).
+
+    Refuses, before anything is written, to replace a folder that the pipeline did not make.
+    """
+    if final.exists() and not (final / MARKER).exists():
+        raise WriteError(f"{final} exists and is not a report folder of this pipeline (no {MARKER} in it); "
+                         "choose another study name or output folder, or remove it yourself")
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
+        os.chmod(staging, FOLDER_MODE)
+    except OSError as error:
+        raise WriteError(f"could not write to {final.parent}: {error.strerror or error}") from None
+    try:
+        (staging / MARKER).write_text("written by fromlogits; the next report of this study replaces this folder\n")
+        yield staging
+        for item in staging.iterdir():
+            if item.is_file():
+                os.chmod(item, FILE_MODE)
+        previous = final.with_name(f".{final.name}.previous-{os.getpid()}")
+        if final.exists():
+            final.rename(previous)
+        staging.rename(final)
+        shutil.rmtree(previous, ignore_errors=True)
+    except OSError as error:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise WriteError(f"could not write the report to {final}: {error.strerror or error}; "
+                         "nothing was written (the previous report, if any, is unchanged)") from error
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+@contextlib.contextmanager
+def exclusive(lock_path: Path) -> Iterator[bool]:
+    """Holds an exclusive lock on `lock_path` if no other process does; yields whether it got it.
+    The lock goes with the process, so a killed holder never blocks the next one."""
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

@@ -1,0 +1,155 @@
+"""A run's identity — its name, tags and params — made from the typed config in one place.
+
+Every writer of a run (the Hydra entry point, the DVC stages, the record of a failed sweep job) and
+every reader (the report, the checkpoint key) uses the names defined here, so a tag or a param is
+spelled once.
+"""
+
+from __future__ import annotations
+
+import functools
+import subprocess
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
+
+from omegaconf import OmegaConf
+
+from pipeline.config import PROJECT_ROOT, Config
+
+
+class Tag:
+    """MLflow tag names the pipeline writes and reads."""
+
+    FORMULATION = "formulation"
+    SEED = "seed"
+    STUDY = "study"
+    ROLE = "role"  # "study" on a study's parent run
+    DATASET = "dataset"
+    DATASET_VERSION = "dataset_version"
+    DATASET_SHA256 = "dataset_sha256"
+    TASK = "task"
+    PRECISION = "precision"
+    BACKEND = "backend"
+    VERSIONS = "versions"
+    GIT_COMMIT = "git_commit"
+    GIT_DIRTY = "git_dirty"
+    EFFECTIVE_FROM_LOGITS = "effective_from_logits"
+    OUTPUT_DTYPE = "output_dtype"
+    DIVERGED = "diverged"
+    ERROR = "error"
+    FAILED_REASON = "failed_reason"
+    PARENT = "mlflow.parentRunId"
+
+
+STUDY_ROLE = "study"
+
+# The two keys that make a run one arm of one pair inside a setting.
+ARM_KEYS = ("loss.formulation", "seed")
+# Where a run is recorded: not part of what is trained, but part of which run a checkpoint continues.
+BELONGING_KEYS = ("tracking.uri", "tracking.experiment", "tracking.timeout_seconds", "tracking.give_up_seconds",
+                  "study")
+# Where files go and how the command behaves: neither what is trained nor where it is recorded.
+PLACEMENT_KEYS = ("data_dir", "reports_dir", "checkpoints_dir", "output_dir", "allow_download", "resume",
+                  "conf_digest")
+# Facts about the data a run saw (params logged beside the config), not settings chosen.
+SPLIT_KEYS = ("split.train_examples", "split.val_examples", "split.test_examples")
+# A setting is what every arm and seed of a comparison share: every param but these.
+NOT_A_SETTING = frozenset(ARM_KEYS + BELONGING_KEYS + PLACEMENT_KEYS + SPLIT_KEYS)
+
+
+def setting_params(params: dict[str, str]) -> dict[str, str]:
+    """The params of a run that define its setting (grid.* is what DVC sweeps, not a run's setting)."""
+    return {k: v for k, v in params.items() if k not in NOT_A_SETTING and not k.startswith("grid.")}
+
+
+def config_params(cfg: Config) -> dict[str, str]:
+    """The typed config as MLflow params: dotted keys, string values."""
+    flat: dict[str, str] = {}
+
+    def walk(node, prefix):
+        if isinstance(node, dict):
+            for key, value in node.items():
+                walk(value, f"{prefix}{key}.")
+        else:
+            flat[prefix[:-1]] = str(node)
+
+    walk(OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True, enum_to_str=True), "")
+    return flat
+
+
+@dataclass(frozen=True)
+class DatasetRef:
+    """Which data a run saw: name, TFDS version, where it is prepared, sha256 of the bundled source."""
+
+    name: str
+    version: str
+    data_dir: str
+    checksum: str | None
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    name: str
+    tags: dict[str, str]
+    params: dict[str, str]
+
+
+def run_name(cfg: Config) -> str:
+    return f"{cfg.loss.formulation.value}-seed{cfg.seed}"
+
+
+def identity_tags(cfg: Config) -> dict[str, str]:
+    """The tags that place a run in a study and a pair; known before any data is read."""
+    tags = {
+        Tag.FORMULATION: cfg.loss.formulation.value,
+        Tag.SEED: str(cfg.seed),
+        Tag.DATASET: cfg.dataset.name,
+        Tag.TASK: cfg.dataset.task.value,
+        Tag.PRECISION: cfg.precision.policy.value,
+    }
+    if cfg.study:
+        tags[Tag.STUDY] = cfg.study
+    return tags
+
+
+def run_record(cfg: Config, dataset: DatasetRef) -> RunRecord:
+    """The name, tags and params of the run that trains `cfg` on `dataset`."""
+    tags = {**identity_tags(cfg), Tag.DATASET_VERSION: dataset.version, Tag.VERSIONS: package_versions(),
+            **git_state()}
+    if dataset.checksum:
+        tags[Tag.DATASET_SHA256] = dataset.checksum
+    return RunRecord(run_name(cfg), tags, config_params(cfg))
+
+
+PACKAGES = ("tensorflow", "tensorflow-cpu", "keras", "jax", "tensorflow-datasets", "numpy", "mlflow", "hydra-core")
+
+
+@functools.cache
+def package_versions() -> str:
+    found = []
+    for name in PACKAGES:
+        try:
+            found.append(f"{name}=={version(name)}")
+        except PackageNotFoundError:
+            continue
+    return " ".join(found)
+
+
+@functools.cache
+def git_state() -> dict[str, str]:
+    """The commit the code came from and whether tracked files differ from it (read once a process)."""
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=PROJECT_ROOT, capture_output=True, text=True, check=False)
+
+    commit = git("rev-parse", "HEAD")
+    if commit.returncode != 0:
+        return {Tag.GIT_COMMIT: "unknown", Tag.GIT_DIRTY: "unknown"}
+    dirty = bool(git("status", "--porcelain", "--untracked-files=no").stdout.strip())
+    return {Tag.GIT_COMMIT: commit.stdout.strip(), Tag.GIT_DIRTY: str(dirty).lower()}
+
+
+def checkpoint_key(cfg: Config) -> dict:
+    """What a checkpoint continues: everything that changes what is trained and where it is recorded."""
+    params = config_params(cfg)
+    return {k: v for k, v in params.items() if k not in PLACEMENT_KEYS and not k.startswith("grid.")}
+

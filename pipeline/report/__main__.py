@@ -1,0 +1,43 @@
+"""`python -m pipeline.report --study NAME | --parent-run-id ID`: rebuild a study's report from MLflow."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from pipeline.config import PipelineError, check_name
+
+
+def main(argv: list[str] | None = None) -> int:
+    from pipeline.config import DEFAULT_EXPERIMENT, Config
+    from pipeline.report import build_report, print_report
+    from pipeline.tracking import prepare_store, tracking_uri
+
+    parser = argparse.ArgumentParser(prog="python -m pipeline.report", description=__doc__.splitlines()[0])
+    parser.add_argument("--study", help="study name (its latest finished parent run)")
+    parser.add_argument("--parent-run-id", help="report on this parent run instead")
+    parser.add_argument("--experiment", default=DEFAULT_EXPERIMENT)
+    parser.add_argument("--tracking-uri", default=None)
+    parser.add_argument("--out", type=Path, default=None, help="report folder (default <reports_dir>/<study>)")
+    args = parser.parse_args(argv)
+    if not args.study and not args.parent_run_id:
+        parser.error("give --study NAME or --parent-run-id ID")
+    try:
+        check_name("--experiment", args.experiment)
+        uri = tracking_uri(args.tracking_uri)
+        if not uri.startswith("sqlite:///") or Path(uri.removeprefix("sqlite:///")).exists():
+            prepare_store(uri, args.experiment)
+        else:  # reading must never create an empty store where the user mistyped a path
+            print(f"error: there is no MLflow store at {uri.removeprefix('sqlite:///')}", file=sys.stderr)
+            return 2
+        report = build_report(uri, Path(Config().reports_dir), args.experiment, args.study, args.parent_run_id, args.out)
+    except PipelineError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print_report(report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,138 @@
+"""A study read back from MLflow as plain data: the only module of the report that touches the store.
+
+Per-epoch histories are indexed by step (the epoch), never by position: a resumed run's history may
+have been written in two parts, and a run that stopped early has fewer epochs.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mlflow.entities import Run
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from pipeline.config import PipelineError, check_name
+from pipeline.record import STUDY_ROLE, Tag, setting_params
+
+CURVE_KEYS = ("train_epoch_loss", "val_nll_float64", "train_clipped_fraction", "grad_norm_ratio")
+
+
+class StudyNotFound(PipelineError):
+    pass
+
+
+@dataclass
+class RunData:
+    run_id: str
+    name: str
+    status: str
+    arm: str
+    seed: int
+    tags: dict[str, str]
+    params: dict[str, str]
+    metrics: dict[str, float]
+    curves: dict[str, dict[int, float]] = field(default_factory=dict)  # key -> {epoch: value}
+    reliability: dict[str, list] | None = None
+
+
+@dataclass
+class Setting:
+    """Runs that share every setting param; within it, runs with the same seed are a pair."""
+
+    params: dict[str, str]
+    runs: list[RunData] = field(default_factory=list)
+    label: str = ""
+
+    def by_arm(self, arm: str) -> dict[int, RunData]:
+        return {r.seed: r for r in self.runs if r.arm == arm}
+
+
+@dataclass
+class StudyData:
+    study: str
+    parent_run_id: str
+    experiment_id: str
+    finished: list[RunData]
+    failed: list[RunData]
+    notes: list[str]  # e.g. which of several parent runs of this name was chosen
+
+
+def find_parent(client: MlflowClient, experiment: str, study: str | None, parent_run_id: str | None) -> tuple[Run, list[str]]:
+    """The parent run to report on, and notes for the reader (other parents of the same name)."""
+    if parent_run_id:
+        try:
+            return client.get_run(parent_run_id), []
+        except MlflowException:
+            raise StudyNotFound(f"--parent-run-id {parent_run_id!r} is not a run in this store") from None
+    check_name("--study", study)
+    found = client.get_experiment_by_name(experiment)
+    parents = [] if found is None else client.search_runs(
+        [found.experiment_id], filter_string=f"tags.{Tag.ROLE} = '{STUDY_ROLE}' and tags.{Tag.STUDY} = '{study}'",
+        order_by=["attributes.start_time DESC"], max_results=100)
+    if not parents:
+        raise StudyNotFound(f"study={study!r} has no parent run in experiment {experiment!r}; run it with "
+                            f"`python -m pipeline.run -m experiment={study}` (or name the study with study=...)")
+    finished = [p for p in parents if p.info.status == "FINISHED"]
+    chosen = (finished or parents)[0]
+    notes = []
+    if len(parents) > 1:
+        others = ", ".join(f"{p.info.run_id} ({p.info.status})" for p in parents if p is not chosen)
+        notes.append(f"{len(parents)} parent runs are named study-{study}; this report uses the latest "
+                     f"{'FINISHED ' if finished else ''}one, {chosen.info.run_id}. Others: {others}. "
+                     "Choose one with --parent-run-id.")
+    return chosen, notes
+
+
+def _run_data(client: MlflowClient, run: Run, with_details: bool) -> RunData:
+    tags = run.data.tags
+    data = RunData(run.info.run_id, run.info.run_name or run.info.run_id, run.info.status,
+                   tags.get(Tag.FORMULATION, "?"), int(tags.get(Tag.SEED, "-1")), tags, run.data.params,
+                   run.data.metrics)
+    if with_details:
+        for key in CURVE_KEYS:
+            # By step; a step logged twice (a resumed run re-sending a batch) keeps its last value.
+            data.curves[key] = {m.step: m.value for m in sorted(client.get_metric_history(run.info.run_id, key),
+                                                                key=lambda m: m.timestamp)}
+        try:
+            data.reliability = json.loads(Path(client.download_artifacts(run.info.run_id, "reliability.json")).read_text())
+        except (MlflowException, OSError):
+            data.reliability = None  # a run that stopped before evaluation has none
+    return data
+
+
+def read_study(uri: str, experiment: str, study: str | None = None, parent_run_id: str | None = None) -> StudyData:
+    client = MlflowClient(uri)
+    parent, notes = find_parent(client, experiment, study, parent_run_id)
+    runs = client.search_runs([parent.info.experiment_id],
+                              filter_string=f"tags.{Tag.PARENT} = '{parent.info.run_id}'", max_results=5000)
+    finished = [_run_data(client, r, True) for r in runs if r.info.status == "FINISHED"]
+    failed = [_run_data(client, r, False) for r in runs if r.info.status != "FINISHED"]
+    name = parent.data.tags.get(Tag.STUDY, parent.info.run_id)
+    return StudyData(name, parent.info.run_id, parent.info.experiment_id, finished, failed, notes)
+
+
+def group_settings(runs: list[RunData]) -> list[Setting]:
+    """Splits runs by their setting params; labels settings by the params that vary between them."""
+    keyed: dict[tuple, Setting] = {}
+    for run in runs:
+        params = setting_params(run.params)
+        keyed.setdefault(tuple(sorted(params.items())), Setting(params)).runs.append(run)
+    settings = list(keyed.values())
+    varying = sorted({k for s in settings for k, v in s.params.items() if any(o.params.get(k) != v for o in settings)})
+    for s in settings:
+        s.label = ", ".join(f"{k}={s.params.get(k)}" for k in varying) or "all runs"
+    return settings
+
+
+def log_report(uri: str, parent_run_id: str, summary: dict[str, float], folder: Path) -> None:
+    """The report's folder as the parent run's `report` artifacts and its numbers as the parent's metrics."""
+    from pipeline.tracking import MetricBuffer
+
+    client = MlflowClient(uri)
+    buffer = MetricBuffer(client, parent_run_id)
+    buffer.log(summary, step=0)
+    buffer.flush()
+    client.log_artifacts(parent_run_id, str(folder), artifact_path="report")

@@ -1,0 +1,50 @@
+"""Outputs are written whole, readable by colleagues, and never over a folder the pipeline did not make."""
+
+from __future__ import annotations
+
+import os
+import stat
+
+import pytest
+
+from pipeline.files import MARKER, WriteError, staged_folder, write_json
+
+
+def mode(path) -> int:
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+def test_outputs_follow_the_umask_not_the_private_temporary_modes(tmp_path):
+    old = os.umask(0o022)
+    try:
+        write_json(tmp_path / "metrics.json", {"a": 1})
+        with staged_folder(tmp_path / "reports" / "study") as staging:
+            (staging / "report.md").write_text("x")
+    finally:
+        os.umask(old)
+    # Computed from the umask at import (0o022 in CI and here), not from mkstemp's 0600 / mkdtemp's 0700.
+    from pipeline.files import FILE_MODE, FOLDER_MODE
+
+    assert mode(tmp_path / "metrics.json") == FILE_MODE and FILE_MODE & 0o044 == 0o044
+    assert mode(tmp_path / "reports" / "study") == FOLDER_MODE and FOLDER_MODE & 0o055 == 0o055
+    assert mode(tmp_path / "reports" / "study" / "report.md") == FILE_MODE
+
+
+def test_a_folder_the_pipeline_did_not_make_is_never_replaced(tmp_path):
+    precious = tmp_path / "thesis"
+    precious.mkdir()
+    (precious / "chapter1.tex").write_text("months of work")
+    with pytest.raises(WriteError, match=f"is not a report folder of this pipeline \\(no {MARKER} in it\\)"):
+        with staged_folder(precious):
+            pytest.fail("nothing may be written")
+    assert [p.name for p in precious.iterdir()] == ["chapter1.tex"]
+    assert [p.name for p in tmp_path.iterdir()] == ["thesis"]  # no staging folder left behind
+
+
+def test_a_report_folder_is_replaced_whole(tmp_path):
+    target = tmp_path / "reports" / "s"
+    with staged_folder(target) as staging:
+        (staging / "old.png").write_text("1")
+    with staged_folder(target) as staging:
+        (staging / "new.png").write_text("2")
+    assert sorted(p.name for p in target.iterdir()) == [MARKER, "new.png"]

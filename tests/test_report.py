@@ -1,0 +1,159 @@
+"""The report's statistics and sentences on synthetic studies whose answer is known, and its figures'
+indexing by epoch. No MLflow: the report's pure layers take plain data."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from scipy import stats as scipy_stats
+
+from pipeline.report import BASELINE, adjust_per_metric, analyse
+from pipeline.report.plots import by_epoch
+from pipeline.report.render import sentence
+from pipeline.report.runs import RunData, Setting, group_settings
+from pipeline.report.stats import compare_arm, holm, sign_test, t_interval
+
+
+def run(arm: str, seed: int, nll: float, accuracy: float = 0.9, diverged: bool = False, params=None) -> RunData:
+    metrics = {"test_nll": nll, "test_accuracy": accuracy, "test_ece": 0.05, "test_brier": 0.2,
+               "test_clipped_fraction": 0.0, "test_max_abs_logit": 20.0}
+    return RunData(f"id-{arm}-{seed}", f"{arm}-seed{seed}", "FINISHED", arm, seed,
+                   {"formulation": arm, "seed": str(seed), "effective_from_logits": "false" if arm == "probs_naive" else "true",
+                    "diverged": str(diverged).lower()}, params or {"train.epochs": "5"}, metrics)
+
+
+def study(naive_nll: list[float], logits_nll: list[float], probs_nll: list[float] | None = None) -> list:
+    runs = [run("logits", s, v) for s, v in enumerate(logits_nll)]
+    runs += [run("probs_naive", s, v, diverged=not math.isfinite(v)) for s, v in enumerate(naive_nll)]
+    runs += [run("probs", s, v) for s, v in enumerate(probs_nll if probs_nll is not None else logits_nll)]
+    results = [analyse(s) for s in group_settings(runs)]
+    adjust_per_metric(results)
+    return results
+
+
+def nll_sentence(results, arm: str = "probs_naive") -> str:
+    return sentence(results[0].comparison(arm, "test_nll"))
+
+
+# --- the pure statistics, against independent computations ----------------------------------------------
+
+
+def test_sign_test_matches_scipy_and_the_hand_count():
+    assert sign_test(10, 0) == pytest.approx(2 / 2**10)  # 10 of 10: p = 2 * 0.5^10 = 0.00195
+    assert sign_test(5, 0) == pytest.approx(0.0625)
+    assert sign_test(7, 3) == pytest.approx(scipy_stats.binomtest(7, 10).pvalue)
+    assert math.isnan(sign_test(0, 0))
+
+
+def test_log_ratio_interval_by_hand():
+    """The five raw-pixel seeds of issue 12: mean log ratio 3.70, i.e. a geometric-mean ratio of x40."""
+    naive = np.array([1.93, 9.08, 110, 250, 356])
+    logits = np.array([1.69, 1.20, 0.78, 0.97, 1.05])
+    log_ratio = np.log(naive / logits)
+    mean, sd = log_ratio.mean(), log_ratio.std(ddof=1)
+    half = 2.7764451051977987 * sd / math.sqrt(5)  # t_{0.975, 4}
+    c = compare_arm("test_nll", "probs_naive", dict(enumerate(naive)), dict(enumerate(logits)), ratio_metric=True)
+    assert c.ratio.estimate == pytest.approx(math.exp(mean))
+    assert (c.ratio.low, c.ratio.high) == pytest.approx((math.exp(mean - half), math.exp(mean + half)))
+    assert c.ratio.estimate == pytest.approx(40.31, abs=0.01) and c.ratio.low > 1
+    assert c.p_value == pytest.approx(scipy_stats.ttest_1samp(log_ratio, 0).pvalue)
+    assert (c.higher, c.lower, c.sign_p) == (5, 0, pytest.approx(0.0625))
+
+
+def test_difference_interval_matches_scipy():
+    d = np.array([0.3, -0.1, 0.25, 0.4, 0.05])
+    interval, p = t_interval(d)
+    low, high = scipy_stats.t.interval(0.95, len(d) - 1, loc=d.mean(), scale=scipy_stats.sem(d))
+    assert (interval.low, interval.high) == pytest.approx((low, high))
+    assert p == pytest.approx(scipy_stats.ttest_1samp(d, 0).pvalue)
+
+
+def test_holm_adjustment_by_hand():
+    base = compare_arm("m", "a", {0: 2.0, 1: 3.0, 2: 2.5}, {0: 1.0, 1: 1.1, 2: 1.2}, True)
+    family = [base.__class__(**{**base.__dict__, "p_value": p}) for p in (0.01, 0.04, 0.03, math.nan)]
+    adjusted = [c.p_holm for c in holm(family)]
+    # sorted 0.01, 0.03, 0.04 -> 3*0.01, max(0.03, 2*0.03), max(0.06, 1*0.04)
+    assert adjusted[:3] == pytest.approx([0.03, 0.06, 0.06]) and math.isnan(adjusted[3])
+
+
+# --- sentences on synthetic studies ----------------------------------------------------------------------
+
+
+def test_a_clear_multiplicative_effect_with_one_outlier_seed_is_shown():
+    """Worse in all 10 seeds, by x3 to x5, and x300 in one: the raw difference's t-interval would include
+    zero (the outlier inflates it), the log-ratio does not."""
+    logits = [1.0, 1.1, 0.9, 1.2, 1.0, 0.95, 1.05, 1.1, 1.0, 0.9]
+    naive = [3.0, 4.4, 3.6, 6.0, 4.0, 3.8, 4.2, 5.5, 300.0, 2.7]
+    results = study(naive, logits)
+    c = results[0].comparison("probs_naive", "test_nll")
+    assert c.difference.low < 0 < c.difference.high  # what the old report went by
+    assert c.shown and c.ratio.low > 1
+    text = nll_sentence(results)
+    assert "higher in 10 and lower in 0 of 10 seeds" in text and "sign test p = 0.002" in text
+    assert text.endswith("shown: `probs_naive` is higher (worse).")
+
+
+def test_no_effect_is_not_shown():
+    rng = np.random.default_rng(3)
+    logits = list(1.0 + 0.05 * rng.standard_normal(10))
+    naive = [v * math.exp(0.02 * e) for v, e in zip(logits, rng.standard_normal(10))]
+    text = nll_sentence(study(naive, logits))
+    assert text.endswith("no difference shown at level 0.05.")
+
+
+def test_identical_arms_are_identical_without_statistics():
+    logits = [1.0, 1.1, 0.9]
+    results = study([2.0, 2.2, 1.8], logits, probs_nll=logits)
+    text = nll_sentence(results, "probs")
+    assert text == "test NLL (float64, from logits), `probs` vs `logits`: identical in all 3 seeds."
+    c = results[0].comparison("probs", "test_nll")
+    assert math.isnan(c.p_value) and not c.shown
+
+
+def test_a_diverged_seed_is_left_out_and_said():
+    logits = [1.0, 1.1, 0.9, 1.2, 1.0]
+    naive = [5.0, float("nan"), 6.0, 7.0, 5.5]
+    results = study(naive, logits)
+    c = results[0].comparison("probs_naive", "test_nll")
+    assert c.n == 4 and c.nonfinite == 1
+    assert "(1 pair(s) with a non-finite value left out)" in nll_sentence(results)
+    assert any("1 of 5 `probs_naive` run(s) diverged" in note for note in results[0].notes)
+
+
+def test_a_study_without_the_baseline_says_so():
+    runs = [run("probs", s, 1.0 + s) for s in range(2)]
+    (result,) = [analyse(s) for s in group_settings(runs)]
+    assert result.comparisons == []
+    assert any(f"No `{BASELINE}` runs in this setting" in note for note in result.notes)
+
+
+def test_roundoff_is_not_an_effect():
+    logits = [0.5, 0.6, 0.55, 0.52, 0.58]
+    naive = [v * (1 + 1e-7 * (i + 1)) for i, v in enumerate(logits)]
+    text = nll_sentence(study(naive, logits))
+    assert text.endswith("the effect is float round-off, not a practical difference.")
+
+
+def test_settings_are_split_by_every_setting_param_but_not_by_where_files_go():
+    runs = [run("logits", 0, 1.0, params={"train.learning_rate": "0.001", "train.diagnostics_examples": "10000", "data_dir": "/a"}),
+            run("logits", 1, 1.0, params={"train.learning_rate": "0.001", "train.diagnostics_examples": "10000", "data_dir": "/b"}),
+            run("logits", 0, 1.0, params={"train.learning_rate": "0.001", "train.diagnostics_examples": "500", "data_dir": "/a"})]
+    settings = group_settings(runs)
+    assert sorted(len(s.runs) for s in settings) == [1, 2]
+    assert {s.label for s in settings} == {"train.diagnostics_examples=10000", "train.diagnostics_examples=500"}
+
+
+def test_curves_are_placed_by_epoch_not_by_position():
+    """A resumed run whose history starts at epoch 5 keeps its values at epochs 5..8."""
+    epochs, matrix = by_epoch([{1: 1.0, 2: 0.9, 3: 0.8, 4: 0.7, 5: 0.6, 6: 0.5, 7: 0.4, 8: 0.3},
+                               {5: 0.65, 6: 0.55, 7: 0.45, 8: 0.35}])
+    assert list(epochs) == [1, 2, 3, 4, 5, 6, 7, 8]
+    assert np.isnan(matrix[1, :4]).all() and list(matrix[1, 4:]) == [0.65, 0.55, 0.45, 0.35]
+
+
+def test_a_setting_uses_only_its_own_seed_pairs():
+    s = Setting({}, [run("logits", 0, 1.0), run("logits", 1, 1.0), run("probs_naive", 1, 2.0)])
+    c = analyse(s).comparison("probs_naive", "test_nll")
+    assert c.n == 1 and "too few to decide" in sentence(c)
