@@ -75,12 +75,11 @@ class StudyCallback(Callback):
 
         if self.study is None or self.study.run_id is None:
             return  # on_multirun_start failed; Hydra has already shown why
-        study_name = OmegaConf.select(config, "study")
+        cfg = validate(config)
         # A named study's report goes to <reports_dir>/<study>; an ad-hoc sweep's stays in its sweep dir.
-        out_dir = (Path(config.hydra.sweep.dir) / "report" if study_name is None
-                   else Path(validate(config).reports_dir) / study_name)
+        out_dir = Path(config.hydra.sweep.dir) / "report" if cfg.study is None else Path(cfg.reports_dir) / cfg.study
         try:
-            report = build_report(self.uri, parent_run_id=self.study.run_id, out_dir=out_dir)
+            report = build_report(self.uri, Path(cfg.reports_dir), parent_run_id=self.study.run_id, out_dir=out_dir)
         except Exception as error:
             self.study.close(error)
             print(f"error: the study's report failed: {error}", file=sys.stderr, flush=True)

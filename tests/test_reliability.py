@@ -73,7 +73,7 @@ def wait_for_training(tmp_path: Path, timeout: float = 120) -> None:
 
 
 def test_sigterm_saves_a_checkpoint_and_the_rerun_resumes_to_the_same_result(tmp_path, data_dir):
-    config = ["train.epochs=150", "seed=2"]
+    config = ["train.epochs=400", "seed=2"]
     reference_uri = f"sqlite:///{tmp_path / 'reference.db'}"
     assert cli(tmp_path, data_dir, reference_uri, *config, "resume=false", name="reference").returncode == 0
     (reference,) = runs_of(reference_uri)
@@ -88,7 +88,7 @@ def test_sigterm_saves_a_checkpoint_and_the_rerun_resumes_to_the_same_result(tmp
     assert process.returncode == 130 and "run the same command again to resume" in stderr
     (killed,) = runs_of(uri)
     done = len(mlflow.MlflowClient(uri).get_metric_history(killed.info.run_id, "val_nll_float64"))
-    assert killed.info.status == "KILLED" and 1 <= done < 150
+    assert killed.info.status == "KILLED" and 1 <= done < 400
     assert list((tmp_path / "checkpoints").glob("*/state.npz"))
 
     resumed = cli(tmp_path, data_dir, uri, *config, name="resumed")
@@ -158,3 +158,76 @@ def test_a_full_disk_while_writing_the_report_leaves_no_partial_report(tmp_path,
         build_report(uri, tmp_path / "reports", study="full")
     assert {p.name: p.read_bytes() for p in report.iterdir()} == before  # the previous report, untouched
     assert [p.name for p in report.parent.iterdir()] == ["full"]  # no partial folder left behind
+
+
+def interrupt_once(tmp_path, data_dir, uri, *config):
+    """A run of `config` stopped by SIGTERM after its first persisted epoch: returns the KILLED run."""
+    process = start(tmp_path, data_dir, uri, *config)
+    wait_for_training(tmp_path)
+    process.send_signal(signal.SIGTERM)
+    process.communicate(timeout=60)
+    assert process.returncode == 130
+    (killed,) = runs_of(uri)
+    assert killed.info.status == "KILLED"
+    return killed
+
+
+def test_a_deleted_run_does_not_block_its_configuration(tmp_path, data_dir):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    config = ["train.epochs=500", "seed=3"]
+    killed = interrupt_once(tmp_path, data_dir, uri, *config)
+    mlflow.MlflowClient(uri).delete_run(killed.info.run_id)
+    rerun = cli(tmp_path, data_dir, uri, *config, "train.epochs=2", name="rerun")
+    # epochs changed too: a new configuration; the same one must also start over cleanly
+    again = cli(tmp_path, data_dir, uri, *config, name="again")
+    assert rerun.returncode == 0 and again.returncode == 0, again.stderr[-2000:]
+    assert f"discarding the checkpoint" in again.stdout and killed.info.run_id in again.stdout
+    assert [r.info.status for r in runs_of(uri)] == ["FINISHED", "FINISHED"]
+
+
+def test_a_checkpoint_only_resumes_into_the_experiment_it_belongs_to(tmp_path, data_dir):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    config = ["train.epochs=500", "seed=4"]
+    killed = interrupt_once(tmp_path, data_dir, uri, *config)
+    other = cli(tmp_path, data_dir, uri, *config, "tracking.experiment=other", "train.epochs=3", name="other")
+    assert other.returncode == 0 and "resuming" not in other.stdout
+    (moved,) = runs_of(uri, "other")
+    assert moved.info.run_id != killed.info.run_id and moved.info.status == "FINISHED"
+    assert mlflow.MlflowClient(uri).get_run(killed.info.run_id).info.status == "KILLED"  # still resumable at home
+
+
+def test_after_sigkill_the_resumed_run_has_every_epoch_exactly_once(tmp_path, data_dir):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    config = ["train.epochs=400", "seed=5"]
+    process = start(tmp_path, data_dir, uri, *config)
+    wait_for_training(tmp_path)
+    time.sleep(1.0)
+    process.kill()
+    process.wait(timeout=30)
+    resumed = cli(tmp_path, data_dir, uri, *config, name="resumed")
+    assert resumed.returncode == 0 and "resuming run" in resumed.stdout, resumed.stderr[-2000:]
+    (run,) = runs_of(uri)
+    steps = [m.step for m in mlflow.MlflowClient(uri).get_metric_history(run.info.run_id, "val_nll_float64")]
+    assert sorted(steps) == list(range(1, 401))  # none missing, none twice
+    assert run.info.status == "FINISHED" and "failed_reason" not in run.data.tags
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["--study", "it's"], "error: --study=\"it's\" is not accepted: expected 1 to 64 letters"),
+    (["--parent-run-id", "deadbeef"], "error: --parent-run-id 'deadbeef' is not a run in this store"),
+])
+def test_report_cli_bad_input_is_one_line(tmp_path, args, expected):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    from pipeline.tracking import prepare_store
+
+    prepare_store(uri, "fromlogits")
+    result = run_cli("pipeline.report", *args, "--tracking-uri", uri)
+    assert result.returncode == 2 and result.stderr.strip() == expected.strip() or \
+        result.stderr.strip().startswith(expected), result.stderr
+
+
+def test_report_cli_never_creates_a_store_where_none_is(tmp_path):
+    missing = tmp_path / "nowhere" / "mlflow.db"
+    result = run_cli("pipeline.report", "--study", "x", "--tracking-uri", f"sqlite:///{missing}")
+    assert result.returncode == 2 and f"there is no MLflow store at {missing}" in result.stderr
+    assert not missing.parent.exists()

@@ -85,7 +85,9 @@ def test_a_diverging_and_a_failing_job_do_not_stop_the_sweep(tmp_path, data_dir)
         "train.learning_rate=0.001,1e12", "dataset.classes=null,[0,12]", f"data_dir={data_dir}",
         f"hydra.sweep.dir={tmp_path / 'sweep'}", env={"MLFLOW_TRACKING_URI": uri},
     )
-    assert result.returncode == 0, result.stderr[-3000:]
+    # Scripts and CI must notice: a sweep with a failed job exits 1, after its report.
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert (tmp_path / "sweep" / "report" / "report.html").exists()
     runs = runs_of(uri)
     children = [r for r in runs if r.data.tags.get("role") != "study"]
     assert len(children) == 4
