@@ -153,10 +153,13 @@ class TrackingConfig:
     # run fails once the server has been unreachable for `give_up_seconds` in all.
     timeout_seconds: float = 10.0
     give_up_seconds: float = 45.0
+    # Per-epoch metrics are sent in batches this often (a checkpoint follows each batch).
+    flush_seconds: float = 5.0
 
     def __post_init__(self):
         check_name("tracking.experiment", self.experiment)
         _require(self.timeout_seconds > 0, "tracking.timeout_seconds", self.timeout_seconds, "a number > 0")
+        _require(self.flush_seconds >= 0, "tracking.flush_seconds", self.flush_seconds, "a number >= 0")
         _require(self.give_up_seconds >= self.timeout_seconds, "tracking.give_up_seconds", self.give_up_seconds,
                  "a number >= tracking.timeout_seconds")
 

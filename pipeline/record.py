@@ -46,11 +46,12 @@ STUDY_ROLE = "study"
 # The two keys that make a run one arm of one pair inside a setting.
 ARM_KEYS = ("loss.formulation", "seed")
 # Where a run is recorded: not part of what is trained, but part of which run a checkpoint continues.
-BELONGING_KEYS = ("tracking.uri", "tracking.experiment", "tracking.timeout_seconds", "tracking.give_up_seconds",
-                  "study")
+BELONGING_KEYS = ("tracking.uri", "tracking.experiment", "study")
+# How the store is talked to: neither what is trained nor where it is recorded.
+CONNECTION_KEYS = ("tracking.timeout_seconds", "tracking.give_up_seconds", "tracking.flush_seconds")
 # Where files go and how the command behaves: neither what is trained nor where it is recorded.
 PLACEMENT_KEYS = ("data_dir", "reports_dir", "checkpoints_dir", "output_dir", "allow_download", "resume",
-                  "conf_digest")
+                  "conf_digest", *CONNECTION_KEYS)
 # Facts about the data a run saw (params logged beside the config), not settings chosen.
 SPLIT_KEYS = ("split.train_examples", "split.val_examples", "split.test_examples")
 # A setting is what every arm and seed of a comparison share: every param but these.

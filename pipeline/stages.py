@@ -142,7 +142,8 @@ def train_into_run(cfg: Config, run_id: str, splits: Splits, checkpoint: Checkpo
                    progress: Callable[[int, dict], None] | None = None) -> TrainResult:
     """Trains, sending per-epoch metrics to run `run_id` in batches; a checkpoint is saved only after a
     batch is persisted, so a resumed run logs every epoch exactly once."""
-    metrics_log = MetricBuffer(mlflow.MlflowClient(), run_id, give_up_seconds=cfg.tracking.give_up_seconds)
+    metrics_log = MetricBuffer(mlflow.MlflowClient(), run_id, flush_seconds=cfg.tracking.flush_seconds,
+                               give_up_seconds=cfg.tracking.give_up_seconds)
 
     def on_epoch_end(epoch: int, metrics: dict) -> bool:
         metrics_log.log(metrics, step=epoch)

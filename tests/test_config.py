@@ -23,8 +23,8 @@ def options(group: str) -> list[str]:
 )
 def test_every_option_composes_and_validates(group, option):
     cfg = validate(compose_config(f"{group}={option}"))
-    if group == "experiment":
-        return  # a preset sets several groups; test_study_presets_set_what_their_names_say checks them
+    if group in ("experiment", "task"):
+        return  # presets set several groups; test_study_presets_set_what_their_names_say checks them
     chosen = OmegaConf.to_container(OmegaConf.structured(getattr(cfg, group)), enum_to_str=True)
     written = OmegaConf.to_container(OmegaConf.load(CONF_DIR / group / f"{option}.yaml"))
     written.pop("defaults", None)
@@ -36,7 +36,8 @@ def test_groups_offer_what_the_readme_promises():
     assert {"mnist_sample", "mnist_sample_binary", "mnist", "mnist_binary", "fashion_mnist"} <= set(options("dataset"))
     assert options("model") == ["seed_relu", "seed_sigmoid"]
     assert options("precision") == ["float32", "mixed_bfloat16", "mixed_float16"]
-    assert options("experiment") == ["high_lr", "mixed_float16", "raw_pixels", "seed_logistic", "seed_mnist"]
+    assert options("experiment") == ["atlas", "high_lr", "mixed_float16", "raw_pixels", "seed_logistic", "seed_mnist"]
+    assert options("task") == ["logistic", "multiclass"]
 
 
 def test_study_presets_set_what_their_names_say():
@@ -44,6 +45,10 @@ def test_study_presets_set_what_their_names_say():
     assert raw.dataset.pixel_scale == "none" and raw.study == "raw_pixels"
     assert validate(compose_config("experiment=high_lr")).train.learning_rate == 0.05
     assert validate(compose_config("experiment=mixed_float16")).precision.policy.value == "mixed_float16"
+    for seeds_ten in ("raw_pixels", "high_lr", "mixed_float16"):  # stress presets: seed-dependent effects
+        assert "range(10)" in open(CONF_DIR / "experiment" / f"{seeds_ten}.yaml").read(), seeds_ten
+    atlas = validate(compose_config("experiment=atlas", "task=logistic"))
+    assert atlas.study == "atlas" and atlas.dataset.task is Task.binary and atlas.model.activation == "sigmoid"
     logistic = validate(compose_config("experiment=seed_logistic"))
     assert logistic.dataset.task is Task.binary and logistic.model.activation == "sigmoid"
 
