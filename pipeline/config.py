@@ -75,6 +75,13 @@ def check_name(key: str, value: str) -> str:
 PIXEL_SCALES = {"1/255": 1.0 / 255.0, "none": 1.0}
 
 
+class Backend(str, enum.Enum):
+    """Keras's backend; one per process (pipeline/keras_backend.py runs other jobs in a child process)."""
+
+    tensorflow = "tensorflow"
+    jax = "jax"
+
+
 class Precision(str, enum.Enum):
     float32 = "float32"
     mixed_float16 = "mixed_float16"
@@ -146,6 +153,11 @@ DEFAULT_EXPERIMENT = "fromlogits"
 
 
 @dataclass
+class BackendConfig:
+    name: Backend = Backend.tensorflow
+
+
+@dataclass
 class TrackingConfig:
     uri: Optional[str] = None  # None: $MLFLOW_TRACKING_URI, else sqlite:///<project>/mlruns/mlflow.db
     experiment: str = DEFAULT_EXPERIMENT
@@ -169,10 +181,12 @@ class GridConfig:
     """The formulations x seeds that `dvc repro` trains (a Hydra study sweeps hydra.sweeper.params)."""
 
     formulations: List[FormulationName] = field(default_factory=lambda: list(FormulationName))
+    backends: List[Backend] = field(default_factory=lambda: [Backend.tensorflow])
     seeds: List[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])
 
     def __post_init__(self):
         _require(len(self.formulations) > 0, "grid.formulations", self.formulations, "at least one formulation")
+        _require(len(self.backends) > 0, "grid.backends", self.backends, "at least one backend")
         _require(len(self.seeds) > 0, "grid.seeds", self.seeds, "at least one seed")
 
 
@@ -183,6 +197,7 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    backend: BackendConfig = field(default_factory=BackendConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     grid: GridConfig = field(default_factory=GridConfig)
     seed: int = 0

@@ -1,14 +1,14 @@
 """evaluate: test-split metrics that are true whatever the formulation did in training.
 
 The model is evaluated as the function its weights define: the output layer is recomputed in float64
-from the features, and NLL, ECE and Brier come from those float64 logits. The float32 probabilities the
+from the features (in NumPy, the same on every Keras backend), and NLL, ECE and Brier come from those
+float64 logits. The float32 probabilities the
 formulation itself produces are used only to count clipped and saturated examples.
 """
 
 from __future__ import annotations
 
 import numpy as np
-import tensorflow as tf
 
 from pipeline.models import Classifier
 from pipeline.numerics import (
@@ -24,15 +24,17 @@ from pipeline.numerics import (
 def evaluate(clf: Classifier, x: np.ndarray, y: np.ndarray) -> tuple[dict[str, float], dict[str, list]]:
     """Test metrics, and the reliability-diagram bins behind the ECE."""
     task = clf.formulation.task
-    x = tf.constant(x)
-    logits64 = clf.logits(x, dtype=tf.float64)
+    # Backend-independent: the model gives features and outputs (float32 or lower); the output layer is
+    # recomputed here from its weights, in NumPy float64 (JAX would silently compute "float64" in float32).
+    features = np.asarray(clf.features(x, training=False), np.float64)
+    kernel, bias = (np.asarray(w, np.float64) for w in clf.output_layer.get_weights())
+    logits64 = features @ kernel + bias
+    outputs = np.asarray(clf.model(x, training=False))
     probabilities = class_probabilities(logits64, task).numpy()
-    summary = saturation_summary(
-        clf.logits(x), clf.formulation.probabilities(clf.model(x, training=False)), y, task
-    )
+    summary = saturation_summary(logits64.astype(np.float32), clf.formulation.probabilities(outputs), y, task)
     metrics = {
         "test_accuracy": float(np.mean(probabilities.argmax(axis=1) == y)),
-        "test_nll": float(tf.reduce_mean(nll_float64(logits64, y, task))),
+        "test_nll": float(np.mean(nll_float64(logits64, y, task))),
         "test_ece": expected_calibration_error(probabilities, y),
         "test_brier": brier_score(probabilities, y),
         "test_clipped_fraction": float(summary["clipped_fraction"]),

@@ -22,7 +22,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import keras
-import tensorflow as tf
 
 from pipeline.config import FormulationName, Task
 
@@ -36,16 +35,25 @@ CLIPPED_LOSS_CAP = 16.118095650958319  # -log(1e-7)
 def opaque_softmax(x):
     """Softmax whose output carries no trace of its logits.
 
-    `keras.activations.softmax` tags its output with `_keras_logits`, and in graph mode the loss also
-    recognises a `Softmax` op; `tf.identity` hides both, so the loss must use the probabilities.
+    On TensorFlow, `keras.activations.softmax` tags its output with `_keras_logits`, and in graph mode
+    the loss also recognises a `Softmax` op; `tf.identity` hides both, so the loss must use the
+    probabilities. Other backends' losses never look behind probabilities.
     """
-    return tf.identity(keras.activations.softmax(x))
+    return _untraceable(keras.activations.softmax(x))
 
 
 @keras.saving.register_keras_serializable(package="fromlogits")
 def opaque_sigmoid(x):
     """Sigmoid whose output carries no trace of its logit (see `opaque_softmax`)."""
-    return tf.identity(keras.activations.sigmoid(x))
+    return _untraceable(keras.activations.sigmoid(x))
+
+
+def _untraceable(probabilities):
+    if keras.config.backend() == "tensorflow":
+        import tensorflow as tf
+
+        return tf.identity(probabilities)
+    return probabilities
 
 
 @dataclass(frozen=True)

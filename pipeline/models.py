@@ -37,10 +37,6 @@ class Classifier:
         """Inputs -> activations that feed the output layer."""
         return keras.Model(self.model.inputs, self.output_layer.input)
 
-    def logits(self, x, dtype=tf.float32):
-        """Pre-activation outputs of the output layer, computed from its weights in `dtype`."""
-        return self._logits_from_features(self.features(x), dtype)
-
     def outputs_and_logits(self, x, training: bool = False):
         """The model's outputs (as the loss sees them) and its float32 logits, from one forward pass."""
         h = self.features(x, training=training)

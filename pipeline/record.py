@@ -96,7 +96,8 @@ class RunRecord:
 
 
 def run_name(cfg: Config) -> str:
-    return f"{cfg.loss.formulation.value}-seed{cfg.seed}"
+    backend = "" if cfg.backend.name.value == "tensorflow" else f"-{cfg.backend.name.value}"
+    return f"{cfg.loss.formulation.value}-seed{cfg.seed}{backend}"
 
 
 def identity_tags(cfg: Config) -> dict[str, str]:
@@ -107,6 +108,7 @@ def identity_tags(cfg: Config) -> dict[str, str]:
         Tag.DATASET: cfg.dataset.name,
         Tag.TASK: cfg.dataset.task.value,
         Tag.PRECISION: cfg.precision.policy.value,
+        Tag.BACKEND: cfg.backend.name.value,
     }
     if cfg.study:
         tags[Tag.STUDY] = cfg.study

@@ -8,6 +8,7 @@ configuration is `pipeline.stages.run_configuration`; a study's parent run and r
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -26,14 +27,25 @@ EXIT_BAD_INPUT, EXIT_INTERRUPTED = 2, 130
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(dcfg: DictConfig) -> float | None:
-    from pipeline import stages, study
+    from pipeline import study
+    from pipeline.keras_backend import DELEGATED_JOB_ENV, run_child, select
 
     in_sweep = HydraConfig.get().mode is RunMode.MULTIRUN
-    parent_run_id = os.environ.get(study.PARENT_RUN_ENV) if in_sweep else None
+    delegated = os.environ.get(DELEGATED_JOB_ENV)  # a sweep's job run in a child process for its backend
+    in_study = in_sweep or delegated is not None
+    parent_run_id = os.environ.get(study.PARENT_RUN_ENV) if in_study else None
+    job = HydraConfig.get().job.num if in_sweep else (int(delegated) if delegated else None)
     output_dir = Path(dcfg.output_dir or HydraConfig.get().runtime.output_dir)
     try:
         cfg = validate(dcfg)
-        metrics = stages.run_configuration(cfg, output_dir, parent_run_id, HydraConfig.get().job.num if in_sweep else None)
+        if not select(cfg.backend.name.value):
+            overrides = [*HydraConfig.get().overrides.task, f"output_dir={output_dir}", f"hydra.run.dir={output_dir}"]
+            run_child("pipeline.run", overrides, cfg.backend.name.value, {DELEGATED_JOB_ENV: "" if job is None else str(job)})
+            written = output_dir / "metrics.json"
+            return json.loads(written.read_text())["test_nll"] if written.exists() else None
+        from pipeline import stages
+
+        metrics = stages.run_configuration(cfg, output_dir, parent_run_id, job)
     except KeyboardInterrupt:
         print("interrupted: the run ended KILLED with its persisted epochs and a checkpoint; "
               "run the same command again to resume it", file=sys.stderr, flush=True)
@@ -41,7 +53,9 @@ def main(dcfg: DictConfig) -> float | None:
         sys.stdout.flush()
         os._exit(EXIT_INTERRUPTED)  # the training thread may still be inside TensorFlow: do not wait for it
     except Exception as error:
-        if in_sweep:  # other jobs go on; the study's summary reports this one from MLflow
+        if in_study:  # other jobs go on; the study's report names this one from MLflow
+            from pipeline import stages
+
             stages.record_job_failure(dcfg, parent_run_id, " ".join(HydraConfig.get().overrides.task), error)
             print(f"job failed: {error}", file=sys.stderr, flush=True)
             return None

@@ -180,6 +180,10 @@ def log_model(clf: Classifier, x_example) -> str:
     signature = infer_signature(x_example, np.asarray(served(x_example)))  # not predict(): no tf.data graph
     # Stated, not inferred: MLflow's inference re-imports the model in a subprocess (~5 s per run).
     requirements = [f"tensorflow=={tf.__version__}", f"keras=={keras.__version__}"]
+    if keras.config.backend() == "jax":
+        import jax
+
+        requirements.append(f"jax[cpu]=={jax.__version__}")
     return mlflow.tensorflow.log_model(served, name="model", signature=signature, pip_requirements=requirements).model_uri
 
 

@@ -1,9 +1,10 @@
 """train: the model = architecture + formulation head, fitted with a whole-epoch compiled loop.
 
 The loop computes exactly what `model.fit` computes (same loss object, same optimizer, one update per
-batch of `batch_size`, the last batch partial), but runs a whole epoch inside one `tf.function` over
-in-memory tensors, so the per-step Python overhead that dominates a model this small is gone
-(benchmarks/train_throughput.py measures it; tests/test_train.py pins equality with `model.fit`).
+batch of `batch_size`, the last batch partial), but runs a whole epoch compiled — on the TensorFlow or
+the JAX backend, whichever Keras was started with (pipeline/loops/) — so the per-step Python overhead
+that dominates a model this small is gone (benchmarks/train_throughput.py measures it;
+tests/test_train.py and tests/test_jax.py pin equality with `model.fit`).
 
 Same seed => same initial weights and the same batch order in every formulation: the arms of a study
 are paired.
@@ -19,15 +20,14 @@ from typing import Callable
 
 import keras
 import numpy as np
-import tensorflow as tf
 
 from pipeline.config import Config, Precision
 from pipeline.data import Splits
 from pipeline.files import write_atomically
-from pipeline.interrupt import stop_requested
 from pipeline.formulations import Formulation, Task, formulation as make_formulation
+from pipeline.interrupt import stop_requested
+from pipeline.loops import compiled, make_loop
 from pipeline.models import Classifier, build_classifier
-from pipeline.numerics import count_nonfinite, saturation_summary
 
 PROBE_BATCH = 256  # fixed batch for the gradient-norm ratio
 
@@ -36,8 +36,12 @@ class Interrupted(KeyboardInterrupt):
 
 
 def configure_determinism() -> None:
-    """Same config and seed => same weights and metrics, run after run (op determinism)."""
-    tf.config.experimental.enable_op_determinism()
+    """Same config and seed => same weights and metrics, run after run (TensorFlow's op determinism;
+    JAX on the CPU is deterministic as it is)."""
+    if keras.config.backend() == "tensorflow":
+        import tensorflow as tf
+
+        tf.config.experimental.enable_op_determinism()
 
 
 def batch_order(seed: int, epoch: int, n: int) -> np.ndarray:
@@ -56,8 +60,8 @@ def probe_effective_from_logits(form: Formulation, output_dtype: str | None) -> 
 
     A one-layer model with the formulation's output layer (identity weights, same dtype policy) gets the
     logits [100, 0, 0] and the label 1 (binary: logit 100, label 0). From logits the loss is 100; from
-    clipped probabilities it is capped at 16.118 (15.94 for binary). Runs inside `tf.function`, as the
-    training loop does, because graph mode changes what Keras can trace.
+    clipped probabilities it is capped at 16.118 (15.94 for binary). Runs compiled, as the training loop
+    does (`tf.function` / `jax.jit`), because graph mode changes what Keras can trace.
     """
     width = 1 if form.task is Task.binary else 3
     inputs = keras.Input((width,))
@@ -68,7 +72,7 @@ def probe_effective_from_logits(form: Formulation, output_dtype: str | None) -> 
     z = np.zeros((1, width), np.float32)
     z[0, 0] = PROBE_LOGIT
     label = np.array([[0.0]] if form.task is Task.binary else [1])
-    loss = float(tf.function(lambda: loss_fn(label, probe(z, training=True)))())
+    loss = float(compiled(lambda: loss_fn(label, probe(z, training=True)))())
     return abs(loss - PROBE_LOGIT) < 1e-3 * PROBE_LOGIT, loss
 
 
@@ -81,77 +85,6 @@ def make_optimizer(cfg: Config) -> keras.optimizers.Optimizer:
         # What `model.compile` does under mixed_float16: dynamic loss scaling against float16 underflow.
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
     return optimizer
-
-
-def make_epoch_fn(model: keras.Model, loss_fn, optimizer, batch_size: int) -> Callable:
-    """A compiled function that runs one epoch of minibatch updates and returns the mean loss."""
-    variables = model.trainable_variables
-    optimizer.build(variables)
-
-    @tf.function(reduce_retracing=True)
-    def run_epoch(x, y, order):
-        n = tf.shape(order)[0]
-        steps = (n + batch_size - 1) // batch_size
-        total = tf.constant(0.0, tf.float32)
-        for step in tf.range(steps):
-            idx = order[step * batch_size : tf.minimum((step + 1) * batch_size, n)]
-            xb, yb = tf.gather(x, idx), tf.gather(y, idx)
-            with tf.GradientTape() as tape:
-                loss = loss_fn(yb, model(xb, training=True))
-                scaled = optimizer.scale_loss(loss)
-            grads = tape.gradient(scaled, variables)
-            optimizer.apply_gradients(zip(grads, variables))
-            # Weighted by batch size, as Keras's epoch loss is: the mean over examples.
-            total += tf.cast(loss, tf.float32) * tf.cast(tf.shape(idx)[0], tf.float32)
-        return total / tf.cast(n, tf.float32)
-
-    return run_epoch
-
-
-def make_diagnostics_fn(clf: Classifier, loss_fn) -> Callable:
-    """Compiled once; evaluates a fixed set of examples at the end of an epoch."""
-    form = clf.formulation
-
-    @tf.function(reduce_retracing=True)
-    def diagnose(x, y):
-        outputs, logits = clf.outputs_and_logits(x)
-        probs = form.probabilities(outputs)
-        stats = saturation_summary(logits, probs, y, form.task)
-        stats["loss"] = loss_fn(y, outputs)
-        predicted = (
-            tf.cast(tf.reshape(logits, [-1]) > 0, tf.int64) if form.task is Task.binary
-            else tf.argmax(logits, axis=-1)
-        )
-        stats["accuracy"] = tf.reduce_mean(tf.cast(predicted == tf.reshape(tf.cast(y, tf.int64), [-1]), tf.float64))
-        return stats
-
-    return diagnose
-
-
-def make_gradient_probe_fn(clf: Classifier, loss_fn) -> Callable:
-    """Ratio of the gradient norm of the loss as trained to that of the exact logits loss.
-
-    1.0 when the trained loss reads logits; far below 1 when clipping has zeroed the gradient of
-    confidently wrong examples.
-    """
-    form, model = clf.formulation, clf.model
-    exact = make_formulation("logits", form.task).loss()
-    variables = model.trainable_variables
-
-    @tf.function(reduce_retracing=True)
-    def probe(x, y):
-        with tf.GradientTape(persistent=True) as tape:
-            outputs, logits = clf.outputs_and_logits(x, training=True)
-            trained = loss_fn(y, outputs)
-            reference = exact(y, logits)
-        trained_grads = tape.gradient(trained, variables)
-        reference_grads = tape.gradient(reference, variables)
-        return {
-            "grad_norm_ratio": tf.linalg.global_norm(trained_grads) / tf.linalg.global_norm(reference_grads),
-            "nonfinite_grads": tf.add_n([count_nonfinite(g) for g in trained_grads]),
-        }
-
-    return probe
 
 
 @dataclass
@@ -240,27 +173,27 @@ def train(
 
         loss_fn = form.loss()
         optimizer = make_optimizer(cfg)
-        run_epoch = make_epoch_fn(clf.model, loss_fn, optimizer, cfg.train.batch_size)
-        diagnose = make_diagnostics_fn(clf, loss_fn)
-        gradient_probe = make_gradient_probe_fn(clf, loss_fn)
-
-        x, y = tf.constant(splits.x_train), tf.constant(splits.y_train)
-        x_diag, y_diag = (tf.constant(a) for a in _fixed_subset(splits.x_train, splits.y_train, cfg.train.diagnostics_examples))
-        x_probe, y_probe = x[:PROBE_BATCH], y[:PROBE_BATCH]
-        has_val = len(splits.x_val) > 0
-        x_val, y_val = tf.constant(splits.x_val), tf.constant(splits.y_val)
-
+        optimizer.build(clf.model.trainable_variables)
         start_epoch = checkpoint.restore(clf.model, optimizer) if checkpoint and checkpoint.exists() else 0
+        x_diag, y_diag = _fixed_subset(splits.x_train, splits.y_train, cfg.train.diagnostics_examples)
+        data = {"train": (splits.x_train, splits.y_train), "train_subset": (x_diag, y_diag),
+                "probe": (splits.x_train[:PROBE_BATCH], splits.y_train[:PROBE_BATCH])}
+        has_val = len(splits.x_val) > 0
+        if has_val:
+            data["val"] = (splits.x_val, splits.y_val)
+        loop = make_loop(clf, loss_fn, optimizer, cfg.train.batch_size, data)
+
         result.epochs_completed = start_epoch
         for epoch in range(start_epoch + 1, cfg.train.epochs + 1):
             started = time.perf_counter()
-            epoch_loss = float(run_epoch(x, y, tf.constant(batch_order(cfg.seed, epoch, len(splits.x_train)))))
+            epoch_loss = loop.epoch(batch_order(cfg.seed, epoch, len(splits.x_train)))
             train_seconds = time.perf_counter() - started
+            loop.sync()
             metrics = {"train_epoch_loss": epoch_loss}
-            metrics.update({f"train_{k}": float(v) for k, v in diagnose(x_diag, y_diag).items()})
+            metrics.update({f"train_{k}": v for k, v in loop.diagnose("train_subset").items()})
             if has_val:
-                metrics.update({f"val_{k}": float(v) for k, v in diagnose(x_val, y_val).items()})
-            metrics.update({k: float(v) for k, v in gradient_probe(x_probe, y_probe).items()})
+                metrics.update({f"val_{k}": v for k, v in loop.diagnose("val").items()})
+            metrics.update(loop.gradient_probe())
             if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
                 metrics["loss_scale"] = float(optimizer.dynamic_scale)  # falls when float16 gradients overflow
             metrics["epoch_seconds"] = time.perf_counter() - started

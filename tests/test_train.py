@@ -5,14 +5,13 @@ from __future__ import annotations
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 
 from conftest import compose_config
+from loop_check import compare_with_fit
 from pipeline.config import validate
 from pipeline.data import load
-from pipeline.formulations import FormulationName, Task, formulation
-from pipeline.models import build_classifier
-from pipeline.train import batch_order, make_epoch_fn, train
+from pipeline.formulations import FormulationName, Task
+from pipeline.train import batch_order, train
 
 # Largest |w_fast - w_fit| after 3 epochs of 1,000 examples measured 0.0 on TF 2.21 / Keras 3.15;
 # the bound leaves room for float32 reassociation on other CPUs.
@@ -22,25 +21,11 @@ WEIGHT_TOLERANCE = 1e-5
 @pytest.mark.parametrize("task", [Task.multiclass, Task.binary])
 @pytest.mark.parametrize("name", list(FormulationName))
 def test_fast_loop_matches_model_fit(data_dir, name, task):
-    cfg = validate(compose_config("train.epochs=3"))
-    splits = load(cfg.dataset, data_dir)
-    x, y = splits.x_train[:1000] * 4.0, splits.y_train[:1000]  # * 4: larger logits, clipping reachable
-    classes = 10
-    if task is Task.binary:
-        y, classes = (y % 2).astype(np.float32).reshape(-1, 1), 2
-    form = formulation(name, task)
-    fast = build_classifier(form, 784, classes, [25, 15], "relu", seed=5)
-    reference = build_classifier(form, 784, classes, [25, 15], "relu", seed=5)
-
-    run_epoch = make_epoch_fn(fast.model, form.loss(), keras.optimizers.Adam(1e-3), batch_size=32)
-    reference.model.compile(optimizer=keras.optimizers.Adam(1e-3), loss=form.loss())
-    for epoch in range(1, 4):
-        order = batch_order(5, epoch, len(x))  # 1,000 = 31 full batches + one of 8
-        fast_loss = float(run_epoch(tf.constant(x), tf.constant(y), tf.constant(order)))
-        history = reference.model.fit(x[order], y[order], batch_size=32, epochs=1, shuffle=False, verbose=0)
-        assert fast_loss == pytest.approx(history.history["loss"][0], rel=1e-5)
-    for a, b in zip(fast.model.get_weights(), reference.model.get_weights()):
-        np.testing.assert_allclose(a, b, atol=WEIGHT_TOLERANCE, rtol=0)
+    result = compare_with_fit(name.value, task.value, data_dir)
+    assert result["backend"] == "tensorflow"
+    for fast_loss, fit_loss in result["losses"]:
+        assert fast_loss == pytest.approx(fit_loss, rel=1e-5)
+    assert result["max_abs_weight_diff"] <= WEIGHT_TOLERANCE
 
 
 def test_batch_order_depends_on_seed_and_epoch_only():

@@ -1,0 +1,50 @@
+"""The compiled parts of training, one module per Keras backend, with one interface (`Loop`).
+
+A Loop runs a whole epoch compiled (same loss object, same optimizer, same batches as `model.fit`),
+computes the per-epoch diagnostics and the gradient probe, and keeps the model's variables current
+(`sync`) for checkpoints, divergence checks and evaluation. pipeline/train.py picks the module of the
+backend Keras was started with:
+
+    tensorflow   one `tf.function` over the epoch's batches (tf.range loop over in-memory tensors)
+    jax          Keras's stateless API (`stateless_call`, `stateless_apply`) under `jax.jit`, a
+                 `lax.fori_loop` over contiguous slices of the epoch's permuted data
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Protocol
+
+import keras
+
+
+class Loop(Protocol):
+    def epoch(self, order) -> float: ...
+    def diagnose(self, which: str) -> dict[str, float]: ...
+    def gradient_probe(self) -> dict[str, float]: ...
+    def sync(self) -> None: ...
+
+
+def backend() -> str:
+    return keras.config.backend()
+
+
+def make_loop(clf, loss_fn, optimizer, batch_size: int, data: dict) -> Loop:
+    """`data`: name -> (x, y) arrays: "train" (trained on), "train_subset" and "val" (diagnosed), "probe"."""
+    if backend() == "jax":
+        from pipeline.loops.jax import JaxLoop
+
+        return JaxLoop(clf, loss_fn, optimizer, batch_size, data)
+    from pipeline.loops.tensorflow import TensorFlowLoop
+
+    return TensorFlowLoop(clf, loss_fn, optimizer, batch_size, data)
+
+
+def compiled(fn: Callable) -> Callable:
+    """`fn` compiled as the backend's training loop compiles (graph mode changes what Keras can trace)."""
+    if backend() == "jax":
+        import jax
+
+        return jax.jit(fn)
+    import tensorflow as tf
+
+    return tf.function(fn)

@@ -1,0 +1,49 @@
+"""The pipeline's compiled epoch loop against `model.fit` on the same batches, for whichever Keras
+backend this process runs. Used in-process by tests/test_train.py (TensorFlow) and as a script by
+tests/test_jax.py (`KERAS_BACKEND=jax python tests/loop_check.py DATA_DIR`), which prints, for every
+formulation and task, the largest weight difference and the epoch losses as JSON."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import keras
+import numpy as np
+
+from pipeline.config import DatasetConfig
+from pipeline.data import load
+from pipeline.formulations import Task, formulation
+from pipeline.loops import make_loop
+from pipeline.models import build_classifier
+from pipeline.train import batch_order
+
+
+def compare_with_fit(name: str, task: str, data_dir: str, epochs: int = 3) -> dict:
+    splits = load(DatasetConfig(), data_dir)
+    x, y = splits.x_train[:1000] * 4.0, splits.y_train[:1000]  # * 4: larger logits, clipping reachable
+    classes = 10
+    if Task(task) is Task.binary:
+        y, classes = (y % 2).astype(np.float32).reshape(-1, 1), 2
+    form = formulation(name, task)
+    fast = build_classifier(form, 784, classes, [25, 15], "relu", seed=5)
+    reference = build_classifier(form, 784, classes, [25, 15], "relu", seed=5)
+    optimizer = keras.optimizers.Adam(1e-3)
+    optimizer.build(fast.model.trainable_variables)
+    loop = make_loop(fast, form.loss(), optimizer, 32, {"train": (x, y), "probe": (x[:8], y[:8])})
+    reference.model.compile(optimizer=keras.optimizers.Adam(1e-3), loss=form.loss())
+    losses = []
+    for epoch in range(1, epochs + 1):
+        order = batch_order(5, epoch, len(x))  # 1,000 = 31 full batches + one of 8
+        fast_loss = loop.epoch(order)
+        history = reference.model.fit(x[order], y[order], batch_size=32, epochs=1, shuffle=False, verbose=0)
+        losses.append((fast_loss, float(history.history["loss"][0])))
+    loop.sync()
+    diff = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
+               for a, b in zip(fast.model.get_weights(), reference.model.get_weights()))
+    return {"backend": keras.config.backend(), "max_abs_weight_diff": diff, "losses": losses}
+
+
+if __name__ == "__main__":
+    print(json.dumps([compare_with_fit(name, task, sys.argv[1]) | {"formulation": name, "task": task}
+                      for name in ("probs", "logits", "probs_naive") for task in ("multiclass", "binary")]))
