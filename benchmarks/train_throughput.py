@@ -1,7 +1,9 @@
-"""Training speed: the course note's code as written vs the pipeline's train stage, side by side.
+"""Training speed: the course note's code as written vs the pipeline's train stage, side by side, on
+Keras's TensorFlow backend and (in a child process, Keras picks its backend once) on JAX.
 
     python benchmarks/train_throughput.py            # 60,000 examples, 3 repetitions x 4 epochs
     python benchmarks/train_throughput.py --quick    # a smoke run (seconds)
+    python benchmarks/train_throughput.py --backends tensorflow
 
 Reference: `Sequential([Dense(25, relu), Dense(15, relu), Dense(10, act)])`, `compile(Adam(1e-3), loss)`,
 `model.fit(X, Y, epochs=N)` with Keras's defaults (batch 32, shuffle) on NumPy arrays; `verbose=0`, so
@@ -15,7 +17,9 @@ for both states how far the weights of the two paths differ.
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import subprocess
 import platform
 import statistics
 import sys
@@ -29,15 +33,17 @@ import pipeline  # noqa: E402,F401  (the pipeline's process settings, before Ten
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import psutil  # noqa: E402
-import tensorflow as tf  # noqa: E402
 
 from pipeline.config import Config, DatasetConfig, FormulationName, LossConfig, TrainConfig  # noqa: E402
 from pipeline.data import Splits, fetch, load  # noqa: E402
 from pipeline.formulations import formulation  # noqa: E402
-from pipeline.models import build_classifier  # noqa: E402
-from pipeline.train import batch_order, configure_determinism, make_epoch_fn, train  # noqa: E402
+from pipeline.loops.equivalence import against_fit  # noqa: E402
+from pipeline.train import configure_determinism, train  # noqa: E402
 
-tf.get_logger().setLevel("ERROR")  # each repetition builds new models: retracing is expected
+if keras.config.backend() == "tensorflow":
+    import tensorflow as tf
+
+    tf.get_logger().setLevel("ERROR")  # each repetition builds new models: retracing is expected
 
 
 class PeakRSS:
@@ -113,16 +119,29 @@ def contender(splits: Splits, name: FormulationName, epochs: int, seed: int):
 def equivalence(splits: Splits, name: FormulationName, epochs: int = 2) -> float:
     """max |w_fast - w_fit| after `epochs` epochs on the same batch order (fit: shuffle=False on x[order])."""
     form = formulation(name, "multiclass")
-    x, y = splits.x_train[:6000], splits.y_train[:6000]
-    fast = build_classifier(form, 784, 10, [25, 15], "relu", seed=0)
-    slow = build_classifier(form, 784, 10, [25, 15], "relu", seed=0)
-    run_epoch = make_epoch_fn(fast.model, form.loss(), keras.optimizers.Adam(1e-3), 32)
-    slow.model.compile(optimizer=keras.optimizers.Adam(1e-3), loss=form.loss())
-    for epoch in range(1, epochs + 1):
-        order = batch_order(0, epoch, len(x))
-        run_epoch(tf.constant(x), tf.constant(y), tf.constant(order))
-        slow.model.fit(x[order], y[order], batch_size=32, epochs=1, shuffle=False, verbose=0)
-    return max(float(np.max(np.abs(a - b))) for a, b in zip(fast.model.get_weights(), slow.model.get_weights()))
+    return against_fit(form, splits.x_train[:6000], splits.y_train[:6000], 10, epochs, seed=0)["max_abs_weight_diff"]
+
+
+def measure(splits: Splits, name: FormulationName, epochs: int, repetitions: int, with_reference: bool) -> dict:
+    """Steady-state seconds per epoch (medians) of the note's model.fit and of the pipeline, on this
+    process's backend, alternating within each repetition."""
+    ref, fast, fast_train, ref_mem, fast_mem, ref_loss, fast_loss = [], [], [], [], [], None, None
+    for rep in range(repetitions):
+        if with_reference:
+            with PeakRSS() as mem:
+                ref_seconds, ref_loss = reference(splits, name, epochs, seed=rep)
+            ref.append(statistics.median(ref_seconds[1:] or ref_seconds))
+            ref_mem.append(mem.mib)
+        with PeakRSS() as mem:
+            seconds, train_seconds, fast_loss = contender(splits, name, epochs, seed=rep)
+        fast.append(statistics.median(seconds[1:] or seconds))
+        fast_train.append(statistics.median(train_seconds[1:] or train_seconds))
+        fast_mem.append(mem.mib)
+    f = statistics.median(fast)
+    return {"backend": keras.config.backend(), "note": statistics.median(ref) if ref else None, "pipeline": f,
+            "diag_cost": (f - statistics.median(fast_train)) / f, "note_mib": max(ref_mem, default=0.0),
+            "pipeline_mib": max(fast_mem), "note_loss": ref_loss, "pipeline_loss": fast_loss,
+            "max_dw": equivalence(splits, name)}
 
 
 def main() -> int:
@@ -131,44 +150,53 @@ def main() -> int:
     parser.add_argument("--epochs", type=int, default=4, help="per repetition; the first is warm-up")
     parser.add_argument("--repetitions", type=int, default=3)
     parser.add_argument("--formulations", default="probs,logits,probs_naive")
+    parser.add_argument("--backends", default="tensorflow,jax", help="the pipeline's loop on these Keras backends")
     parser.add_argument("--data-dir", default=str(Path(__file__).resolve().parents[1] / "data" / "tfds"))
     parser.add_argument("--quick", action="store_true", help="6,000 examples, 2 epochs, 1 repetition")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # measure this backend, print JSON
     args = parser.parse_args()
     if args.quick:
         args.examples, args.epochs, args.repetitions = 6_000, 2, 1
+    names = [FormulationName(f) for f in args.formulations.split(",")]
 
     configure_determinism()
     splits = tiled_mnist(args.examples, args.data_dir)
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
-          f"TensorFlow {tf.__version__}, Keras {keras.__version__}; {len(splits.x_train):,} examples x 784, batch 32")
-    header = (f"{'formulation':<12} {'note s/epoch':>12} {'pipeline s/epoch':>16} {'note samples/s':>14} "
-              f"{'pipeline samples/s':>18} {'speed-up':>8} {'diag cost':>9} {'note MiB':>8} {'pipe MiB':>8} "
-              f"{'note loss':>10} {'pipe loss':>10} {'max|dw| same order':>18}")
-    print(header)
-    for name in [FormulationName(f) for f in args.formulations.split(",")]:
-        ratios, ref_steady, fast_steady, diag_costs, ref_mem, fast_mem = [], [], [], [], [], []
-        for rep in range(args.repetitions):
-            with PeakRSS() as mem:
-                ref_seconds, ref_loss = reference(splits, name, args.epochs, seed=rep)
-            ref_mem.append(mem.mib)
-            with PeakRSS() as mem:
-                fast_seconds, fast_train_seconds, fast_loss = contender(splits, name, args.epochs, seed=rep)
-            fast_mem.append(mem.mib)
-            r, f = statistics.median(ref_seconds[1:] or ref_seconds), statistics.median(fast_seconds[1:] or fast_seconds)
-            ft = statistics.median(fast_train_seconds[1:] or fast_train_seconds)
-            ref_steady.append(r)
-            fast_steady.append(f)
-            ratios.append(r / f)
-            diag_costs.append((f - ft) / f)
-        n = len(splits.x_train)
-        r, f = statistics.median(ref_steady), statistics.median(fast_steady)
-        print(f"{name.value:<12} {r:>12.3f} {f:>16.3f} {n / r:>14,.0f} {n / f:>18,.0f} {statistics.median(ratios):>7.1f}x "
-              f"{statistics.median(diag_costs):>8.1%} {max(ref_mem):>8.0f} {max(fast_mem):>8.0f} {ref_loss:>10.5f} "
-              f"{fast_loss:>10.5f} {equivalence(splits, name):>18.1e}", flush=True)
-    print("speed-up = median over repetitions of (note s/epoch) / (pipeline s/epoch), steady state (first epoch left out);\n"
-          "diag cost = share of the pipeline's epoch spent on per-epoch diagnostics; MiB = peak RSS growth;\n"
-          "losses = last epoch's training loss (the two paths shuffle differently, so they differ by the\n"
-          "shuffle, not by the computation); max|dw| = largest weight difference after 2 epochs on one batch order.")
+    if args.worker:
+        print(json.dumps({n.value: measure(splits, n, args.epochs, args.repetitions, with_reference=False) for n in names}))
+        return 0
+    backends = args.backends.split(",")
+    others = {}
+    for backend in (b for b in backends if b != "tensorflow"):  # one process per backend
+        argv = [sys.executable, __file__, "--worker", f"--examples={args.examples}", f"--epochs={args.epochs}",
+                f"--repetitions={args.repetitions}", f"--formulations={args.formulations}", f"--data-dir={args.data_dir}"]
+        done = subprocess.run(argv, capture_output=True, text=True, env={**os.environ, "KERAS_BACKEND": backend})
+        if done.returncode != 0:
+            print(done.stderr[-3000:], file=sys.stderr)
+            return 1
+        others[backend] = json.loads(done.stdout.strip().splitlines()[-1])
+    import jax
+
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; TensorFlow {tf.__version__}, "
+          f"Keras {keras.__version__}, JAX {jax.__version__}; {len(splits.x_train):,} examples x 784, batch 32")
+    print(f"{'formulation':<12} {'backend':<10} {'s/epoch':>8} {'samples/s':>10} {'vs note':>8} {'diag cost':>9} "
+          f"{'peak MiB':>8} {'last loss':>10} {'max|dw| vs fit':>14}")
+    n = len(splits.x_train)
+    for name in names:
+        tf_row = measure(splits, name, args.epochs, args.repetitions, with_reference=True)
+        note = tf_row["note"]
+        rows = [("note's fit", "tensorflow", note, None, tf_row["note_mib"], tf_row["note_loss"], None)]
+        rows += [("pipeline", b, r["pipeline"], r["diag_cost"], r["pipeline_mib"], r["pipeline_loss"], r["max_dw"])
+                 for b, r in [("tensorflow", tf_row), *((b, o[name.value]) for b, o in others.items())]
+                 if b in backends]
+        for who, backend, seconds, diag, mib, loss, dw in rows:
+            print(f"{name.value + ' ' + who:<24} {backend:<10} {seconds:>8.3f} {n / seconds:>10,.0f} {note / seconds:>7.1f}x "
+                  f"{'' if diag is None else f'{diag:.1%}':>9} {mib:>8.0f} {loss:>10.5f} "
+                  f"{'' if dw is None else f'{dw:.1e}':>14}", flush=True)
+    print("s/epoch = median over repetitions of the steady-state epoch (first epoch left out); vs note = the note's\n"
+          "model.fit on TensorFlow (its code as written) / this row; diag cost = share of the pipeline's epoch spent on\n"
+          "per-epoch diagnostics; MiB = peak RSS growth; losses differ by the shuffle (model.fit shuffles with its own\n"
+          "RNG), not by the computation: max|dw| = largest weight difference after 2 epochs on one batch order vs\n"
+          "model.fit on the same backend.")
     return 0
 
 

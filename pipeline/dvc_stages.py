@@ -20,7 +20,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from pipeline.config import Config, LossConfig, PipelineError, conf_digest, validate
+from pipeline.config import Backend, BackendConfig, Config, LossConfig, PipelineError, conf_digest, validate
 from pipeline.files import write_atomically, write_json
 
 PARAMS = Path("params.yaml")
@@ -48,11 +48,17 @@ def load_params() -> Config:
     return cfg
 
 
-def arms(cfg: Config):
-    """The config of every formulation x seed of the grid."""
+def arms(cfg: Config, backend: Backend):
+    """The config of every formulation x seed of the grid, on one backend."""
     for formulation in cfg.grid.formulations:
         for seed in cfg.grid.seeds:
-            yield dataclasses.replace(cfg, loss=LossConfig(formulation), seed=seed, study=STUDY)
+            yield dataclasses.replace(cfg, loss=LossConfig(formulation), seed=seed, backend=BackendConfig(backend),
+                                      study=STUDY)
+
+
+def arm_label(formulation: str, backend: str) -> str:
+    """How an arm is named in DVC's metrics and plots: `probs`, or `probs-jax` on another backend."""
+    return formulation if backend == Backend.tensorflow.value else f"{formulation}-{backend}"
 
 
 def fetch() -> None:
@@ -68,8 +74,10 @@ def fetch() -> None:
 
 
 def train() -> None:
-    from pipeline.record import run_name
-    from pipeline.stages import run_configuration
+    """Every arm of the grid as one study: each backend's arms in this process if Keras runs that backend
+    here, else in a child process (`train-backend`) under the same parent run."""
+    from pipeline.keras_backend import run_child, select
+    from pipeline.study import PARENT_RUN_ENV
     from pipeline.tracking import Study, prepare_store, tracking_uri
 
     cfg = load_params()
@@ -77,12 +85,45 @@ def train() -> None:
     experiment_id = prepare_store(uri, cfg.tracking.experiment, cfg.tracking)
     runs = {}
     with Study(uri, experiment_id, STUDY, {"source": "dvc"}) as study:
-        for arm in arms(cfg):
-            name = run_name(arm)
-            metrics = run_configuration(arm, OUT / "runs" / name, study.run_id, model_path=MODELS / f"{name}.keras")
-            runs[name] = {"run_id": metrics["run_id"], "formulation": arm.loss.formulation.value, "seed": arm.seed}
+        for backend in cfg.grid.backends:
+            if select(backend.value):
+                runs.update(train_backend(backend.value, study.run_id))
+                continue
+            if run_child("pipeline.dvc_stages", ["train-backend", backend.value], backend.value,
+                         {PARENT_RUN_ENV: study.run_id}) != 0:
+                raise PipelineError(f"training the {backend.value} arms failed (see above)")
+            runs.update(json.loads(backend_runs(backend.value).read_text()))
+            backend_runs(backend.value).unlink()
         write_json(RUNS, {"parent_run_id": study.run_id, "runs": runs})
     write_curves(uri, runs)
+
+
+def backend_runs(backend: str) -> Path:
+    return OUT / f".runs-{backend}.json"  # handed from a child process to `train`, then removed
+
+
+def train_backend(backend: str, parent_run_id: str | None = None) -> dict:
+    """The grid's arms on one backend (this process's), each exactly as `python -m pipeline.run` runs it."""
+    import os
+
+    from pipeline.record import run_name
+    from pipeline.stages import run_configuration
+    from pipeline.study import PARENT_RUN_ENV
+
+    cfg = load_params()
+    parent_run_id = parent_run_id or os.environ[PARENT_RUN_ENV]
+    runs = {}
+    for arm in arms(cfg, Backend(backend)):
+        name = run_name(arm)
+        result = run_configuration(arm, OUT / "runs" / name, parent_run_id, model_path=MODELS / f"{name}.keras")
+        runs[name] = {"run_id": result["run_id"], "formulation": arm.loss.formulation.value, "seed": arm.seed,
+                      "backend": backend}
+    return runs
+
+
+def train_backend_in_child(backend: str) -> None:
+    """`train-backend BACKEND`: run by `train` in a child process started on that backend."""
+    write_json(backend_runs(backend), train_backend(backend))
 
 
 def write_curves(uri: str, runs: dict) -> None:
@@ -96,7 +137,7 @@ def write_curves(uri: str, runs: dict) -> None:
     per_arm: dict[str, list[dict[str, dict[int, float]]]] = {}
     for run in runs.values():
         history = {key: {m.step: m.value for m in client.get_metric_history(run["run_id"], key)} for key in CURVE_METRICS}
-        per_arm.setdefault(run["formulation"], []).append(history)
+        per_arm.setdefault(arm_label(run["formulation"], run["backend"]), []).append(history)
 
     def write(tmp: Path) -> None:
         with open(tmp, "w", newline="") as f:
@@ -127,7 +168,7 @@ def evaluate() -> None:
     for name, run in recorded["runs"].items():
         clf = Classifier(keras.models.load_model(MODELS / f"{name}.keras"), formulation(run["formulation"], cfg.dataset.task))
         metrics, _ = evaluate_model(clf, splits.x_test, splits.y_test)
-        by_formulation.setdefault(run["formulation"], []).append(metrics)
+        by_formulation.setdefault(arm_label(run["formulation"], run["backend"]), []).append(metrics)
         print(f"evaluate: {name}: test_nll {metrics['test_nll']:.4f} test_accuracy {metrics['test_accuracy']:.4f}", flush=True)
     # The headline numbers only: `dvc metrics show` fits a terminal; per-run detail is in MLflow and the report.
     write_json(EVALUATION, {f: {k: float(np.mean([m[k] for m in ms])) for k in ("test_accuracy", "test_nll")}
@@ -148,6 +189,8 @@ def compare() -> None:
 
 def headline(report) -> dict:
     """Per compared arm, test NLL as a ratio to logits and accuracy as a difference, with intervals."""
+    from pipeline.record import Tag
+
     out = {}
     for result in report.results:
         for c in result.comparisons:
@@ -155,7 +198,8 @@ def headline(report) -> dict:
                 continue
             effect = c.ratio if c.ratio is not None else c.difference
             kind = "ratio" if c.ratio is not None else "diff"
-            out.setdefault(c.arm, {})[f"{c.metric}_{kind}"] = {
+            label = arm_label(c.arm, result.setting.runs[0].tags.get(Tag.BACKEND, Backend.tensorflow.value))
+            out.setdefault(label, {})[f"{c.metric}_{kind}"] = {
                 "value": effect.estimate, "ci_low": effect.low, "ci_high": effect.high, "shown": c.shown}
     return out
 
@@ -171,7 +215,8 @@ def params(overrides: list[str]) -> None:
     print(f"params: wrote {PARAMS} from conf/ {' '.join(overrides)}".rstrip())
 
 
-STAGES = {"params": params, "fetch": fetch, "train": train, "evaluate": evaluate, "compare": compare}
+STAGES = {"params": params, "fetch": fetch, "train": train, "train-backend": train_backend_in_child, "evaluate": evaluate,
+          "compare": compare}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -179,13 +224,18 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="python -m pipeline.dvc_stages", description="DVC stage entry points")
     parser.add_argument("stage", choices=sorted(STAGES))
-    parser.add_argument("overrides", nargs="*", help="Hydra overrides (params only)")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides (params); the backend (train-backend)")
     args = parser.parse_args(argv)
-    if args.overrides and args.stage != "params":
+    if args.overrides and args.stage not in ("params", "train-backend"):
         parser.error("only `params` takes overrides; the stages read params.yaml")
     install_stop_handlers()
     try:
-        STAGES[args.stage](*([args.overrides] if args.stage == "params" else []))
+        if args.stage == "params":
+            params(args.overrides)
+        elif args.stage == "train-backend":
+            STAGES[args.stage](*args.overrides[:1])
+        else:
+            STAGES[args.stage]()
     except KeyboardInterrupt:
         print("interrupted: the current run ended KILLED with a checkpoint; `dvc repro` continues it",
               file=sys.stderr, flush=True)

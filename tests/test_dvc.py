@@ -50,6 +50,7 @@ def repo(tmp_path_factory) -> Path:
     # A tiny default study, edited into conf/ as a researcher would, then `make params`.
     edit(root / "conf" / "train" / "default.yaml", "epochs: 100", "epochs: 1")
     edit(root / "conf" / "config.yaml", "seeds: [0, 1, 2, 3, 4]", "seeds: [0]")
+    edit(root / "conf" / "config.yaml", "backends: [tensorflow]", "backends: [tensorflow, jax]")
     sh("python", "-m", "pipeline.dvc_stages", "params", cwd=root)
     sh("git", "add", "-A", cwd=root)
     sh("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "tiny study", cwd=root)
@@ -72,7 +73,11 @@ def test_repro_runs_all_stages_then_nothing(repo):
         assert (repo / path).exists(), path
     runs = runs_of(f"sqlite:///{repo / 'mlruns' / 'mlflow.db'}")
     children = [r for r in runs if r.data.tags.get("role") != "study"]
-    assert sorted(r.data.tags["formulation"] for r in children) == ["logits", "probs", "probs_naive"]
+    assert sorted((r.data.tags["backend"], r.data.tags["formulation"], r.data.tags["effective_from_logits"])
+                  for r in children) == [("jax", "logits", "true"), ("jax", "probs", "false"), ("jax", "probs_naive", "false"),
+                                         ("tensorflow", "logits", "true"), ("tensorflow", "probs", "true"),
+                                         ("tensorflow", "probs_naive", "false")]
+    assert len({r.data.tags["mlflow.parentRunId"] for r in children}) == 1  # one study across both backends
     assert all(r.info.status == "FINISHED" and "test_nll" in r.data.metrics for r in children)
     assert "test_nll" in sh("dvc", "metrics", "show", "--json", cwd=repo).stdout
     assert "val_nll_float64" in sh("dvc", "plots", "show", "--json", cwd=repo).stdout

@@ -23,7 +23,7 @@ WEIGHT_TOLERANCE = 1e-5  # measured 0.0: same batches, same loss object, same Ad
 
 
 def test_jax_loop_matches_model_fit_on_jax(data_dir):
-    result = subprocess.run([sys.executable, str(PROJECT_ROOT / "tests" / "loop_check.py"), data_dir], cwd=PROJECT_ROOT,
+    result = subprocess.run([sys.executable, "-m", "pipeline.loops.equivalence", data_dir], cwd=PROJECT_ROOT,
                             capture_output=True, text=True, timeout=600, env={**os.environ, "KERAS_BACKEND": "jax"})
     assert result.returncode == 0, result.stderr[-3000:]
     cases = json.loads(result.stdout.strip().splitlines()[-1])

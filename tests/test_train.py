@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 
 from conftest import compose_config
-from loop_check import compare_with_fit
 from pipeline.config import validate
 from pipeline.data import load
 from pipeline.formulations import FormulationName, Task
+from pipeline.loops.equivalence import compare_with_fit
 from pipeline.train import batch_order, train
 
 # Largest |w_fast - w_fit| after 3 epochs of 1,000 examples measured 0.0 on TF 2.21 / Keras 3.15;

@@ -1,7 +1,9 @@
 """The pipeline's compiled epoch loop against `model.fit` on the same batches, for whichever Keras
-backend this process runs. Used in-process by tests/test_train.py (TensorFlow) and as a script by
-tests/test_jax.py (`KERAS_BACKEND=jax python tests/loop_check.py DATA_DIR`), which prints, for every
-formulation and task, the largest weight difference and the epoch losses as JSON."""
+backend this process runs: same batches => the same weights, up to float round-off.
+
+Used by tests/test_train.py (TensorFlow, in-process), tests/test_jax.py
+(`KERAS_BACKEND=jax python -m pipeline.loops.equivalence DATA_DIR`: every formulation and task, as JSON)
+and benchmarks/train_throughput.py."""
 
 from __future__ import annotations
 
@@ -20,21 +22,27 @@ from pipeline.train import batch_order
 
 
 def compare_with_fit(name: str, task: str, data_dir: str, epochs: int = 3) -> dict:
+    """1,000 bundled digits (x 4: larger logits, clipping reachable), 3 epochs, seed 5."""
     splits = load(DatasetConfig(), data_dir)
-    x, y = splits.x_train[:1000] * 4.0, splits.y_train[:1000]  # * 4: larger logits, clipping reachable
+    x, y = splits.x_train[:1000] * 4.0, splits.y_train[:1000]
     classes = 10
     if Task(task) is Task.binary:
         y, classes = (y % 2).astype(np.float32).reshape(-1, 1), 2
-    form = formulation(name, task)
-    fast = build_classifier(form, 784, classes, [25, 15], "relu", seed=5)
-    reference = build_classifier(form, 784, classes, [25, 15], "relu", seed=5)
+    return against_fit(formulation(name, task), x, y, classes, epochs, seed=5)
+
+
+def against_fit(form, x, y, classes: int, epochs: int, seed: int) -> dict:
+    """Trains the loop and `model.fit` from the same weights on the same batch orders; returns the
+    backend, the largest weight difference and each epoch's (loop loss, fit loss)."""
+    fast = build_classifier(form, x.shape[1], classes, [25, 15], "relu", seed=seed)
+    reference = build_classifier(form, x.shape[1], classes, [25, 15], "relu", seed=seed)
     optimizer = keras.optimizers.Adam(1e-3)
     optimizer.build(fast.model.trainable_variables)
     loop = make_loop(fast, form.loss(), optimizer, 32, {"train": (x, y), "probe": (x[:8], y[:8])})
     reference.model.compile(optimizer=keras.optimizers.Adam(1e-3), loss=form.loss())
     losses = []
     for epoch in range(1, epochs + 1):
-        order = batch_order(5, epoch, len(x))  # 1,000 = 31 full batches + one of 8
+        order = batch_order(seed, epoch, len(x))
         fast_loss = loop.epoch(order)
         history = reference.model.fit(x[order], y[order], batch_size=32, epochs=1, shuffle=False, verbose=0)
         losses.append((fast_loss, float(history.history["loss"][0])))
