@@ -1,20 +1,28 @@
 """Which Keras backend a job runs on, with no step for the user to remember.
 
 Keras reads `KERAS_BACKEND` once, when it is first imported. A process that has not imported Keras yet
-takes the job's backend (`select`); a process that already runs another one — a basic-launcher sweep
-mixing backends, a reused joblib worker, DVC's train stage — runs the job as a child process with the
-right `KERAS_BACKEND` (`run_child`), which logs into the same study parent run.
+takes the job's backend (`select`). A process that already runs another one — a basic-launcher sweep
+mixing backends, a reused joblib worker — hands the job to a worker process started on the job's
+backend (`run_elsewhere`); the worker stays up for the rest of the sweep, so a study pays Python's and
+the backend's start-up once per backend, not once per job. DVC's train stage runs another backend's
+arms in one child (`run_child`).
+
+    python -m pipeline.keras_backend     # a worker: reads jobs (JSON lines) on stdin, answers on fd 3
 """
 
 from __future__ import annotations
 
+import atexit
+import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 from pipeline.config import PROJECT_ROOT
 
-DELEGATED_JOB_ENV = "FROMLOGITS_DELEGATED_JOB"  # set for a child: its job number in the study ("" outside one)
+REPLY_FD_ENV = "FROMLOGITS_REPLY_FD"
+_workers: dict[str, tuple[subprocess.Popen, object]] = {}
 
 
 def select(name: str) -> bool:
@@ -30,8 +38,8 @@ def select(name: str) -> bool:
 def run_child(module: str, args: list[str], backend: str, env: dict[str, str] | None = None) -> int:
     """Runs `python -m module args` on `backend`, streaming its output; returns its exit code
     (raises KeyboardInterrupt if it was interrupted, so the caller stops as it would have)."""
-    child_env = {**os.environ, "KERAS_BACKEND": backend, **(env or {})}
-    process = subprocess.Popen([sys.executable, "-m", module, *args], cwd=PROJECT_ROOT, env=child_env)
+    process = subprocess.Popen([sys.executable, "-m", module, *args], cwd=PROJECT_ROOT,
+                               env={**os.environ, "KERAS_BACKEND": backend, **(env or {})})
     try:
         code = process.wait()
     except KeyboardInterrupt:
@@ -41,3 +49,79 @@ def run_child(module: str, args: list[str], backend: str, env: dict[str, str] | 
         raise KeyboardInterrupt
     return code
 
+
+def run_elsewhere(backend: str, overrides: list[str], output_dir: Path, parent_run_id: str | None,
+                  job: int | None) -> dict:
+    """Runs one job (its Hydra overrides) in this sweep's worker for `backend`; returns the worker's
+    answer: {"run_id", "test_nll"} or {"failed": message}. Raises KeyboardInterrupt if it was interrupted."""
+    if backend not in _workers:
+        read_end, write_end = os.pipe()
+        process = subprocess.Popen([sys.executable, "-m", "pipeline.keras_backend"], cwd=PROJECT_ROOT,
+                                   stdin=subprocess.PIPE, text=True, pass_fds=(write_end,),
+                                   env={**os.environ, "KERAS_BACKEND": backend, REPLY_FD_ENV: str(write_end)})
+        os.close(write_end)
+        _workers[backend] = (process, os.fdopen(read_end))
+        atexit.register(_stop_worker, backend)
+    process, replies = _workers[backend]
+    request = {"overrides": overrides, "output_dir": str(output_dir), "parent_run_id": parent_run_id, "job": job}
+    try:
+        process.stdin.write(json.dumps(request) + "\n")
+        process.stdin.flush()
+        line = replies.readline()
+    except KeyboardInterrupt:
+        process.wait()  # it got the same signal from the terminal and ends its run KILLED itself
+        raise
+    if not line:  # the worker is gone: interrupted, or killed
+        code = process.wait()
+        _workers.pop(backend, None)
+        if code == 130:
+            raise KeyboardInterrupt
+        return {"failed": f"the {backend} worker process ended with exit code {code}"}
+    return json.loads(line)
+
+
+def _stop_worker(backend: str) -> None:
+    found = _workers.pop(backend, None)
+    if found:
+        process, _ = found
+        if process.stdin:
+            process.stdin.close()  # end of input: the worker exits
+        process.wait()
+
+
+def serve() -> int:
+    """The worker: runs each job it is sent, as `python -m pipeline.run <overrides>` would, and answers."""
+    from hydra import compose, initialize_config_dir
+
+    from pipeline.config import register_configs, validate
+    from pipeline.interrupt import install_stop_handlers
+
+    register_configs()
+    install_stop_handlers()
+    replies = os.fdopen(int(os.environ[REPLY_FD_ENV]), "w")
+    with initialize_config_dir(config_dir=str(PROJECT_ROOT / "conf"), version_base="1.3"):
+        for line in sys.stdin:
+            request = json.loads(line)
+            dcfg = compose(config_name="config", overrides=request["overrides"])
+            try:
+                from pipeline import stages
+
+                result = stages.run_configuration(validate(dcfg), Path(request["output_dir"]), request["parent_run_id"],
+                                                  request["job"])
+                answer = {"run_id": result["run_id"], "test_nll": result["test_nll"]}
+            except KeyboardInterrupt:
+                sys.stdout.flush()
+                os._exit(130)  # the training thread may still be inside the backend: do not wait for it
+            except Exception as error:  # noqa: BLE001 - recorded like any failed sweep job; the sweep goes on
+                from pipeline import stages
+
+                stages.record_job_failure(dcfg, request["parent_run_id"], " ".join(request["overrides"]), error)
+                print(f"job failed: {error}", file=sys.stderr, flush=True)
+                answer = {"failed": str(error)}
+            replies.write(json.dumps(answer) + "\n")
+            replies.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(serve())

@@ -8,7 +8,6 @@ configuration is `pipeline.stages.run_configuration`; a study's parent run and r
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from pathlib import Path
@@ -28,21 +27,18 @@ EXIT_BAD_INPUT, EXIT_INTERRUPTED = 2, 130
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(dcfg: DictConfig) -> float | None:
     from pipeline import study
-    from pipeline.keras_backend import DELEGATED_JOB_ENV, run_child, select
+    from pipeline.keras_backend import run_elsewhere, select
 
     in_sweep = HydraConfig.get().mode is RunMode.MULTIRUN
-    delegated = os.environ.get(DELEGATED_JOB_ENV)  # a sweep's job run in a child process for its backend
-    in_study = in_sweep or delegated is not None
-    parent_run_id = os.environ.get(study.PARENT_RUN_ENV) if in_study else None
-    job = HydraConfig.get().job.num if in_sweep else (int(delegated) if delegated else None)
+    parent_run_id = os.environ.get(study.PARENT_RUN_ENV) if in_sweep else None
+    job = HydraConfig.get().job.num if in_sweep else None
     output_dir = Path(dcfg.output_dir or HydraConfig.get().runtime.output_dir)
     try:
         cfg = validate(dcfg)
-        if not select(cfg.backend.name.value):
-            overrides = [*HydraConfig.get().overrides.task, f"output_dir={output_dir}", f"hydra.run.dir={output_dir}"]
-            run_child("pipeline.run", overrides, cfg.backend.name.value, {DELEGATED_JOB_ENV: "" if job is None else str(job)})
-            written = output_dir / "metrics.json"
-            return json.loads(written.read_text())["test_nll"] if written.exists() else None
+        if not select(cfg.backend.name.value):  # this process already runs another Keras backend
+            answer = run_elsewhere(cfg.backend.name.value, list(HydraConfig.get().overrides.task), output_dir,
+                                   parent_run_id, job)
+            return answer.get("test_nll")
         from pipeline import stages
 
         metrics = stages.run_configuration(cfg, output_dir, parent_run_id, job)
@@ -53,7 +49,7 @@ def main(dcfg: DictConfig) -> float | None:
         sys.stdout.flush()
         os._exit(EXIT_INTERRUPTED)  # the training thread may still be inside TensorFlow: do not wait for it
     except Exception as error:
-        if in_study:  # other jobs go on; the study's report names this one from MLflow
+        if in_sweep:  # other jobs go on; the study's report names this one from MLflow
             from pipeline import stages
 
             stages.record_job_failure(dcfg, parent_run_id, " ".join(HydraConfig.get().overrides.task), error)
