@@ -27,6 +27,10 @@ def request_stop(signum, frame) -> None:
     print(f"\n{signal.Signals(signum).name}: stopping after this epoch (again to stop now)", file=sys.stderr, flush=True)
 
 
+class Interrupted(KeyboardInterrupt):
+    """Training stopped on request at an epoch boundary; the checkpoint holds that epoch."""
+
+
 def install_stop_handlers() -> None:
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)

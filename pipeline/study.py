@@ -43,6 +43,16 @@ class StudyCallback(Callback):
         self.started = 0.0
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        from pipeline.config import PipelineError
+
+        try:
+            self._start(config)
+        except PipelineError as error:
+            # Hydra turns a callback's exception into a warning and runs the jobs anyway: stop here instead.
+            print(f"error: {error}", file=sys.stderr, flush=True)
+            sys.exit(2)
+
+    def _start(self, config: DictConfig) -> None:
         global _active
         from pipeline.data import fetch
         from pipeline.tracking import Study, prepare_store, tracking_uri

@@ -26,6 +26,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from pipeline.config import PipelineError, TrackingConfig, shared_project_root
+from pipeline.interrupt import Interrupted, stop_requested
 from pipeline.record import STUDY_ROLE, Tag
 
 
@@ -308,6 +309,8 @@ class MetricBuffer:
                     self.pending = self.pending[1000:]
                 self.failing_since = None
             except Exception as error:  # noqa: BLE001 - any failure to reach the store is retried, then reported
+                if stop_requested.is_set():  # asked to stop while the store is away: do not wait for it
+                    raise Interrupted(f"stopped while the tracking store was unreachable ({_first_line(error)})") from None
                 self.failing_since = self.failing_since or time.monotonic()
                 waited = time.monotonic() - self.failing_since
                 if waited >= self.give_up_seconds:

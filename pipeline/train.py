@@ -25,15 +25,11 @@ from pipeline.config import Config, Precision
 from pipeline.data import Splits
 from pipeline.files import write_atomically
 from pipeline.formulations import Formulation, Task, formulation as make_formulation
-from pipeline.interrupt import stop_requested
+from pipeline.interrupt import Interrupted, stop_requested
 from pipeline.loops import compiled, make_loop
 from pipeline.models import Classifier, build_classifier
 
 PROBE_BATCH = 256  # fixed batch for the gradient-norm ratio
-
-class Interrupted(KeyboardInterrupt):
-    """Training stopped on request at an epoch boundary; the checkpoint holds that epoch."""
-
 
 def configure_determinism() -> None:
     """Same config and seed => same weights and metrics, run after run (TensorFlow's op determinism;

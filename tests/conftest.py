@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -40,6 +45,55 @@ def data_dir(tmp_path_factory) -> str:
     path = tmp_path_factory.mktemp("tfds")
     fetch(DatasetConfig(), str(path))
     return str(path)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def start_mlflow_server(folder: Path, *args: str, port: int | None = None, env: dict | None = None):
+    """A real `mlflow server` on 127.0.0.1 over a SQLite store in `folder`; yields (URL, process), stops it after."""
+    port = port or free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{folder / 'server.db'}", "--artifacts-destination", str(folder / "artifacts"),
+         "--workers", "1", *args],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,  # its workers die with it
+        # MLflow 3's server otherwise starts ~8 background job workers (GenAI features) on 2 cores.
+        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **(env or {})},
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+                if response.status == 200:
+                    break
+        except OSError:
+            time.sleep(0.5)
+    else:
+        kill_server(server)
+        pytest.fail("mlflow server did not become healthy in 90 s")
+    try:
+        yield url, server
+    finally:
+        kill_server(server)
+
+
+def kill_server(server: subprocess.Popen) -> None:
+    """SIGKILL to the server and its worker processes (killing the parent alone leaves a worker serving)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(server.pid, signal.SIGKILL)
+    server.wait(timeout=30)
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    with start_mlflow_server(tmp_path) as (url, _):
+        yield url
 
 
 def run_cli(*args: str, env: dict | None = None, cwd: Path = PROJECT_ROOT, timeout: float = 600):

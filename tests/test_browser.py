@@ -12,7 +12,6 @@ import pytest
 
 from conftest import run_cli, runs_of
 from pipeline.config import PROJECT_ROOT
-from test_launchers import mlflow_server  # noqa: F401  (the server fixture)
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
 
@@ -34,7 +33,7 @@ def browser():
         launched.close()
 
 
-def test_experiment_page_lists_every_formulation_and_the_report_renders(tmp_path, data_dir, mlflow_server, browser):  # noqa: F811
+def test_experiment_page_lists_every_formulation_and_the_report_renders(tmp_path, data_dir, mlflow_server, browser):
     result = run_cli("pipeline.run", "-m", "loss=probs,logits,probs_naive", "seed=0", "train.epochs=2",
                      f"data_dir={data_dir}", "study=browser", f"reports_dir={tmp_path / 'reports'}",
                      f"hydra.sweep.dir={tmp_path / 'sweep'}", env={"MLFLOW_TRACKING_URI": mlflow_server})

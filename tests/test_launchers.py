@@ -3,18 +3,13 @@
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import mlflow
 import numpy as np
 import pytest
 
-from conftest import run_cli, runs_of
+from conftest import run_cli, runs_of, start_mlflow_server
 
 pytestmark = pytest.mark.slow
 
@@ -27,9 +22,9 @@ def study_runs(uri: str):
     return parents[0], children
 
 
-def sweep(tmp_path: Path, data_dir: str, uri: str, *overrides: str):
+def sweep(tmp_path: Path, data_dir: str, uri: str, *overrides: str, env: dict | None = None):
     result = run_cli("pipeline.run", "-m", "train.epochs=1", f"data_dir={data_dir}",
-                     f"hydra.sweep.dir={tmp_path / 'sweep'}", *overrides, env={"MLFLOW_TRACKING_URI": uri})
+                     f"hydra.sweep.dir={tmp_path / 'sweep'}", *overrides, env={"MLFLOW_TRACKING_URI": uri, **(env or {})})
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 
@@ -57,40 +52,6 @@ def test_eight_parallel_jobs_into_a_fresh_store_lose_no_run(tmp_path, data_dir):
     assert parent.info.status == "FINISHED"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture
-def mlflow_server(tmp_path):
-    port = free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}", "--artifacts-destination", str(tmp_path / "artifacts"),
-         "--workers", "1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        # MLflow 3's server otherwise starts ~8 background job workers (GenAI features) on 2 cores.
-        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-                if response.status == 200:
-                    break
-        except OSError:
-            time.sleep(0.5)
-    else:
-        server.kill()
-        pytest.fail("mlflow server did not become healthy in 90 s")
-    yield url
-    server.terminate()
-    server.wait(timeout=30)
-
-
 def test_eight_parallel_jobs_against_a_real_mlflow_server_round_trip(tmp_path, data_dir, mlflow_server):
     result = sweep(tmp_path, data_dir, mlflow_server, "loss=probs,logits,probs_naive", "seed=0,1,2", "study=served",
                    "hydra/launcher=joblib", "hydra.launcher.n_jobs=8", f"reports_dir={tmp_path / 'reports'}")
@@ -111,3 +72,26 @@ def test_eight_parallel_jobs_against_a_real_mlflow_server_round_trip(tmp_path, d
                                                       dst_path=str(tmp_path / "download")))
     assert "Study `served`" in report.read_text()
     assert "report:" in result.stdout
+
+
+def test_an_authenticated_server_takes_a_sweep_with_credentials_and_refuses_one_without(tmp_path, data_dir):
+    """MLflow's own basic-auth app: jobs pass credentials through MLFLOW_TRACKING_USERNAME/_PASSWORD."""
+    ini = tmp_path / "basic_auth.ini"
+    ini.write_text(f"[mlflow]\ndefault_permission = READ\ndatabase_uri = sqlite:///{tmp_path / 'auth.db'}\n"
+                   "admin_username = admin\nauthorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
+    with start_mlflow_server(tmp_path, "--app-name", "basic-auth",
+                             env={"MLFLOW_AUTH_CONFIG_PATH": str(ini), "MLFLOW_AUTH_ADMIN_PASSWORD": "a-long-test-secret-42",
+                                  "MLFLOW_FLASK_SERVER_SECRET_KEY": "test-csrf-key"}) as (url, _):
+        refused = run_cli("pipeline.run", "-m", "loss=logits", "seed=0", "train.epochs=1", f"data_dir={data_dir}",
+                          f"hydra.sweep.dir={tmp_path / 'refused'}", env={"MLFLOW_TRACKING_URI": url})
+        assert refused.returncode != 0
+        assert "credentials missing or wrong" in refused.stderr and "Traceback" not in refused.stderr
+        credentials = {"MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": "a-long-test-secret-42"}
+        os.environ.update(credentials)  # for this test's own client below
+        try:
+            sweep(tmp_path, data_dir, url, "loss=probs,logits", "seed=0", env=credentials)
+            parent, children = study_runs(url)
+        finally:
+            for key in credentials:
+                os.environ.pop(key, None)
+    assert len(children) == 2 and all(r.info.status == "FINISHED" for r in children)

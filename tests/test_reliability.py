@@ -14,7 +14,7 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from conftest import run_cli, runs_of
+from conftest import free_port, kill_server, run_cli, runs_of, start_mlflow_server
 from pipeline.config import PROJECT_ROOT
 
 pytestmark = pytest.mark.slow
@@ -233,3 +233,35 @@ def test_report_cli_never_creates_a_store_where_none_is(tmp_path):
     result = run_cli("pipeline.report", "--study", "x", "--tracking-uri", f"sqlite:///{missing}")
     assert result.returncode == 2 and f"there is no MLflow store at {missing}" in result.stderr
     assert not missing.parent.exists()
+
+
+def test_a_tracking_server_that_dies_mid_run_fails_the_run_within_its_limit(tmp_path, data_dir):
+    """Killed at the epoch a real server has seen; the run gives up after tracking.give_up_seconds, in one
+    line, keeps its checkpoint; once the server is back, the next invocation marks the run FAILED."""
+    port = free_port()
+    limits = ["tracking.timeout_seconds=2", "tracking.give_up_seconds=8"]
+    with start_mlflow_server(tmp_path, port=port) as (url, server):
+        from pipeline.tracking import prepare_store
+
+        prepare_store(url, "fromlogits")
+        process = subprocess.Popen(
+            [sys.executable, "-m", "pipeline.run", f"data_dir={data_dir}", f"hydra.run.dir={tmp_path / 'out'}",
+             f"checkpoints_dir={tmp_path / 'checkpoints'}", FAST_FLUSH, "train.epochs=3000", *limits],
+            cwd=PROJECT_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env={**os.environ, "MLFLOW_TRACKING_URI": url})
+        wait_for_training(tmp_path)
+        kill_server(server)
+        killed = time.monotonic()
+        _, stderr = process.communicate(timeout=120)
+        gave_up = time.monotonic() - killed
+    assert process.returncode == 2, stderr[-2000:]
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("error: the tracking store did not accept metrics for") and "checkpoint is kept" in last
+    assert gave_up < 8 + 2 * 2 + 15  # the limit, one request timeout either side, start-up slack; not minutes
+    assert list((tmp_path / "checkpoints").glob("*/state.npz"))
+
+    with start_mlflow_server(tmp_path, port=port) as (url, _):
+        nxt = cli(tmp_path, data_dir, url, "train.epochs=1", "seed=1", "resume=false", name="next")
+        assert nxt.returncode == 0 and "marked 1 stale RUNNING run(s) FAILED" in nxt.stdout
+        (stale,) = [r for r in runs_of(url) if r.data.params.get("seed") == "0"]
+        assert stale.info.status == "FAILED"
