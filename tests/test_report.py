@@ -157,3 +157,17 @@ def test_a_setting_uses_only_its_own_seed_pairs():
     s = Setting({}, [run("logits", 0, 1.0), run("logits", 1, 1.0), run("probs_naive", 1, 2.0)])
     c = analyse(s).comparison("probs_naive", "test_nll")
     assert c.n == 1 and "too few to decide" in sentence(c)
+
+
+def test_the_readmes_findings_table_is_what_the_committed_command_makes():
+    """The README's table cannot drift from the pipeline's measurement: it is generated from docs/findings.json."""
+    import json
+
+    from pipeline.config import PROJECT_ROOT
+    from pipeline.report.findings import FINDINGS_BEGIN, FINDINGS_END, table
+
+    readme = (PROJECT_ROOT / "README.md").read_text()
+    shown = readme[readme.index(FINDINGS_BEGIN) + len(FINDINGS_BEGIN):readme.index(FINDINGS_END)].strip()
+    expected = table(json.loads((PROJECT_ROOT / "docs" / "findings.json").read_text()))
+    assert shown == expected, "README's findings table is stale: run `python -m pipeline.report.findings " \
+                              "docs/findings.json --readme README.md`"

@@ -183,6 +183,24 @@ def summary_metrics(report: Report) -> dict[str, float]:
     return summary
 
 
+def findings(report: Report) -> dict:
+    """What the README's findings table is made of (pipeline/report/findings.py): per setting, what the
+    loss consumed and each arm's test-NLL effect against logits, as the report states them."""
+    settings = []
+    for result in report.results:
+        effects = {}
+        for arm in COMPARED:
+            c = result.comparison(arm, "test_nll")
+            if c is None:
+                continue
+            effects[arm] = {"identical": c.identical, "shown": c.shown, "roundoff": c.roundoff, "n": c.n,
+                            "higher": c.higher, "lower": c.lower, "p_holm": c.p_holm,
+                            "ratio": None if c.ratio is None else [c.ratio.estimate, c.ratio.low, c.ratio.high]}
+        settings.append({"label": result.setting.label, "effective": result.effective,
+                         "means": result.means["test_nll"], "test_nll": effects})
+    return {"study": report.study, "parent_run_id": report.parent_run_id, "settings": settings}
+
+
 def build_report(uri: str, reports_dir: Path, experiment: str | None = None, study: str | None = None,
                  parent_run_id: str | None = None, out_dir: Path | None = None) -> Report:
     """Reads a study's runs, writes its report folder (`out_dir`, default <reports_dir>/<study>) whole or
@@ -206,6 +224,7 @@ def build_report(uri: str, reports_dir: Path, experiment: str | None = None, stu
         report.summary = summary_metrics(report)
         render.write(report, staging)
         write_json(staging / "metrics.json", report.summary)
+        write_json(staging / "findings.json", findings(report))
     report.folder = folder
     log_report(uri, data.parent_run_id, report.summary, folder)
     return report
