@@ -32,9 +32,10 @@ class Interrupted(KeyboardInterrupt):
 
 
 def install_stop_handlers() -> None:
+    if threading.current_thread() is not threading.main_thread():
+        return  # Python takes signal handlers in the main thread only; a thread pool's job keeps the defaults
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
-
 
 
 def interruptible(work: Callable[[], T]) -> T:

@@ -16,6 +16,7 @@ from typing import TextIO
 
 STUDY_JOBS_ENV = "FROMLOGITS_STUDY_JOBS"
 STUDY_STARTED_ENV = "FROMLOGITS_STUDY_STARTED"
+STUDY_WORKERS_ENV = "FROMLOGITS_STUDY_WORKERS"  # jobs the launcher runs at once
 
 
 def clock(seconds: float) -> str:
@@ -42,6 +43,7 @@ class EpochProgress:
         jobs = os.environ.get(STUDY_JOBS_ENV)
         self.study_jobs = int(jobs) if jobs and self.job is not None else None
         self.study_started = float(os.environ.get(STUDY_STARTED_ENV, time.time()))
+        self.workers = max(1, int(os.environ.get(STUDY_WORKERS_ENV, "1")))
 
     def line(self, epoch: int, metrics: dict) -> str:
         elapsed = time.monotonic() - self.started
@@ -50,8 +52,10 @@ class EpochProgress:
         parts = []
         if self.study_jobs:
             study_elapsed = time.time() - self.study_started
-            finished_jobs = self.job + done / max(1, self.epochs - self.first_epoch + 1)
-            study_left = study_elapsed / finished_jobs * (self.study_jobs - finished_jobs) if finished_jobs > 0 else 0.0
+            # With w workers, job j starts after about j / w job-durations: the study lasts jobs / w of them.
+            job_durations = self.job // self.workers + done / max(1, self.epochs - self.first_epoch + 1)
+            per_job = study_elapsed / job_durations if job_durations > 0 else 0.0
+            study_left = max(0.0, per_job * self.study_jobs / self.workers - study_elapsed)
             parts.append(f"job {self.job + 1}/{self.study_jobs} (study {clock(study_elapsed)}, ~{clock(study_left)} left)")
         parts.append(f"{self.name} epoch {epoch}/{self.epochs}")
         parts.append(f"loss {metrics.get('train_epoch_loss', float('nan')):.4g}")

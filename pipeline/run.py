@@ -29,7 +29,14 @@ def main(dcfg: DictConfig) -> float | None:
     from pipeline import study
     from pipeline.keras_backend import run_elsewhere, select
 
+    from pipeline.interrupt import Interrupted, install_stop_handlers, stop_requested
+
     in_sweep = HydraConfig.get().mode is RunMode.MULTIRUN
+    in_worker = in_sweep and study.active_study() is None  # a launcher's worker process, not the launching one
+    if in_worker:
+        install_stop_handlers()  # a launcher's worker: Ctrl-C reaches it too
+        if stop_requested.is_set():
+            return None  # the sweep was interrupted: start nothing new
     parent_run_id = os.environ.get(study.PARENT_RUN_ENV) if in_sweep else None
     job = HydraConfig.get().job.num if in_sweep else None
     output_dir = Path(dcfg.output_dir or HydraConfig.get().runtime.output_dir)
@@ -42,9 +49,11 @@ def main(dcfg: DictConfig) -> float | None:
         from pipeline import stages
 
         metrics = stages.run_configuration(cfg, output_dir, parent_run_id, job)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as error:
         print("interrupted: the run ended KILLED with its persisted epochs and a checkpoint; "
               "run the same command again to resume it", file=sys.stderr, flush=True)
+        if in_worker and isinstance(error, Interrupted):
+            return None  # stopped at an epoch boundary; the launching process ends the study KILLED
         study.end_active_study(KeyboardInterrupt())
         sys.stdout.flush()
         os._exit(EXIT_INTERRUPTED)  # the training thread may still be inside TensorFlow: do not wait for it
