@@ -28,8 +28,10 @@ def timed(*command: str) -> float:
 
 def main() -> int:
     sys.path.insert(0, str(ROOT))
-    imports = timed(sys.executable, "-c", "import pipeline.run, pipeline.train, pipeline.evaluate, pipeline.compare, mlflow")
-    wall = {study: timed(sys.executable, "-m", "pipeline.run", "-m", f"experiment={study}") for study in STUDIES}
+    imports = timed(sys.executable, "-c", "import pipeline.run, pipeline.train, pipeline.evaluate, pipeline.report, mlflow")
+    # One job at a time, so that the per-run seconds add up to the wall time.
+    wall = {study: timed(sys.executable, "-m", "pipeline.run", "-m", f"experiment={study}", "hydra/launcher=basic")
+            for study in STUDIES}
 
     from mlflow.tracking import MlflowClient
 
@@ -44,7 +46,7 @@ def main() -> int:
                                        order_by=["attributes.start_time DESC"], max_results=1)
         children = client.search_runs([experiment.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
         parts = {k: sum(r.data.metrics.get(f"seconds_{k}", 0.0) for r in children) for k in ["data", "train", "evaluate", "logging"]}
-        parts["compare"] = parent.data.metrics.get("seconds_compare", 0.0)
+        parts["compare"] = parent.data.metrics.get("seconds_report", 0.0)
         other = wall[study] - imports - sum(parts.values())
         print(f"{study:<14} {wall[study]:>7.1f} {len(children):>5} {imports:>8.1f} {parts['data']:>6.1f} {parts['train']:>7.1f} "
               f"{parts['evaluate']:>9.1f} {parts['logging']:>8.1f} {parts['compare']:>8.1f} {other:>6.1f}")

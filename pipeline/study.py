@@ -114,6 +114,7 @@ class StudyCallback(Callback):
         cfg = validate(config)
         # A named study's report goes to <reports_dir>/<study>; an ad-hoc sweep's stays in its sweep dir.
         out_dir = Path(config.hydra.sweep.dir) / "report" if cfg.study is None else Path(cfg.reports_dir) / cfg.study
+        report_started = time.monotonic()
         try:
             report = build_report(self.uri, Path(cfg.reports_dir), parent_run_id=self.study.run_id, out_dir=out_dir)
         except Exception as error:
@@ -121,6 +122,9 @@ class StudyCallback(Callback):
             print(f"error: the study's report failed: {error}", file=sys.stderr, flush=True)
             # Hydra turns a callback's exception into a warning; a failed report must fail the command.
             sys.exit(1)
+        from mlflow.tracking import MlflowClient
+
+        MlflowClient(self.uri).log_metric(self.study.run_id, "seconds_report", time.monotonic() - report_started)
         print_report(report)
         print(f"study took {time.monotonic() - self.started:.0f} s", flush=True)
         _failed_jobs = len(report.failed)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 
 from pipeline.config import count_jobs, sweep_values
-from pipeline.progress import STUDY_JOBS_ENV, STUDY_STARTED_ENV, EpochProgress, clock
+from pipeline.progress import STUDY_JOBS_ENV, STUDY_STARTED_ENV, STUDY_WORKERS_ENV, EpochProgress, clock
 
 METRICS = {"train_epoch_loss": 0.5, "val_nll_float64": 0.25, "val_clipped_fraction": 0.125}
 
@@ -62,3 +62,15 @@ def test_sweep_size_is_the_product_of_the_sweeps_and_the_command_line_wins():
 
 def test_clock_format():
     assert (clock(5), clock(65), clock(3725)) == ("0:05", "1:05", "1:02:05")
+
+
+def test_the_study_estimate_counts_parallel_workers(monkeypatch):
+    """Job 5 of 20 (0-based 4) on 2 workers, half done, 25 s into the study: 2.5 job-durations of 10 s each
+    have passed; the study lasts 20 / 2 = 10 of them, so 75 s are left (not the 325 s a serial count gives)."""
+    monkeypatch.setenv(STUDY_JOBS_ENV, "20")
+    monkeypatch.setenv(STUDY_WORKERS_ENV, "2")
+    monkeypatch.setenv(STUDY_STARTED_ENV, "1000")
+    monkeypatch.setattr("pipeline.progress.time.time", lambda: 1025.0)
+    out = io.StringIO()
+    EpochProgress("probs-seed4", epochs=10, job=4, stream=out, interactive=False)(5, METRICS)
+    assert out.getvalue().startswith("job 5/20 (study 0:25, ~1:15 left)")
