@@ -35,7 +35,7 @@ class Classifier:
     @cached_property
     def features(self) -> keras.Model:
         """Inputs -> activations that feed the output layer."""
-        return keras.Model(self.model.inputs, self.output_layer.input)
+        return keras.Model(self.model.input, self.output_layer.input)
 
     def outputs_and_logits(self, x, training: bool = False):
         """The model's outputs (as the loss sees them) and its float32 logits, from one forward pass."""

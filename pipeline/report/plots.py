@@ -138,9 +138,11 @@ def plot_atlas(rows: list[str], columns: list[str], ratio: np.ndarray, shown: np
             if shown[i, j]:
                 text += " *"
                 ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="black", linewidth=2))
-            ax.text(j, i, f"{text}\n{notes[i][j]}", ha="center", va="center", fontsize=7)
+            dark = math.isfinite(value) and value > 0 and abs(math.log(value)) > 0.6 * math.log(span)
+            ax.text(j, i, f"{text}\n{notes[i][j]}", ha="center", va="center", fontsize=7,
+                    color="white" if dark else "black")
     ax.set_xticks(range(len(columns)), columns, fontsize=8)
     ax.set_yticks(range(len(rows)), rows, fontsize=7)
-    fig.colorbar(image, ax=ax, label="test NLL ratio arm / logits (geometric mean over seeds, log scale)")
+    fig.colorbar(image, ax=ax, label="test NLL ratio arm / logits\n(geometric mean over seeds)")
     ax.set_title(f"{title}\n* and outline: effect shown by the report's decision rule", fontsize=9)
     return _save(fig, path)
