@@ -36,7 +36,9 @@ def test_groups_offer_what_the_readme_promises():
     assert {"mnist_sample", "mnist_sample_binary", "mnist", "mnist_binary", "fashion_mnist"} <= set(options("dataset"))
     assert options("model") == ["seed_relu", "seed_sigmoid"]
     assert options("precision") == ["float32", "mixed_bfloat16", "mixed_float16"]
-    assert options("experiment") == ["atlas", "high_lr", "mixed_float16", "raw_pixels", "seed_logistic", "seed_mnist"]
+    assert options("experiment") == ["atlas", "backends", "high_lr", "mixed_float16", "raw_pixels", "seed_logistic",
+                                     "seed_mnist"]
+    assert options("backend") == ["jax", "tensorflow"]
     assert options("task") == ["logistic", "multiclass"]
 
 

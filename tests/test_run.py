@@ -67,7 +67,7 @@ def test_logged_model_loads_back_and_predicts_probabilities(finished_run, data_d
 
 BAD_INPUT = [
     ("loss=prob", "loss=prob is not accepted: expected one of logits, probs, probs_naive"),
-    ("experiment=nope", "experiment=nope is not accepted: expected one of atlas, high_lr, mixed_float16, raw_pixels, seed_logistic, seed_mnist"),
+    ("experiment=nope", "experiment=nope is not accepted: expected one of atlas, backends, high_lr, mixed_float16, raw_pixels, seed_logistic, seed_mnist"),
     ("train.epochs=0", "train.epochs=0 is not accepted: expected a whole number > 0"),
     ("train.batch_size=0", "train.batch_size=0 is not accepted: expected a whole number > 0"),
     ("train.learning_rate=-1e-3", "train.learning_rate=-0.001 is not accepted: expected a number > 0"),
