@@ -123,8 +123,17 @@ def log_inputs(record: RunRecord, dataset: DatasetRef, splits: Splits) -> None:
                                           "local")
     data = mlflow.data.from_numpy(splits.x_train, targets=splits.y_train, name=dataset.name, digest=digest[:8],
                                   source=source)
-    mlflow.log_input(data, context="training", tags={"version": dataset.version, "sha256": digest,
-                                                     **{k.split(".")[1]: str(v) for k, v in sizes.items()}})
+    tags = {"version": dataset.version, "sha256": digest, **{k.split(".")[1]: str(v) for k, v in sizes.items()}}
+    for attempt in range(3):
+        try:
+            mlflow.log_input(data, context="training", tags=tags)
+            return
+        except Exception as error:  # an MlflowException or SQLAlchemy's IntegrityError, by store
+            # Parallel jobs' first log_input of one dataset race to create its row (SQLite: UNIQUE constraint
+            # failed); the loser finds the row on the next try.
+            if "UNIQUE constraint" not in str(error) or attempt == 2:
+                raise
+            time.sleep(0.2 * (attempt + 1))
 
 
 def unflatten(params: dict[str, str]) -> dict:
