@@ -22,10 +22,14 @@ study: setup
 test: setup
 	$(PY) -m pytest
 
-# The MLflow UI on the local store. Its background job workers serve GenAI features this project does not use.
+# The MLflow UI on the local store (make ui UI_PORT=5001 for another port). Its background job workers
+# serve GenAI features this project does not use.
+UI_PORT ?= 5000
 ui: setup
+	@$(PY) -c "import socket, sys; busy = socket.socket().connect_ex(('127.0.0.1', $(UI_PORT))) == 0; \
+		sys.exit('error: port $(UI_PORT) is in use; run make ui UI_PORT=<another port>' if busy else 0)"
 	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(PY) -m mlflow ui --backend-store-uri sqlite:///$(STORE)/mlflow.db \
-		--default-artifact-root $(STORE)/artifacts --host 127.0.0.1 --port 5000
+		--default-artifact-root $(STORE)/artifacts --host 127.0.0.1 --port $(UI_PORT)
 
 clean-outputs:
 	rm -rf outputs multirun reports
