@@ -47,6 +47,14 @@ def data_dir(tmp_path_factory) -> str:
     return str(path)
 
 
+def study_runs(uri: str, experiment: str = "fromlogits"):
+    """The store's one study parent run and its children."""
+    runs = runs_of(uri, experiment)
+    parents = [r for r in runs if r.data.tags.get("role") == "study"]
+    assert len(parents) == 1, [p.info.run_name for p in parents]
+    return parents[0], [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

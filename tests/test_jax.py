@@ -14,7 +14,7 @@ import mlflow
 import numpy as np
 import pytest
 
-from conftest import run_cli, runs_of
+from conftest import run_cli, runs_of, study_runs
 from pipeline.config import PROJECT_ROOT
 
 pytestmark = pytest.mark.slow
@@ -48,9 +48,7 @@ def mixed_sweep(tmp_path_factory, data_dir):
 
 def test_a_basic_sweep_mixing_backends_runs_each_job_on_its_backend(mixed_sweep):
     uri, root, _ = mixed_sweep
-    runs = runs_of(uri)
-    (parent,) = [r for r in runs if r.data.tags.get("role") == "study"]
-    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    parent, children = study_runs(uri)
     assert all(r.info.status == "FINISHED" for r in children) and parent.info.status == "FINISHED"
     effective = {(r.data.tags["backend"], r.data.tags["formulation"]): r.data.tags["effective_from_logits"] for r in children}
     # Probed per run: Keras rescues the note's original code on TensorFlow only.

@@ -9,17 +9,9 @@ import mlflow
 import numpy as np
 import pytest
 
-from conftest import run_cli, runs_of, start_mlflow_server
+from conftest import run_cli, start_mlflow_server, study_runs
 
 pytestmark = pytest.mark.slow
-
-
-def study_runs(uri: str):
-    runs = runs_of(uri)
-    parents = [r for r in runs if r.data.tags.get("role") == "study"]
-    assert len(parents) == 1
-    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
-    return parents[0], children
 
 
 def sweep(tmp_path: Path, data_dir: str, uri: str, *overrides: str, env: dict | None = None):

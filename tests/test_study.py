@@ -8,7 +8,7 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from conftest import run_cli, runs_of
+from conftest import run_cli, runs_of, study_runs
 
 pytestmark = pytest.mark.slow
 
@@ -31,9 +31,7 @@ def study(tmp_path_factory, data_dir):
 
 def test_one_parent_run_with_every_arm_and_seed_as_children(study):
     uri, _, _ = study
-    runs = runs_of(uri)
-    (parent,) = [r for r in runs if r.data.tags.get("role") == "study"]
-    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    parent, children = study_runs(uri)
     assert parent.info.status == "FINISHED" and parent.data.tags["study"] == "tiny"
     assert sorted((r.data.tags["formulation"], r.data.tags["seed"]) for r in children) == sorted(
         (f, s) for f in ["probs", "logits", "probs_naive"] for s in ["0", "1"])
