@@ -51,6 +51,10 @@ def test_experiment_page_lists_every_formulation_and_the_report_renders(tmp_path
         "button[data-component-id*='runnamecellrenderer']").click()
     for arm in ARMS:
         page.get_by_text(f"{arm}-seed0", exact=True).first.wait_for(timeout=20_000)
+    # The Dataset column, filled by each run's mlflow.log_input: one entry per child run.
+    datasets = page.get_by_text("mnist_sample", exact=False)
+    datasets.first.wait_for(timeout=20_000)
+    assert datasets.count() >= len(ARMS)
     page.screenshot(path=str(SHOTS / "mlflow_experiment.png"))
 
     page.goto(f"{mlflow_server}/#/experiments/{experiment}/runs/{parent.info.run_id}/artifacts/report/report.html",
@@ -65,7 +69,7 @@ def test_experiment_page_lists_every_formulation_and_the_report_renders(tmp_path
     text = _text(report)
     assert "Study browser: probabilities or logits?" in text
     assert all(arm in text for arm in ARMS)
-    assert report.locator("img").count() == 4  # the embedded plots
+    assert report.locator("img").count() == 5  # the embedded plots: the atlas and four per setting
     page.screenshot(path=str(SHOTS / "mlflow_report.png"))
 
     # The built-in compare view, with the study's children side by side.
