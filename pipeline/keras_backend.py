@@ -98,14 +98,14 @@ def serve() -> int:
 
     register_configs()
     install_stop_handlers()
+    from pipeline import stages  # after KERAS_BACKEND is set: stages imports Keras
+
     replies = os.fdopen(int(os.environ[REPLY_FD_ENV]), "w")
     with initialize_config_dir(config_dir=str(PROJECT_ROOT / "conf"), version_base="1.3"):
         for line in sys.stdin:
             request = json.loads(line)
             dcfg = compose(config_name="config", overrides=request["overrides"])
             try:
-                from pipeline import stages
-
                 result = stages.run_configuration(validate(dcfg), Path(request["output_dir"]), request["parent_run_id"],
                                                   request["job"])
                 answer = {"run_id": result["run_id"], "test_nll": result["test_nll"]}
@@ -113,10 +113,7 @@ def serve() -> int:
                 sys.stdout.flush()
                 os._exit(130)  # the training thread may still be inside the backend: do not wait for it
             except Exception as error:  # noqa: BLE001 - recorded like any failed sweep job; the sweep goes on
-                from pipeline import stages
-
                 stages.record_job_failure(dcfg, request["parent_run_id"], " ".join(request["overrides"]), error)
-                print(f"job failed: {error}", file=sys.stderr, flush=True)
                 answer = {"failed": str(error)}
             replies.write(json.dumps(answer) + "\n")
             replies.flush()

@@ -62,7 +62,6 @@ def main(dcfg: DictConfig) -> float | None:
             from pipeline import stages
 
             stages.record_job_failure(dcfg, parent_run_id, " ".join(HydraConfig.get().overrides.task), error)
-            print(f"job failed: {error}", file=sys.stderr, flush=True)
             return None
         if isinstance(error, PipelineError):
             print(f"error: {error}", file=sys.stderr)

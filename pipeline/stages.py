@@ -88,7 +88,7 @@ def run_configuration(cfg: Config, output_dir: Path, parent_run_id: str | None =
                 print(f"resuming run {resume_id} from its checkpoint ({folder})", flush=True)
             else:
                 with clock("logging"):
-                    log_inputs(record, dataset, splits)
+                    log_inputs(cfg, record, dataset, splits)
             first_epoch = checkpoint.epoch() + 1 if resume_id else 1
             progress = EpochProgress(record.name, cfg.train.epochs, first_epoch=first_epoch, job=job)
             with clock("train"):
@@ -107,14 +107,14 @@ def run_configuration(cfg: Config, output_dir: Path, parent_run_id: str | None =
 # --- the stages, each logging into the active run -------------------------------------------------------
 
 
-def log_inputs(record: RunRecord, dataset: DatasetRef, splits: Splits) -> None:
+def log_inputs(cfg: Config, record: RunRecord, dataset: DatasetRef, splits: Splits) -> None:
     """The run's params (the typed config, flattened), its config file, and its dataset as an MLflow input."""
     from omegaconf import OmegaConf
 
     sizes = {"split.train_examples": len(splits.x_train), "split.val_examples": len(splits.x_val),
              "split.test_examples": len(splits.x_test)}
     mlflow.log_params({**record.params, **sizes})
-    mlflow.log_text(OmegaConf.to_yaml(OmegaConf.create(unflatten(record.params))), "config.yaml")
+    mlflow.log_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)), "config.yaml")  # typed, unlike the params
     digest = dataset.checksum or hashlib.sha256(splits.x_train.tobytes() + splits.y_train.tobytes()).hexdigest()
     from mlflow.data.dataset_source_registry import get_dataset_source_from_json
 
@@ -134,17 +134,6 @@ def log_inputs(record: RunRecord, dataset: DatasetRef, splits: Splits) -> None:
             if "UNIQUE constraint" not in str(error) or attempt == 2:
                 raise
             time.sleep(0.2 * (attempt + 1))
-
-
-def unflatten(params: dict[str, str]) -> dict:
-    tree: dict = {}
-    for key, value in params.items():
-        node = tree
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return tree
 
 
 def train_into_run(cfg: Config, run_id: str, splits: Splits, checkpoint: Checkpoint | None = None,
@@ -234,7 +223,11 @@ def summary_line(run_id: str, name: str, result: TrainResult, metrics: dict[str,
 
 
 def record_job_failure(dcfg, parent_run_id: str | None, overrides: str, error: BaseException) -> None:
-    """Puts a sweep job that failed before its run opened on record, so the study's report names it."""
+    """Says that a sweep job failed and, if it failed before its run opened, puts it on record, so the
+    study's report names it."""
+    import sys
+
+    print(f"job failed: {error}", file=sys.stderr, flush=True)
     from pipeline.config import ConfigError, validate
     from pipeline.record import identity_tags
     from pipeline.tracking import record_failed_job
