@@ -17,7 +17,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from pipeline.config import PipelineError, precheck_overrides, register_configs, validate
+from pipeline.config import PipelineError, register_configs, validate
+from pipeline.config.overrides import precheck_overrides
 
 register_configs()
 

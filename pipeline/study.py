@@ -17,7 +17,8 @@ from pathlib import Path
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline.config import count_jobs, sweep_values, validate
+from pipeline.config import validate
+from pipeline.config.overrides import count_jobs, sweep_values
 from pipeline.progress import STUDY_JOBS_ENV, STUDY_STARTED_ENV, STUDY_WORKERS_ENV
 
 PARENT_RUN_ENV = "FROMLOGITS_PARENT_RUN_ID"

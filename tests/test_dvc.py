@@ -93,7 +93,7 @@ def test_re_preparing_the_data_does_not_retrain(repo):
 
 
 def test_an_edit_to_any_pipeline_module_makes_its_stages_stale(repo):
-    module = repo / "pipeline" / "tracking.py"
+    module = repo / "pipeline" / "tracking" / "runs.py"
     original = module.read_text()
     module.write_text(original + "\n# an edit\n")
     try:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 
-from pipeline.config import count_jobs, sweep_values
+from pipeline.config.overrides import count_jobs, sweep_values
 from pipeline.progress import STUDY_JOBS_ENV, STUDY_STARTED_ENV, STUDY_WORKERS_ENV, EpochProgress, clock
 
 METRICS = {"train_epoch_loss": 0.5, "val_nll_float64": 0.25, "val_clipped_fraction": 0.125}

@@ -183,7 +183,7 @@ def test_a_deleted_run_does_not_block_its_configuration(tmp_path, data_dir):
     # epochs changed too: a new configuration; the same one must also start over cleanly
     again = cli(tmp_path, data_dir, uri, *config, name="again")
     assert rerun.returncode == 0 and again.returncode == 0, again.stderr[-2000:]
-    assert f"discarding the checkpoint" in again.stdout and killed.info.run_id in again.stdout
+    assert "discarding the checkpoint" in again.stdout and killed.info.run_id in again.stdout
     assert [r.info.status for r in runs_of(uri)] == ["FINISHED", "FINISHED"]
 
 

@@ -89,13 +89,13 @@ BAD_INPUT = [
 
 @pytest.mark.parametrize("overrides,expected", BAD_INPUT)
 def test_every_bad_override_is_one_line_naming_the_value(overrides, expected):
-    from pipeline.config import precheck_overrides
+    from pipeline.config.overrides import precheck_overrides
 
     assert precheck_overrides(overrides.split()).startswith(expected)
 
 
 def test_good_overrides_pass_the_precheck():
-    from pipeline.config import precheck_overrides
+    from pipeline.config.overrides import precheck_overrides
 
     assert precheck_overrides(["-m", "experiment=seed_mnist", "loss=probs,logits", "seed=range(3)", "hydra/launcher=joblib"]) is None
 

@@ -4,14 +4,13 @@ Imports no TensorFlow, so composing and checking a config takes well under a sec
 
 OmegaConf checks types when a config is composed or overridden (`train.epochs=ten` fails there); the
 `__post_init__` checks below run when `validate` turns the composed config into these dataclasses, so
-an out-of-range value fails before any data is touched or any MLflow run is opened. `precheck_overrides`
-does both for every value of a sweep before Hydra starts, and reports the first problem in one line.
+an out-of-range value fails before any data is touched or any MLflow run is opened.
+`pipeline/config/overrides.py` does both for every value of a sweep before Hydra starts.
 """
 
 from __future__ import annotations
 
 import enum
-import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +19,7 @@ from typing import Any, List, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 
 def shared_project_root() -> Path:
@@ -73,19 +72,6 @@ def check_name(key: str, value: str) -> str:
 
 # "1/255" maps pixels to [0, 1]; "none" keeps raw 0..255, the setting where probabilities saturate early.
 PIXEL_SCALES = {"1/255": 1.0 / 255.0, "none": 1.0}
-
-
-class Backend(str, enum.Enum):
-    """Keras's backend; one per process (pipeline/keras_backend.py runs other jobs in a child process)."""
-
-    tensorflow = "tensorflow"
-    jax = "jax"
-
-
-class Precision(str, enum.Enum):
-    float32 = "float32"
-    mixed_float16 = "mixed_float16"
-    mixed_bfloat16 = "mixed_bfloat16"
 
 
 HIDDEN_ACTIVATIONS = ("relu", "sigmoid", "tanh", "gelu", "elu", "linear")
@@ -143,6 +129,12 @@ class TrainConfig:
         _require(self.diagnostics_examples > 0, "train.diagnostics_examples", self.diagnostics_examples, "a whole number > 0")
 
 
+class Precision(str, enum.Enum):
+    float32 = "float32"
+    mixed_float16 = "mixed_float16"
+    mixed_bfloat16 = "mixed_bfloat16"
+
+
 @dataclass
 class PrecisionConfig:
     policy: Precision = Precision.float32
@@ -150,6 +142,13 @@ class PrecisionConfig:
 
 
 DEFAULT_EXPERIMENT = "fromlogits"
+
+
+class Backend(str, enum.Enum):
+    """Keras's backend; one per process (pipeline/keras_backend.py runs other jobs in a child process)."""
+
+    tensorflow = "tensorflow"
+    jax = "jax"
 
 
 @dataclass
@@ -251,71 +250,3 @@ def validate(cfg: DictConfig) -> Config:
     if "hydra" in cfg:
         cfg = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]))
     return OmegaConf.to_object(cfg)
-
-
-# --- checking a command line's overrides ---------------------------------------------------------------
-
-
-def sweep_values(lines: list[str]) -> tuple[list[str], dict[str, list[str]]]:
-    """Hydra override lines as (fixed overrides, {swept key: its values}); a later sweep of a key
-    replaces an earlier one, as Hydra's basic sweeper does. Raises OverrideParseException."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    fixed, sweeps = [], {}
-    for override in OverridesParser.create().parse_overrides(lines):
-        if override.key_or_group.startswith("hydra"):
-            continue
-        if override.is_sweep_override():
-            sweeps[override.get_key_element()] = list(override.sweep_string_iterator())
-        else:
-            fixed.append(override.input_line)
-    return fixed, sweeps
-
-
-def count_jobs(sweeps: dict[str, list[str]]) -> int:
-    """How many jobs the basic sweeper launches: the product of the sweeps' lengths."""
-    return math.prod(len(values) for values in sweeps.values())
-
-
-def composition_error(override: str, error: Exception) -> str:
-    """Hydra's multi-line composition error as one line naming the value and what is accepted."""
-    from hydra.errors import MissingConfigException
-
-    message = str(error)
-    if isinstance(error, MissingConfigException) and "Available options in" in message:
-        options = [line.strip() for line in message.split("Available options in", 1)[1].splitlines()[1:]
-                   if line.startswith("\t") and "provider=" not in line]
-        return f"{override} is not accepted: expected one of {', '.join(options)}"
-    cause = error.__cause__ or error
-    first = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
-    return f"{override} is not accepted: {first}"
-
-
-def precheck_overrides(argv: list[str]) -> str | None:
-    """Composes the command line's config overrides before Hydra does; returns a one-line error or None.
-
-    Hydra reports a bad override over several lines with a hint about HYDRA_FULL_ERROR; researchers
-    should instead read which value is wrong and what is accepted. Every value of a sweep is checked
-    (each with the fixed overrides), so a typo in the fifth value fails before the first job starts.
-    """
-    from hydra import compose, initialize_config_dir
-    from hydra.errors import OverrideParseException
-
-    try:
-        fixed, sweeps = sweep_values([a for a in argv if not a.startswith("-") and "=" in a])
-    except OverrideParseException as error:
-        return f"cannot parse the overrides: {str(error).splitlines()[0]}"
-    trials = [(line, fixed) for line in fixed] + [
-        (f"{key}={value}", [*fixed, f"{key}={value}"]) for key, values in sweeps.items() for value in values
-    ]
-    with initialize_config_dir(config_dir=str(PROJECT_ROOT / "conf"), version_base="1.3"):
-        for override, overrides in trials or [("(defaults)", [])]:
-            try:
-                cfg = compose(config_name="config", overrides=overrides)
-            except Exception as error:  # noqa: BLE001 - every composition error becomes one line
-                return composition_error(override, error)
-            try:
-                validate(cfg)
-            except PipelineError as error:
-                return str(error)
-    return None

@@ -1,0 +1,77 @@
+"""A command line's overrides, checked before Hydra starts, and the sweep they describe.
+
+`precheck_overrides` composes every value of a sweep with the fixed overrides and validates it, so a typo
+in the fifth value fails in one line before the first job starts; `sweep_values`/`count_jobs` expand a
+sweep the way Hydra's basic sweeper does, for the pre-check and the study's progress count alike.
+"""
+
+from __future__ import annotations
+
+import math
+
+from pipeline.config import PROJECT_ROOT, PipelineError, validate
+
+
+def sweep_values(lines: list[str]) -> tuple[list[str], dict[str, list[str]]]:
+    """Hydra override lines as (fixed overrides, {swept key: its values}); a later sweep of a key
+    replaces an earlier one, as Hydra's basic sweeper does. Raises OverrideParseException."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    fixed, sweeps = [], {}
+    for override in OverridesParser.create().parse_overrides(lines):
+        if override.key_or_group.startswith("hydra"):
+            continue
+        if override.is_sweep_override():
+            sweeps[override.get_key_element()] = list(override.sweep_string_iterator())
+        else:
+            fixed.append(override.input_line)
+    return fixed, sweeps
+
+
+def count_jobs(sweeps: dict[str, list[str]]) -> int:
+    """How many jobs the basic sweeper launches: the product of the sweeps' lengths."""
+    return math.prod(len(values) for values in sweeps.values())
+
+
+def composition_error(override: str, error: Exception) -> str:
+    """Hydra's multi-line composition error as one line naming the value and what is accepted."""
+    from hydra.errors import MissingConfigException
+
+    message = str(error)
+    if isinstance(error, MissingConfigException) and "Available options in" in message:
+        options = [line.strip() for line in message.split("Available options in", 1)[1].splitlines()[1:]
+                   if line.startswith("\t") and "provider=" not in line]
+        return f"{override} is not accepted: expected one of {', '.join(options)}"
+    cause = error.__cause__ or error
+    first = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+    return f"{override} is not accepted: {first}"
+
+
+def precheck_overrides(argv: list[str]) -> str | None:
+    """Composes the command line's config overrides before Hydra does; returns a one-line error or None.
+
+    Hydra reports a bad override over several lines with a hint about HYDRA_FULL_ERROR; researchers
+    should instead read which value is wrong and what is accepted. Every value of a sweep is checked
+    (each with the fixed overrides), so a typo in the fifth value fails before the first job starts.
+    """
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import OverrideParseException
+
+    try:
+        fixed, sweeps = sweep_values([a for a in argv if not a.startswith("-") and "=" in a])
+    except OverrideParseException as error:
+        return f"cannot parse the overrides: {str(error).splitlines()[0]}"
+    trials = [(line, fixed) for line in fixed] + [
+        (f"{key}={value}", [*fixed, f"{key}={value}"]) for key, values in sweeps.items() for value in values
+    ]
+    with initialize_config_dir(config_dir=str(PROJECT_ROOT / "conf"), version_base="1.3"):
+        for override, overrides in trials or [("(defaults)", [])]:
+            try:
+                cfg = compose(config_name="config", overrides=overrides)
+            except Exception as error:  # noqa: BLE001 - every composition error becomes one line
+                return composition_error(override, error)
+            try:
+                validate(cfg)
+            except PipelineError as error:
+                return str(error)
+    return None

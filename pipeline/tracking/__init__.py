@@ -1,0 +1,12 @@
+"""MLflow, the pipeline's one home for it: the store (`store.py`) and the life of runs (`runs.py`).
+
+Every MLflow query of the pipeline lives in this package, apart from pipeline/report/runs.py, which
+reads a study back for its report.
+"""
+
+from pipeline.tracking.runs import MetricBuffer, Study, end_status, record_failed_job, tracked_run
+from pipeline.tracking.store import (TrackingUnavailable, is_server, mark_stale_runs, prepare_store, resumable,
+                                     tracking_uri)
+
+__all__ = ["MetricBuffer", "Study", "TrackingUnavailable", "end_status", "is_server", "mark_stale_runs",
+           "prepare_store", "record_failed_job", "resumable", "tracked_run", "tracking_uri"]

@@ -1,0 +1,152 @@
+"""The life of a run and of a study, and its per-epoch metrics sent in batches.
+
+A run or study is never left RUNNING by this process: one rule (`end_status`) ends it FINISHED,
+FAILED (exception) or KILLED (interruption), for the Hydra entry point and the DVC stages alike.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import Iterator
+
+import mlflow
+from mlflow.entities import Metric, RunStatus
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from pipeline.interrupt import Interrupted, stop_requested
+from pipeline.record import STUDY_ROLE, Tag
+from pipeline.tracking.store import TrackingUnavailable, first_line, process_tags
+
+
+def end_status(error: BaseException | None) -> str:
+    """FINISHED without an error, KILLED for an interruption, FAILED for anything else."""
+    if error is None:
+        return RunStatus.to_string(RunStatus.FINISHED)
+    if isinstance(error, KeyboardInterrupt):
+        return RunStatus.to_string(RunStatus.KILLED)
+    return RunStatus.to_string(RunStatus.FAILED)
+
+
+def describe(error: BaseException) -> str:
+    return f"{type(error).__name__}: {error}"[:5000]
+
+
+@contextlib.contextmanager
+def tracked_run(uri: str, experiment_id: str, run_name: str | None = None, tags: dict[str, str] | None = None,
+                parent_run_id: str | None = None, run_id: str | None = None) -> Iterator[mlflow.ActiveRun]:
+    """An MLflow run (new, or `run_id` resumed) that ends as `end_status` says, never RUNNING."""
+    mlflow.set_tracking_uri(uri)
+    tags = {**(tags or {}), **process_tags()}
+    if parent_run_id:
+        tags[Tag.PARENT] = parent_run_id
+    if run_id:
+        run = mlflow.start_run(run_id=run_id)
+        mlflow.set_tags(tags)
+        client = MlflowClient(uri)
+        for stale_tag in (Tag.FAILED_REASON, Tag.ERROR):  # the earlier attempt's failure is history now
+            with contextlib.suppress(MlflowException):
+                client.delete_tag(run_id, stale_tag)
+    else:
+        run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=tags)
+    error: BaseException | None = None
+    try:
+        yield run
+    except BaseException as raised:
+        error = raised
+        if not isinstance(raised, KeyboardInterrupt):
+            with contextlib.suppress(Exception):
+                mlflow.set_tag(Tag.ERROR, describe(raised))
+            raised.mlflow_run_id = run.info.run_id  # lets a sweep know the failure is on record
+        raise
+    finally:
+        with contextlib.suppress(Exception) if error is not None else contextlib.nullcontext():
+            mlflow.end_run(end_status(error))
+
+
+def record_failed_job(uri: str, experiment_id: str, run_name: str, tags: dict[str, str], error: BaseException) -> str:
+    """A FAILED run for a sweep job that failed before its run was opened (missing data, a bad class)."""
+    client = MlflowClient(uri)
+    run = client.create_run(experiment_id, run_name=run_name, tags={**tags, Tag.ERROR: describe(error)})
+    client.set_terminated(run.info.run_id, RunStatus.to_string(RunStatus.FAILED))
+    return run.info.run_id
+
+
+class Study:
+    """A study's parent run (tag role=study); its children carry its id as mlflow.parentRunId.
+
+    `open` creates it, `close(error)` ends it by `end_status`; as a context manager (DVC) the error is
+    whatever left the block, and the Hydra callback calls both itself.
+    """
+
+    def __init__(self, uri: str, experiment_id: str, name: str, tags: dict[str, str] | None = None):
+        self.uri, self.experiment_id, self.name, self.tags = uri, experiment_id, name, tags or {}
+        self.run_id: str | None = None
+
+    def open(self) -> str:
+        run = MlflowClient(self.uri).create_run(
+            self.experiment_id, run_name=f"study-{self.name}",
+            tags={Tag.ROLE: STUDY_ROLE, Tag.STUDY: self.name, **process_tags(), **self.tags})
+        self.run_id = run.info.run_id
+        return self.run_id
+
+    def close(self, error: BaseException | None = None) -> None:
+        if self.run_id:
+            with contextlib.suppress(Exception) if error is not None else contextlib.nullcontext():
+                MlflowClient(self.uri).set_terminated(self.run_id, end_status(error))
+            self.run_id = None
+
+    def __enter__(self) -> "Study":
+        self.open()
+        return self
+
+    def __exit__(self, kind, error, traceback) -> None:
+        self.close(error)
+
+
+# --- metrics, batched ----------------------------------------------------------------------------------
+
+
+class MetricBuffer:
+    """Collects per-epoch metrics and sends them in batches (SQLite logging costs ~65 ms a call).
+
+    A failed send keeps the metrics and is retried at the next flush; once the store has failed for
+    `give_up_seconds` in a row, `flush` raises TrackingUnavailable.
+    """
+
+    def __init__(self, client: MlflowClient, run_id: str, flush_seconds: float = 5.0, give_up_seconds: float = 45.0):
+        self.client, self.run_id = client, run_id
+        self.flush_seconds, self.give_up_seconds = flush_seconds, give_up_seconds
+        self.pending: list[Metric] = []
+        self.last_flush = time.monotonic()
+        self.failing_since: float | None = None
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        now = int(time.time() * 1000)
+        self.pending += [Metric(k, float(v), now, step) for k, v in metrics.items()]
+
+    def due(self) -> bool:
+        return time.monotonic() - self.last_flush >= self.flush_seconds
+
+    def flush(self) -> None:
+        """Sends every pending metric, retrying with back-off until `give_up_seconds` have passed."""
+        delay = 1.0
+        while self.pending:
+            try:
+                while self.pending:
+                    self.client.log_batch(self.run_id, metrics=self.pending[:1000])  # at most 1000 a call
+                    self.pending = self.pending[1000:]
+                self.failing_since = None
+            except Exception as error:  # noqa: BLE001 - any failure to reach the store is retried, then reported
+                if stop_requested.is_set():  # asked to stop while the store is away: do not wait for it
+                    raise Interrupted(f"stopped while the tracking store was unreachable ({first_line(error)})") from None
+                self.failing_since = self.failing_since or time.monotonic()
+                waited = time.monotonic() - self.failing_since
+                if waited >= self.give_up_seconds:
+                    raise TrackingUnavailable(
+                        f"the tracking store did not accept metrics for {waited:.0f} s ({first_line(error)}); "
+                        "the run's checkpoint is kept: run the same command again when the store is back") from None
+                time.sleep(min(delay, self.give_up_seconds - waited))
+                delay *= 2
+        self.last_flush = time.monotonic()
