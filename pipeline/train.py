@@ -12,6 +12,9 @@ are paired.
 
 from __future__ import annotations
 
+import collections
+import functools
+import hashlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -57,9 +60,19 @@ def probe_effective_from_logits(form: Formulation, output_dtype: str | None) -> 
     A one-layer model with the formulation's output layer (identity weights, same dtype policy) gets the
     logits [100, 0, 0] and the label 1 (binary: logit 100, label 0). From logits the loss is 100; from
     clipped probabilities it is capped at 16.118 (15.94 for binary). Runs compiled, as the training loop
-    does (`tf.function` / `jax.jit`), because graph mode changes what Keras can trace.
+    does (`tf.function` / `jax.jit`), because graph mode changes what Keras can trace. Every run runs
+    it; runs of the same formulation and dtypes in one process share its compiled function.
     """
-    width = 1 if form.task is Task.binary else 3
+    loss = float(_compiled_probe(form.name, form.task, output_dtype, keras.mixed_precision.global_policy().name,
+                                 keras.config.backend())())
+    return abs(loss - PROBE_LOGIT) < 1e-3 * PROBE_LOGIT, loss
+
+
+@functools.lru_cache(maxsize=16)
+def _compiled_probe(name, task: Task, output_dtype: str | None, policy: str, backend: str):
+    """The probe's compiled loss for one formulation under one dtype policy (the key: all it depends on)."""
+    form = make_formulation(name, task)
+    width = 1 if task is Task.binary else 3
     inputs = keras.Input((width,))
     layer = keras.layers.Dense(width, activation=form.output_activation(), dtype=output_dtype, name="probe")
     probe = keras.Model(inputs, layer(inputs))
@@ -67,9 +80,8 @@ def probe_effective_from_logits(form: Formulation, output_dtype: str | None) -> 
     loss_fn = form.loss()
     z = np.zeros((1, width), np.float32)
     z[0, 0] = PROBE_LOGIT
-    label = np.array([[0.0]] if form.task is Task.binary else [1])
-    loss = float(compiled(lambda: loss_fn(label, probe(z, training=True)))())
-    return abs(loss - PROBE_LOGIT) < 1e-3 * PROBE_LOGIT, loss
+    label = np.array([[0.0]] if task is Task.binary else [1])
+    return compiled(lambda: loss_fn(label, probe(z, training=True)))
 
 
 # --- the training loop -------------------------------------------------------------------------------
@@ -145,6 +157,65 @@ class Checkpoint:
         self.path.unlink(missing_ok=True)
 
 
+class Trainer:
+    """What runs of one shape share in a process: a model's variables, its optimizer and the compiled loop.
+
+    Tracing and compiling the loop costs about a second a run, more than many runs' training; runs that
+    differ only in seed (a study's) reuse it: `reset` assigns the seed's initial weights — those a fresh
+    build with that seed draws — and the optimizer's state as built, so a reused trainer computes what a
+    new one would (tests/test_train.py pins equal histories).
+    """
+
+    def __init__(self, cfg: Config, form: Formulation, splits: Splits, output_dtype: str | None):
+        self.clf = build_classifier(form, splits.num_inputs, splits.num_classes, cfg.model.hidden_units,
+                                    cfg.model.activation, cfg.seed, output_dtype=output_dtype)
+        self.optimizer = make_optimizer(cfg)
+        self.optimizer.build(self.clf.model.trainable_variables)
+        self.built_optimizer_state = [keras.ops.convert_to_numpy(v) for v in self.optimizer.variables]
+        x_diag, y_diag = _fixed_subset(splits.x_train, splits.y_train, cfg.train.diagnostics_examples)
+        data = {"train": (splits.x_train, splits.y_train), "train_subset": (x_diag, y_diag),
+                "probe": (splits.x_train[:PROBE_BATCH], splits.y_train[:PROBE_BATCH])}
+        if len(splits.x_val) > 0:
+            data["val"] = (splits.x_val, splits.y_val)
+        self.loop = make_loop(self.clf, form.loss(), self.optimizer, cfg.train.batch_size, data)
+
+    def reset(self, initial_weights: list[np.ndarray]) -> None:
+        self.clf.model.set_weights(initial_weights)
+        for variable, value in zip(self.optimizer.variables, self.built_optimizer_state):
+            variable.assign(value)
+        self.loop.refresh()
+
+
+_TRAINERS: collections.OrderedDict[tuple, Trainer] = collections.OrderedDict()
+KEPT_TRAINERS = 4  # a study's worker alternates among a few shapes (arms); each holds a copy of the data
+
+
+def _trainer_key(cfg: Config, form: Formulation, splits: Splits, output_dtype: str | None) -> tuple:
+    """Everything a trainer's compiled loop depends on; the seed is not in it."""
+    data = hashlib.blake2b(digest_size=16)
+    for array in (splits.x_train, splits.y_train, splits.x_val, splits.y_val):
+        data.update(np.ascontiguousarray(array).tobytes())
+    return (keras.config.backend(), form.name, form.task, cfg.precision.policy, output_dtype,
+            tuple(cfg.model.hidden_units), cfg.model.activation, splits.num_classes, cfg.train.batch_size,
+            cfg.train.learning_rate, cfg.train.diagnostics_examples, data.hexdigest())
+
+
+def trainer_for(cfg: Config, form: Formulation, splits: Splits, output_dtype: str | None) -> Trainer:
+    """A trainer at the seed's initial state: this process's trainer of the same shape, reset, or a new one."""
+    key = _trainer_key(cfg, form, splits, output_dtype)
+    trainer = _TRAINERS.pop(key, None)
+    if trainer is None:
+        trainer = Trainer(cfg, form, splits, output_dtype)
+    else:
+        fresh = build_classifier(form, splits.num_inputs, splits.num_classes, cfg.model.hidden_units,
+                                 cfg.model.activation, cfg.seed, output_dtype=output_dtype)
+        trainer.reset(fresh.model.get_weights())
+    _TRAINERS[key] = trainer
+    while len(_TRAINERS) > KEPT_TRAINERS:
+        _TRAINERS.popitem(last=False)
+    return trainer
+
+
 def train(
     cfg: Config,
     splits: Splits,
@@ -160,24 +231,15 @@ def train(
     keras.mixed_precision.set_global_policy(cfg.precision.policy.value)
     try:
         output_dtype = "float32" if cfg.precision.output_float32 else None
-        clf = build_classifier(
-            form, splits.num_inputs, splits.num_classes, cfg.model.hidden_units, cfg.model.activation, cfg.seed,
-            output_dtype=output_dtype,
-        )
+        trainer = trainer_for(cfg, form, splits, output_dtype)
+        clf, optimizer, loop = trainer.clf, trainer.optimizer, trainer.loop
         effective, probe_loss = probe_effective_from_logits(form, output_dtype)
         result = TrainResult(clf, effective, probe_loss, clf.output_layer.compute_dtype)
-
-        loss_fn = form.loss()
-        optimizer = make_optimizer(cfg)
-        optimizer.build(clf.model.trainable_variables)
-        start_epoch = checkpoint.restore(clf.model, optimizer) if checkpoint and checkpoint.exists() else 0
-        x_diag, y_diag = _fixed_subset(splits.x_train, splits.y_train, cfg.train.diagnostics_examples)
-        data = {"train": (splits.x_train, splits.y_train), "train_subset": (x_diag, y_diag),
-                "probe": (splits.x_train[:PROBE_BATCH], splits.y_train[:PROBE_BATCH])}
+        start_epoch = 0
+        if checkpoint and checkpoint.exists():
+            start_epoch = checkpoint.restore(clf.model, optimizer)
+            loop.refresh()
         has_val = len(splits.x_val) > 0
-        if has_val:
-            data["val"] = (splits.x_val, splits.y_val)
-        loop = make_loop(clf, loss_fn, optimizer, cfg.train.batch_size, data)
 
         result.epochs_completed = start_epoch
         for epoch in range(start_epoch + 1, cfg.train.epochs + 1):

@@ -64,3 +64,45 @@ def test_mixed_float16_loses_the_rescue_and_logs_the_loss_scale(data_dir):
 
     kept = validate(compose_config("train.epochs=1", "loss=probs", "precision=mixed_float16", "precision.output_float32=true"))
     assert train(kept, load(kept.dataset, data_dir)).effective_from_logits is True
+
+
+@pytest.mark.parametrize("setting", [("loss=probs_naive", "dataset.pixel_scale=none"),
+                                     ("loss=probs", "precision=mixed_float16")])
+def test_a_reused_trainer_trains_exactly_as_a_new_one(data_dir, setting):
+    """Runs of one shape share the compiled loop; a new seed resets it to what a fresh build gives."""
+    from pipeline import train as training
+    from pipeline.models import build_classifier
+
+    def config(seed):
+        return validate(compose_config("train.epochs=2", f"seed={seed}", f"data_dir={data_dir}", *setting))
+
+    def histories(result):
+        return [{k: v for k, v in epoch.items() if not k.endswith("_seconds")} for epoch in result.history]
+
+    splits = load(config(0).dataset, data_dir)
+    new = {}
+    for seed in (0, 1):
+        training._TRAINERS.clear()
+        new[seed] = histories(train(config(seed), splits))
+    training._TRAINERS.clear()
+    assert histories(train(config(0), splits)) == new[0]
+    (first,) = training._TRAINERS.values()
+    assert histories(train(config(1), splits)) == new[1]  # bit-identical, not merely close
+    assert list(training._TRAINERS.values()) == [first]  # the same compiled loop, reused
+
+    cfg = config(1)
+    keras.mixed_precision.set_global_policy(cfg.precision.policy.value)
+    try:
+        form = first.clf.formulation
+        reset = training.trainer_for(cfg, form, splits, None)
+        fresh = build_classifier(form, splits.num_inputs, splits.num_classes, cfg.model.hidden_units,
+                                 cfg.model.activation, seed=1)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    assert reset is first
+    for ours, theirs in zip(reset.clf.model.get_weights(), fresh.model.get_weights()):
+        assert np.array_equal(ours, theirs)
+    built = training.make_optimizer(cfg)
+    built.build(fresh.model.trainable_variables)
+    for ours, theirs in zip(reset.optimizer.variables, built.variables):
+        assert np.array_equal(np.asarray(ours), np.asarray(theirs))

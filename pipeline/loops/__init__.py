@@ -2,7 +2,8 @@
 
 A Loop runs a whole epoch compiled (same loss object, same optimizer, same batches as `model.fit`),
 computes the per-epoch diagnostics and the gradient probe, and keeps the model's variables current
-(`sync`) for checkpoints, divergence checks and evaluation. pipeline/train.py picks the module of the
+(`sync`) for checkpoints, divergence checks and evaluation; `refresh` takes up variables assigned from
+outside (a restored checkpoint, a reused loop reset to a new seed's weights). pipeline/train.py picks the module of the
 backend Keras was started with:
 
     tensorflow   one `tf.function` over the epoch's batches (tf.range loop over in-memory tensors)
@@ -22,6 +23,7 @@ class Loop(Protocol):
     def diagnose(self, which: str) -> dict[str, float]: ...
     def gradient_probe(self) -> dict[str, float]: ...
     def sync(self) -> None: ...
+    def refresh(self) -> None: ...
 
 
 def backend() -> str:

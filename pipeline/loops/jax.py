@@ -122,6 +122,9 @@ class JaxLoop:
         ratio, nonfinite = self._probe(self.state, x, y)
         return {"grad_norm_ratio": float(ratio), "nonfinite_grads": float(nonfinite)}
 
+    def refresh(self) -> None:
+        self.state = self._read_state()
+
     def sync(self) -> None:
         tv, ntv, ov = self.state
         for variables, values in ((self.model.trainable_variables, tv), (self.model.non_trainable_variables, ntv),

@@ -107,3 +107,6 @@ class TensorFlowLoop:
 
     def sync(self) -> None:
         pass  # tf.Variables are updated in place
+
+    def refresh(self) -> None:
+        pass  # the compiled functions read the tf.Variables themselves
