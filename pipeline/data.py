@@ -98,7 +98,18 @@ def fetch(dataset: DatasetConfig, data_dir: str, allow_download: bool = True) ->
                 f"({'downloads disabled' if not allow_download else DOWNLOAD_HOST + ' does not resolve'}). "
                 f"Offline: {offline_hint}, or use dataset=mnist_sample (bundled)."
             )
-    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=str(manual)))
+    try:
+        builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=str(manual)))
+    except Exception as error:  # noqa: BLE001 - junk or partial source files: one line naming where they are
+        if dataset.name in BUNDLED:
+            raise  # the bundled builder's own errors say what to do
+        manual_files = dataset.name == "mnist" and manual.is_dir()
+        advice = (f"replace them with MNIST's original {', '.join(MNIST_MANUAL_FILES)}" if manual_files
+                  else f"delete {Path(data_dir) / dataset.name} and fetch again")
+        raise DatasetUnavailable(
+            f"cannot prepare {dataset.name} from {f'the files in {manual}' if manual_files else 'its download'} "
+            f"({type(error).__name__}: {str(error).strip().splitlines()[0][:200] if str(error).strip() else ''}); "
+            f"{advice}") from None
     return DatasetRef(dataset.name, str(builder.version), data_dir, BUNDLED.get(dataset.name))
 
 
@@ -120,17 +131,33 @@ class Splits:
         return self.x_train.shape[1]
 
 
+# A study's runs in one process read the same prepared files: decoded once (~0.5 s a split), kept read-only.
+_DECODED: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
+
+
 def split_arrays(builder, split: str) -> tuple[np.ndarray, np.ndarray]:
-    """A prepared split as arrays, read by random access (no tf.data graph: nothing to log, nothing to trace)."""
+    """A prepared split as arrays, read by random access (no tf.data graph: nothing to log, nothing to trace).
+
+    Decoded once per process while the prepared files stay the same (name, size and mtime of each)."""
     folder = Path(builder.data_dir)
-    try:
-        source = builder.as_data_source(split=split)
-        examples = [source[i] for i in range(len(source))]
-    except Exception as error:  # noqa: BLE001 - a damaged or foreign-format file: say which folder to rebuild
-        raise DatasetUnavailable(
-            f"the prepared {builder.name} in {folder} cannot be read ({type(error).__name__}: "
-            f"{str(error).splitlines()[0][:200] if str(error) else ''}); delete {folder.parent} to rebuild it") from None
-    return np.stack([e["image"] for e in examples]), np.array([e["label"] for e in examples])
+    stamp = tuple(sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in folder.iterdir())) \
+        if folder.is_dir() else ()
+    key = (str(folder), split, stamp)
+    if key not in _DECODED:
+        try:
+            source = builder.as_data_source(split=split)
+            examples = [source[i] for i in range(len(source))]
+        except Exception as error:  # noqa: BLE001 - a damaged or foreign-format file: say which folder to rebuild
+            raise DatasetUnavailable(
+                f"the prepared {builder.name} in {folder} cannot be read ({type(error).__name__}: "
+                f"{str(error).splitlines()[0][:200] if str(error) else ''}); delete {folder.parent} to rebuild it") from None
+        arrays = np.stack([e["image"] for e in examples]), np.array([e["label"] for e in examples])
+        for array in arrays:
+            array.setflags(write=False)
+        _DECODED[key] = arrays
+        while len(_DECODED) > 4:  # a study reads one dataset's two splits; an atlas, two datasets'
+            del _DECODED[next(iter(_DECODED))]
+    return _DECODED[key]
 
 
 def content_digest(dataset: DatasetConfig, data_dir: str) -> str:

@@ -53,6 +53,7 @@ def test_damaged_bundled_file_is_a_clear_error(tmp_path):
         f.write(b"\x00\x01\x02")
 
     class DamagedMnistSample(MnistSample):
+        __module__ = MnistSample.__module__  # TFDS reads a builder's metadata from its module's package
         source = damaged
 
     with pytest.raises(ChecksumError, match="sha256 .* expected 246e0c30"):
@@ -118,3 +119,24 @@ def test_full_mnist_goes_through_the_same_loading_code(tmp_path):
         splits = load(DatasetConfig(name="mnist", validation_fraction=0.0), str(tmp_path))
     assert splits.x_train.shape == (60, 784) and splits.num_classes == 10
     assert 0.0 <= splits.x_train.min() and splits.x_train.max() <= 1.0
+
+
+def test_a_damaged_prepared_file_is_named_even_after_a_good_read(tmp_path):
+    """Reads are decoded once per process; a file changed since is read again, and damage reported in one line."""
+    data_dir = str(tmp_path / "tfds")
+    fetch(DatasetConfig(), data_dir)
+    good = load(DatasetConfig(), data_dir)
+    (shard,) = [p for p in Path(data_dir, "mnist_sample").rglob("*train.array_record*")]
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    with pytest.raises(DatasetUnavailable, match=f"cannot be read .*delete {tmp_path / 'tfds' / 'mnist_sample'} to rebuild it"):
+        load(DatasetConfig(), data_dir)
+    assert good.x_train.shape == (3600, 784)
+
+
+def test_junk_in_the_manual_folder_is_one_line_naming_it(tmp_path):
+    manual = tmp_path / "downloads" / "manual"
+    manual.mkdir(parents=True)
+    for name in MNIST_MANUAL_FILES:
+        (manual / name).write_text("not a gzip file")
+    with pytest.raises(DatasetUnavailable, match=f"cannot prepare mnist from the files in {manual}"):
+        fetch(DatasetConfig(name="mnist"), str(tmp_path), allow_download=False)
