@@ -1,11 +1,67 @@
-"""fromlogits: does it matter whether a classifier's loss reads probabilities or logits?"""
+"""fromlogits: does it matter whether a classifier's loss reads probabilities or logits?
 
+Sets process-wide defaults before TensorFlow is first imported (every pipeline module comes here first).
+"""
+
+import contextlib
+import importlib.abc
+import importlib.machinery
 import os
+import re
+import sys
+import tempfile
 
-# Process-wide defaults, set before TensorFlow is first imported (any pipeline module comes here first).
 # An explicit value in the environment wins.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ INFO lines drown the pipeline's output
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 # One inter-op thread: the training loop is a chain of small ops; on 2 cores this measured 20% faster
 # per epoch (benchmarks/train_throughput.py), while model.fit was unaffected.
 os.environ.setdefault("TF_NUM_INTEROP_THREADS", "1")
+
+# TensorFlow 2.21 logs these while it loads, before absl's logging is initialised, so TF_CPP_MIN_LOG_LEVEL
+# cannot hold them back (abseil-cpp#1718): notices, not errors, printed twice per process.
+_IMPORT_NOTICES = re.compile(r"All log messages before absl::InitializeLog\(\)|\] oneDNN custom operations are on"
+                             r"|cpu_feature_guard\.cc|^To enable the following instructions|appropriate compiler flags")
+
+
+@contextlib.contextmanager
+def _stderr_without_import_notices():
+    """Holds back the file descriptor 2 output of the block, then passes on every line but the notices."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            for line in captured.read().decode(errors="replace").splitlines(keepends=True):
+                if not _IMPORT_NOTICES.search(line):
+                    sys.stderr.write(line)
+            sys.stderr.flush()
+
+
+class _QuietTensorFlowImport(importlib.abc.MetaPathFinder):
+    """Runs the process's `import tensorflow`, wherever it happens, inside that filter."""
+
+    def find_spec(self, name, path, target=None):
+        if name != "tensorflow":
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(name, path)  # where Python would find it
+        if spec is not None and spec.loader is not None:
+            load = spec.loader.exec_module
+
+            def exec_module(module):
+                with contextlib.suppress(ValueError):
+                    sys.meta_path.remove(self)  # loaded once: later look-ups need no filter
+                with _stderr_without_import_notices():
+                    load(module)
+
+            spec.loader.exec_module = exec_module
+        return spec
+
+
+if "tensorflow" not in sys.modules and os.environ["TF_CPP_MIN_LOG_LEVEL"] != "0":
+    sys.meta_path.insert(0, _QuietTensorFlowImport())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import mlflow
@@ -44,6 +45,15 @@ def test_run_is_complete_in_mlflow(finished_run):
     written = json.loads((root / "out" / "metrics.json").read_text())
     assert written["test_nll"] == pytest.approx(metrics["test_nll"]) and written["run_id"] == run.info.run_id
     assert run.info.run_id in result.stdout
+
+
+def test_a_default_run_prints_nothing_that_reads_as_an_error(finished_run):
+    """TensorFlow's import-time C++ notices (I0000/E0000 lines, absl's pre-init warning) are held back."""
+    _, _, _, result = finished_run
+    output = (result.stdout + result.stderr).splitlines()
+    noise = [line for line in output if re.match(r"[EIWF]\d{4} ", line) or "absl::InitializeLog" in line
+             or "Traceback" in line or "retracing" in line or line.startswith(("ERROR", "WARNING"))]
+    assert noise == [], noise
 
 
 def test_logged_model_loads_back_and_predicts_probabilities(finished_run, data_dir):
