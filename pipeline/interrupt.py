@@ -16,6 +16,11 @@ T = TypeVar("T")
 stop_requested = threading.Event()
 
 
+RUN_NOTICE = "stopping after this epoch (again to stop now)"
+STUDY_NOTICE = "stopping the study after the current epoch of its jobs (again to stop now)"
+_notice: str | None = RUN_NOTICE
+
+
 def request_stop(signum, frame) -> None:
     """SIGINT/SIGTERM: stop at the end of the current epoch (its checkpoint saved, the run KILLED);
     a second signal stops at once (the entry points wait for training in a helper thread, so the
@@ -24,16 +29,21 @@ def request_stop(signum, frame) -> None:
         print(f"\n{signal.Signals(signum).name} again: stopping now", file=sys.stderr, flush=True)
         raise KeyboardInterrupt
     stop_requested.set()
-    print(f"\n{signal.Signals(signum).name}: stopping after this epoch (again to stop now)", file=sys.stderr, flush=True)
+    if _notice:
+        print(f"\n{signal.Signals(signum).name}: {_notice}", file=sys.stderr, flush=True)
 
 
 class Interrupted(KeyboardInterrupt):
     """Training stopped on request at an epoch boundary; the checkpoint holds that epoch."""
 
 
-def install_stop_handlers() -> None:
+def install_stop_handlers(notice: str | None = RUN_NOTICE) -> None:
+    """`notice`: what the first signal prints; None in a launcher's worker, whose launching process
+    acknowledges it once for the whole study."""
+    global _notice
     if threading.current_thread() is not threading.main_thread():
         return  # Python takes signal handlers in the main thread only; a thread pool's job keeps the defaults
+    _notice = notice
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
 

@@ -97,7 +97,7 @@ def serve() -> int:
     from pipeline.interrupt import install_stop_handlers
 
     register_configs()
-    install_stop_handlers()
+    install_stop_handlers(notice=None)  # the process that sent the job acknowledges a Ctrl-C
     from pipeline import stages  # after KERAS_BACKEND is set: stages imports Keras
 
     replies = os.fdopen(int(os.environ[REPLY_FD_ENV]), "w")

@@ -35,7 +35,7 @@ def main(dcfg: DictConfig) -> float | None:
     in_sweep = HydraConfig.get().mode is RunMode.MULTIRUN
     in_worker = in_sweep and study.active_study() is None  # a launcher's worker process, not the launching one
     if in_worker:
-        install_stop_handlers()  # a launcher's worker: Ctrl-C reaches it too
+        install_stop_handlers(notice=None)  # a launcher's worker: Ctrl-C reaches it too; the launcher says so
         if stop_requested.is_set():
             return None  # the sweep was interrupted: start nothing new
     parent_run_id = os.environ.get(study.PARENT_RUN_ENV) if in_sweep else None
@@ -72,14 +72,24 @@ def main(dcfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
-    from pipeline.interrupt import install_stop_handlers
+    from pipeline.interrupt import RUN_NOTICE, STUDY_NOTICE, install_stop_handlers, stop_requested
 
-    install_stop_handlers()
+    multirun = "-m" in sys.argv or "--multirun" in sys.argv
+    install_stop_handlers(STUDY_NOTICE if multirun else RUN_NOTICE)
     problem = precheck_overrides(sys.argv[1:])
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         sys.exit(EXIT_BAD_INPUT)
-    main()
+    if multirun:  # a launcher's error (e.g. submitit's jobs interrupted) reaches the handler below, not Hydra's report
+        os.environ.setdefault("HYDRA_FULL_ERROR", "1")
+    try:
+        main()
+    except Exception:
+        from pipeline import study
+
+        if stop_requested.is_set():
+            study.end_interrupted_study()
+        raise
     from pipeline.study import sweep_exit_code
 
     sys.exit(sweep_exit_code())

@@ -9,6 +9,7 @@ reaches the jobs through the environment, which local and SLURM workers inherit.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import sys
 import time
@@ -36,6 +37,12 @@ def end_active_study(error: BaseException) -> None:
     """Ends this process's open study (interrupted: KILLED) before the process exits without atexit."""
     if _active is not None:
         _active.study.close(error)
+
+
+def end_interrupted_study() -> None:
+    """Ctrl-C during a sweep: ends this process's study as interrupted (exit 130), if it launched one."""
+    if _active is not None:
+        _active.end_interrupted()
 
 
 def sweep_exit_code() -> int:
@@ -100,6 +107,18 @@ class StudyCallback(Callback):
         atexit.register(self.study.close, KeyboardInterrupt())  # a sweep that never reaches its end
         print(f"study {self.study.name}: {jobs} jobs, MLflow parent run {parent_run_id} ({self.uri})", flush=True)
 
+    def end_interrupted(self) -> None:
+        """The jobs got the signal too; runs their launcher killed before they could close end KILLED
+        (resumable), then the study; one line, exit 130."""
+        from pipeline.tracking import end_interrupted_children
+
+        with contextlib.suppress(Exception):  # the store may be what failed; the study still ends
+            end_interrupted_children(self.uri, self.study.run_id)
+        self.study.close(KeyboardInterrupt())
+        print("interrupted: the study ended KILLED; run the same command again to resume its runs",
+              file=sys.stderr, flush=True)
+        sys.exit(130)
+
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         global _failed_jobs
         from pipeline.interrupt import stop_requested
@@ -107,11 +126,8 @@ class StudyCallback(Callback):
 
         if self.study is None or self.study.run_id is None:
             return  # on_multirun_start failed; Hydra has already shown why
-        if stop_requested.is_set():  # Ctrl-C reached the workers too: their runs ended KILLED
-            self.study.close(KeyboardInterrupt())
-            print("interrupted: the study ended KILLED; run the same command again to resume its runs",
-                  file=sys.stderr, flush=True)
-            sys.exit(130)
+        if stop_requested.is_set():  # Ctrl-C reached the workers too
+            self.end_interrupted()
         cfg = validate(config)
         # A named study's report goes to <reports_dir>/<study>; an ad-hoc sweep's stays in its sweep dir.
         out_dir = Path(config.hydra.sweep.dir) / "report" if cfg.study is None else Path(cfg.reports_dir) / cfg.study

@@ -120,3 +120,67 @@ def runs_of(uri: str, experiment: str = "fromlogits"):
     if found is None:
         return []
     return client.search_runs([found.experiment_id], max_results=1000)
+
+
+# --- one configuration run as a user runs it, to the end or in the background ---------------------------
+
+TIMING = ("seconds_", "epoch_seconds", "epoch_train_seconds")
+# Checkpoints follow each metric batch: short batches give a checkpoint within a few epochs.
+FAST_FLUSH = "tracking.flush_seconds=0.3"
+
+
+def all_metrics(uri: str, run) -> dict[str, list[tuple[int, float]]]:
+    """Every metric's history but timings, as (step, value) sorted by step."""
+    import mlflow
+
+    client = mlflow.MlflowClient(uri)
+    return {key: [(m.step, m.value) for m in sorted(client.get_metric_history(run.info.run_id, key), key=lambda m: m.step)]
+            for key in run.data.metrics if not key.startswith(TIMING)}
+
+
+def run_one(tmp_path: Path, data_dir: str, uri: str, *overrides: str, name: str = "out"):
+    """`python -m pipeline.run` of one configuration in `tmp_path` (checkpoints there too), to the end."""
+    return run_cli("pipeline.run", f"data_dir={data_dir}", f"hydra.run.dir={tmp_path / name}",
+                   f"checkpoints_dir={tmp_path / 'checkpoints'}", FAST_FLUSH, *overrides, env={"MLFLOW_TRACKING_URI": uri})
+
+
+def start_one(tmp_path, data_dir, uri, *overrides, name="out"):
+    """The same, started in the background; returns the process."""
+    from pipeline.tracking import prepare_store
+
+    prepare_store(uri, "fromlogits")  # the test reads the store while the run writes it: create it first
+    return subprocess.Popen(
+        [sys.executable, "-m", "pipeline.run", f"data_dir={data_dir}", f"hydra.run.dir={tmp_path / name}",
+         f"checkpoints_dir={tmp_path / 'checkpoints'}", FAST_FLUSH, *overrides],
+        cwd=PROJECT_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "MLFLOW_TRACKING_URI": uri},
+    )
+
+
+def wait_for_first_epoch(tmp_path: Path, timeout: float = 120) -> None:
+    """Until the run has finished an epoch: its checkpoint (written after every epoch) exists."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if list((tmp_path / "checkpoints").glob("*/state.npz")):
+            return
+        time.sleep(0.2)
+    pytest.fail("the run did not finish an epoch in time")
+
+
+def interrupt_sweep(tmp_path: Path, uri: str, *overrides: str) -> subprocess.CompletedProcess:
+    """Starts a sweep of 400-epoch jobs and, once two of its runs train, sends SIGINT to its whole process
+    group, as Ctrl-C in a terminal does; returns the finished process with its output."""
+    from pipeline.tracking import prepare_store
+
+    prepare_store(uri, "fromlogits")
+    command = [sys.executable, "-m", "pipeline.run", "-m", "loss=probs,logits", "seed=0", "train.epochs=400",
+               f"hydra.sweep.dir={tmp_path / 'sweep'}", f"reports_dir={tmp_path / 'reports'}",
+               f"checkpoints_dir={tmp_path / 'checkpoints'}", *overrides]
+    process = subprocess.Popen(command, cwd=PROJECT_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "MLFLOW_TRACKING_URI": uri}, start_new_session=True)
+    deadline = time.monotonic() + 180
+    while len([p for p in (tmp_path / "checkpoints").glob("*/state.npz")]) < 2 and time.monotonic() < deadline:
+        time.sleep(0.3)
+    os.killpg(process.pid, signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=120)
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)

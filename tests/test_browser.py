@@ -34,7 +34,7 @@ def browser():
 
 
 def test_experiment_page_lists_every_formulation_and_the_report_renders(tmp_path, data_dir, mlflow_server, browser):
-    result = run_cli("pipeline.run", "-m", "loss=probs,logits,probs_naive", "seed=0", "train.epochs=2",
+    result = run_cli("pipeline.run", "-m", "loss=probs,logits,probs_naive", "seed=0", "train.epochs=2", "hydra/launcher=basic",
                      f"data_dir={data_dir}", "study=browser", f"reports_dir={tmp_path / 'reports'}",
                      f"hydra.sweep.dir={tmp_path / 'sweep'}", env={"MLFLOW_TRACKING_URI": mlflow_server})
     assert result.returncode == 0, result.stderr[-2000:]

@@ -3,12 +3,16 @@ a change affects; `dvc exp run -S` composes conf/ with Hydra. Real DVC in a temp
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import mlflow
 import pytest
 
 from conftest import runs_of
@@ -127,5 +131,52 @@ def test_exp_run_composes_conf_and_reruns_only_what_a_train_parameter_affects(re
     params = (repo / "params.yaml").read_text()
     assert "epochs: 2" in params and "activation: sigmoid" in params
     assert "- 0\n" in params and "- 1\n" not in params  # the committed tiny grid, composed from conf/ + -S
-    shown = sh("dvc", "exp", "show", "--json", cwd=repo).stdout
-    assert '"test_nll"' in shown and '"test_accuracy"' in shown  # main itself has no committed metrics yet
+    first = experiment_named_in(result.stdout)
+
+    second = sh("dvc", "exp", "run", "-S", "grid.backends=[tensorflow]", "-S", "grid.formulations=[probs,logits]", cwd=repo)
+    assert "train" in ran(second.stdout)
+    shown = json.loads(sh("dvc", "exp", "show", "--json", cwd=repo).stdout)
+    experiments = {exp["name"]: exp for commit in shown for exp in commit.get("experiments") or []}
+    assert {first, experiment_named_in(second.stdout)} <= set(experiments)
+    for name in (first, experiment_named_in(second.stdout)):  # test NLL and accuracy per arm, per experiment
+        (rev,) = experiments[name]["revs"]
+        arms = rev["data"]["metrics"]["metrics/evaluate.json"]["data"]
+        assert {"logits", "probs"} <= set(arms), arms
+        assert all({"test_nll", "test_accuracy"} <= set(values) for values in arms.values())
+
+    sh("dvc", "exp", "apply", first, cwd=repo)  # back to the first experiment's params, metrics and outputs
+    assert ran(sh("dvc", "repro", cwd=repo).stdout) == []  # nothing to rerun: every output was restored
+
+
+def experiment_named_in(output: str) -> str:
+    """The name `dvc exp run` gave its experiment ("Ran experiment(s): <name>")."""
+    (line,) = [line for line in output.splitlines() if line.startswith("Ran experiment")]
+    return line.split(":", 1)[1].strip()
+
+
+def test_ctrl_c_of_repro_ends_the_runs_killed_and_the_next_repro_resumes_them(repo):
+    sh("python", "-m", "pipeline.dvc_stages", "params", "train.epochs=200", "grid.formulations=[logits]",
+       "grid.backends=[tensorflow]", "tracking.flush_seconds=0.3", cwd=repo)
+    env = {**os.environ, "PATH": f"{VENV_BIN}:{os.environ['PATH']}"}
+    process = subprocess.Popen(["dvc", "repro"], cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env=env, start_new_session=True)
+    deadline = time.monotonic() + 180
+    while not list((repo / "outputs" / "checkpoints").glob("*/state.npz")) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    os.killpg(process.pid, signal.SIGINT)  # Ctrl-C in a terminal: dvc and the stage's process
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode != 0 and "Traceback" not in stderr, stderr[-3000:]
+    uri = f"sqlite:///{repo / 'mlruns' / 'mlflow.db'}"
+    (killed,) = [r for r in runs_of(uri) if r.info.status == "KILLED" and r.data.tags.get("role") != "study"]
+    assert killed.data.params["train.epochs"] == "200"
+    assert {r.info.status for r in runs_of(uri) if r.data.tags.get("role") == "study"
+            and r.info.run_id == killed.data.tags["mlflow.parentRunId"]} == {"KILLED"}
+
+    again = sh("dvc", "repro", cwd=repo)
+    assert f"resuming run {killed.info.run_id}" in again.stdout
+    resumed = mlflow.MlflowClient(uri).get_run(killed.info.run_id)
+    assert resumed.info.status == "FINISHED" and "test_nll" in resumed.data.metrics
+    steps = [m.step for m in mlflow.MlflowClient(uri).get_metric_history(killed.info.run_id, "val_nll_float64")]
+    assert sorted(steps) == list(range(1, 201))
+    # No half-finished duplicate: the configuration has exactly the one run, now complete.
+    assert [r.info.run_id for r in runs_of(uri) if r.data.params.get("train.epochs") == "200"] == [killed.info.run_id]

@@ -22,7 +22,7 @@ def study(tmp_path_factory, data_dir):
     uri = f"sqlite:///{root / 'mlruns' / 'mlflow.db'}"
     result = run_cli(
         "pipeline.run", "-m", "experiment=seed_mnist", "seed=0,1", "train.epochs=2", f"data_dir={data_dir}",
-        "study=tiny", f"hydra.sweep.dir={root / 'sweep'}", f"reports_dir={root / 'reports'}",
+        "study=tiny", "hydra/launcher=basic", f"hydra.sweep.dir={root / 'sweep'}", f"reports_dir={root / 'reports'}",
         env={"MLFLOW_TRACKING_URI": uri},
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -81,7 +81,7 @@ def test_a_diverging_and_a_failing_job_do_not_stop_the_sweep(tmp_path, data_dir)
     result = run_cli(
         "pipeline.run", "-m", "loss=logits", "seed=0", "train.epochs=30", "dataset.pixel_scale=none",
         "train.learning_rate=0.001,1e12", "dataset.classes=null,[0,12]", f"data_dir={data_dir}",
-        f"hydra.sweep.dir={tmp_path / 'sweep'}", env={"MLFLOW_TRACKING_URI": uri},
+        f"hydra.sweep.dir={tmp_path / 'sweep'}", "hydra/launcher=basic", env={"MLFLOW_TRACKING_URI": uri},
     )
     # Scripts and CI must notice: a sweep with a failed job exits 1, after its report.
     assert result.returncode == 1, result.stderr[-3000:]

@@ -5,8 +5,8 @@ reads a study back for its report.
 """
 
 from pipeline.tracking.runs import MetricBuffer, Study, end_status, record_failed_job, tracked_run
-from pipeline.tracking.store import (TrackingUnavailable, is_server, mark_stale_runs, prepare_store, resumable,
-                                     tracking_uri)
+from pipeline.tracking.store import (TrackingUnavailable, end_interrupted_children, is_server, mark_stale_runs,
+                                     prepare_store, resumable, tracking_uri)
 
-__all__ = ["MetricBuffer", "Study", "TrackingUnavailable", "end_status", "is_server", "mark_stale_runs",
+__all__ = ["MetricBuffer", "Study", "TrackingUnavailable", "end_interrupted_children", "end_status", "is_server", "mark_stale_runs",
            "prepare_store", "record_failed_job", "resumable", "tracked_run", "tracking_uri"]

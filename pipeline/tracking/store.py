@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -150,7 +151,9 @@ def process_tags() -> dict[str, str]:
 
 def _process_alive(pid: str, started: str) -> bool:
     try:
-        return abs(psutil.Process(int(pid)).create_time() - float(started)) < 1.0  # same pid, same process
+        process = psutil.Process(int(pid))
+        # Same pid, same process, and not a zombie (killed, not yet reaped by a parent that died too).
+        return abs(process.create_time() - float(started)) < 1.0 and process.status() != psutil.STATUS_ZOMBIE
     except (psutil.Error, ValueError):
         return False
 
@@ -170,6 +173,29 @@ def mark_stale_runs(client: MlflowClient, experiment_id: str) -> list[str]:
     if stale:
         print(f"marked {len(stale)} stale RUNNING run(s) FAILED: {', '.join(stale)}", flush=True)
     return stale
+
+
+def end_interrupted_children(uri: str, parent_run_id: str, wait_seconds: float = 15.0) -> list[str]:
+    """An interrupted study's child runs still RUNNING on this host end KILLED once their process is gone.
+
+    A launcher may kill its jobs before they close their runs (submitit's local controller sends SIGKILL
+    a second after the interrupt); their checkpoints are intact, so KILLED (resumable) is the truth.
+    Waits up to `wait_seconds` for jobs that are still stopping; returns the runs it ended.
+    """
+    client = MlflowClient(uri)
+    experiment_id = client.get_run(parent_run_id).info.experiment_id
+    query = f"tags.`{Tag.PARENT}` = '{parent_run_id}' and attributes.status = 'RUNNING'"
+    deadline = time.monotonic() + wait_seconds
+    while True:
+        running = [r for r in client.search_runs([experiment_id], query, max_results=1000)
+                   if r.data.tags.get("host") == socket.gethostname() and "pid" in r.data.tags]
+        orphans = [r for r in running if not _process_alive(r.data.tags["pid"], r.data.tags.get("pid_started", "0"))]
+        if len(orphans) == len(running) or time.monotonic() > deadline:
+            break
+        time.sleep(0.3)
+    for run in orphans:
+        client.set_terminated(run.info.run_id, RunStatus.to_string(RunStatus.KILLED))
+    return [run.info.run_id for run in orphans]
 
 
 def resumable(uri: str, run_id: str) -> bool:

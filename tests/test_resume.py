@@ -1,0 +1,151 @@
+"""Stopping and resuming: SIGTERM, a second signal, SIGKILL, deleted and moved runs, two identical commands."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+
+import mlflow
+import pytest
+
+from conftest import all_metrics, interrupt_sweep, run_one, runs_of, start_one, study_runs, wait_for_first_epoch
+from pipeline.config import PROJECT_ROOT
+
+pytestmark = pytest.mark.slow
+
+
+def test_sigterm_saves_a_checkpoint_and_the_rerun_resumes_to_the_same_result(tmp_path, data_dir):
+    config = ["train.epochs=80", "seed=2"]
+    reference_uri = f"sqlite:///{tmp_path / 'reference.db'}"
+    assert run_one(tmp_path, data_dir, reference_uri, *config, "resume=false", name="reference").returncode == 0
+    (reference,) = runs_of(reference_uri)
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    process = start_one(tmp_path, data_dir, uri, *config)
+    wait_for_first_epoch(tmp_path)
+    stopped = time.monotonic()
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=60)
+    assert time.monotonic() - stopped < 10  # promptly: at the end of the current epoch
+    assert process.returncode == 130 and "run the same command again to resume" in stderr
+    (killed,) = runs_of(uri)
+    done = len(mlflow.MlflowClient(uri).get_metric_history(killed.info.run_id, "val_nll_float64"))
+    assert killed.info.status == "KILLED" and 1 <= done < 80
+    assert list((tmp_path / "checkpoints").glob("*/state.npz"))
+
+    resumed = run_one(tmp_path, data_dir, uri, *config, name="resumed")
+    assert resumed.returncode == 0 and f"resuming run {killed.info.run_id}" in resumed.stdout
+    (finished,) = runs_of(uri)  # the same run, not a new one
+    assert finished.info.run_id == killed.info.run_id and finished.info.status == "FINISHED"
+    # Same config and seed: every metric of every epoch equal, bit for bit, across the interruption.
+    resumed_metrics, reference_metrics = all_metrics(uri, finished), all_metrics(reference_uri, reference)
+    assert set(resumed_metrics) == set(reference_metrics) and len(reference_metrics) > 25
+    assert resumed_metrics == reference_metrics
+    assert not list((tmp_path / "checkpoints").glob("*/state.npz"))  # finished: nothing left to resume
+    tags = finished.data.tags
+    assert tags["dataset_sha256"].startswith("246e0c30") and tags["dataset_version"] == "1.0.0"
+    assert "tensorflow" in tags["versions"] and "keras==" in tags["versions"]
+    status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=PROJECT_ROOT,
+                            capture_output=True, text=True)
+    assert tags["git_dirty"] == ("unknown" if status.returncode else str(bool(status.stdout.strip())).lower())
+
+
+def interrupt_once(tmp_path, data_dir, uri, *config):
+    """A run of `config` stopped by SIGTERM after its first persisted epoch: returns the KILLED run."""
+    process = start_one(tmp_path, data_dir, uri, *config)
+    wait_for_first_epoch(tmp_path)
+    process.send_signal(signal.SIGTERM)
+    process.communicate(timeout=60)
+    assert process.returncode == 130
+    (killed,) = runs_of(uri)
+    assert killed.info.status == "KILLED"
+    return killed
+
+
+def test_a_checkpoint_resumes_only_where_it_belongs_and_a_deleted_run_does_not_block_its_configuration(tmp_path, data_dir):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    config = ["train.epochs=80", "seed=4"]
+    killed = interrupt_once(tmp_path, data_dir, uri, *config)
+    other = run_one(tmp_path, data_dir, uri, *config, "tracking.experiment=other", "train.epochs=3", name="other")
+    assert other.returncode == 0 and "resuming" not in other.stdout
+    (moved,) = runs_of(uri, "other")
+    assert moved.info.run_id != killed.info.run_id and moved.info.status == "FINISHED"
+    assert mlflow.MlflowClient(uri).get_run(killed.info.run_id).info.status == "KILLED"  # still resumable at home
+
+    mlflow.MlflowClient(uri).delete_run(killed.info.run_id)
+    again = run_one(tmp_path, data_dir, uri, *config, name="again")
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "discarding the checkpoint" in again.stdout and killed.info.run_id in again.stdout
+    (fresh,) = runs_of(uri)
+    assert fresh.info.run_id != killed.info.run_id and fresh.info.status == "FINISHED"
+
+
+def test_after_sigkill_the_next_invocation_marks_the_run_failed_and_resumes_every_epoch_exactly_once(tmp_path, data_dir):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    config = ["train.epochs=150", "seed=5"]
+    process = start_one(tmp_path, data_dir, uri, *config)
+    wait_for_first_epoch(tmp_path)
+    time.sleep(0.5)
+    process.kill()
+    process.wait(timeout=30)
+    (orphan,) = runs_of(uri)
+    assert orphan.info.status == "RUNNING"  # nobody could close it
+
+    resumed = run_one(tmp_path, data_dir, uri, *config, name="resumed")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "marked 1 stale RUNNING run(s) FAILED" in resumed.stdout and f"resuming run {orphan.info.run_id}" in resumed.stdout
+    (run,) = runs_of(uri)
+    steps = [m.step for m in mlflow.MlflowClient(uri).get_metric_history(run.info.run_id, "val_nll_float64")]
+    assert sorted(steps) == list(range(1, 151))  # none missing, none twice
+    assert run.info.status == "FINISHED" and "failed_reason" not in run.data.tags
+
+
+def test_a_second_signal_stops_at_once_inside_a_long_compiled_epoch(tmp_path, data_dir):
+    """One example per step through two 1,500-unit layers: an epoch takes minutes, stopping takes seconds."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    process = start_one(tmp_path, data_dir, uri, "train.batch_size=1", "model.hidden_units=[1500,1500]", "train.epochs=2")
+    deadline = time.monotonic() + 120
+    while not runs_of(uri) and time.monotonic() < deadline:  # the run is open: training is about to start
+        time.sleep(0.2)
+    time.sleep(3)
+    process.send_signal(signal.SIGINT)
+    time.sleep(1)
+    process.send_signal(signal.SIGINT)
+    second = time.monotonic()
+    _, stderr = process.communicate(timeout=60)
+    assert time.monotonic() - second < 15, "the second signal did not stop the run at once"
+    assert process.returncode == 130, stderr[-2000:]
+    assert "SIGINT: stopping after this epoch" in stderr and "SIGINT again: stopping now" in stderr
+    assert "Traceback" not in stderr
+    (run,) = runs_of(uri)
+    assert run.info.status == "KILLED"
+
+
+def test_two_identical_commands_at_once_share_nothing(tmp_path, data_dir):
+    """The second finds the configuration's checkpoint folder taken and trains in one of its own."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    config = ["train.epochs=40", "seed=6"]
+    processes = [start_one(tmp_path, data_dir, uri, *config, name="runs/${now:%H-%M-%S-%f}") for _ in range(2)]
+    outputs = [p.communicate(timeout=300) for p in processes]
+    assert [p.returncode for p in processes] == [0, 0], [err[-2000:] for _, err in outputs]
+    assert sum("another process is running this configuration" in out for out, _ in outputs) == 1
+    runs = runs_of(uri)
+    assert len(runs) == 2 and all(r.info.status == "FINISHED" for r in runs)
+    assert runs[0].data.metrics["test_nll"] == runs[1].data.metrics["test_nll"]  # same seed, same result
+    written = sorted((tmp_path / "runs").glob("*/metrics.json"))
+    assert len(written) == 2  # each its own output folder
+    assert {json.loads(p.read_text())["run_id"] for p in written} == {r.info.run_id for r in runs}
+    assert not [p for p in (tmp_path / "checkpoints").iterdir() if p.is_dir()]  # both cleaned up after themselves
+
+
+def test_ctrl_c_stops_a_parallel_sweep_in_one_line_per_job(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    stopped = interrupt_sweep(tmp_path, uri, "train.epochs=400")
+    assert stopped.returncode == 130, stopped.stderr[-3000:]
+    lines = [line for line in stopped.stderr.splitlines() if line.strip()]
+    assert "Traceback" not in stopped.stderr and len(lines) <= 1 + 2 + 1, lines  # the notice, one per job, the study
+    assert lines[-1].startswith("interrupted: the study ended KILLED")
+    parent, children = study_runs(uri)
+    assert parent.info.status == "KILLED" and children and all(r.info.status == "KILLED" for r in children)
