@@ -8,7 +8,8 @@ runs them (tracking, diagnostics, models, reports), into a temporary store. Note
 x seed of those studies, the note's model as written (`Sequential` of Dense 25-15 + the arm's output layer,
 `compile(Adam(1e-3), loss)`, `model.fit(X, Y, epochs=N)` with Keras's defaults, then `evaluate`) on the
 same training and test digits, no tracking, in one process (it is charged one import, not thirty).
-Prints both wall times and their ratio.
+Prints both wall times and their ratio, then per-epoch throughput for every arm on both backends
+(benchmarks/train_throughput.py; `--no-throughput` leaves it out).
 """
 
 from __future__ import annotations
@@ -74,6 +75,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=100)
     parser.add_argument("--pipeline-args", default="", help="extra overrides for the pipeline's studies")
+    parser.add_argument("--no-throughput", action="store_true", help="skip the per-epoch throughput table")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as folder:
         store = Path(folder)
@@ -86,7 +88,10 @@ def main() -> int:
         print(f"pipeline {study:<14} {seconds:8.1f} s")
     print(f"pipeline, both studies  {total:8.1f} s (tracking, diagnostics, models, reports)")
     print(f"note's code, same runs  {note_seconds:8.1f} s (model.fit + evaluate, no tracking)")
-    print(f"ratio                   {note_seconds / total:8.1f}x")
+    print(f"ratio                   {note_seconds / total:8.1f}x", flush=True)
+    if not args.no_throughput:
+        print("\nper epoch, every arm, both backends (benchmarks/train_throughput.py):", flush=True)
+        subprocess.run([sys.executable, str(ROOT / "benchmarks" / "train_throughput.py")], cwd=ROOT, check=True)
     return 0
 
 

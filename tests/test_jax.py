@@ -38,12 +38,12 @@ def test_jax_loop_matches_model_fit_on_jax(data_dir):
 def mixed_sweep(tmp_path_factory, data_dir):
     root = tmp_path_factory.mktemp("backends")
     uri = f"sqlite:///{root / 'mlflow.db'}"
-    # The default launcher (joblib), three workers: each runs jobs of either backend. Parallel first writers
-    # into a fresh store also race on SQLite's schema and the dataset's row (the study creates the store first;
-    # a job that loses the dataset race finds the row on its next try).
+    # The default launcher (joblib, one worker per core): each worker runs jobs of either backend. Parallel
+    # first writers into a fresh store also race on SQLite's schema and the dataset's row (the study creates
+    # the store first; a job that loses the dataset race finds the row on its next try).
     result = run_cli("pipeline.run", "-m", "backend=tensorflow,jax", "loss=probs,logits,probs_naive", "seed=0",
                      "train.epochs=2", f"data_dir={data_dir}", "study=mixed", f"hydra.sweep.dir={root / 'sweep'}",
-                     f"reports_dir={root / 'reports'}", "hydra.launcher.n_jobs=3", env={"MLFLOW_TRACKING_URI": uri})
+                     f"reports_dir={root / 'reports'}", env={"MLFLOW_TRACKING_URI": uri})
     assert result.returncode == 0, result.stderr[-3000:]
     return uri, root, result
 

@@ -171,3 +171,14 @@ def test_the_readmes_findings_table_is_what_the_committed_command_makes():
     expected = table(json.loads((PROJECT_ROOT / "docs" / "findings.json").read_text()))
     assert shown == expected, "README's findings table is stale: run `python -m pipeline.report.findings " \
                               "docs/findings.json --readme README.md`"
+
+
+def test_a_setting_is_labelled_once_by_params_that_always_change_together():
+    """The task decides dataset.classes and the model: the label names the task only, and every factor
+    that varies on its own."""
+    binary = {"dataset.task": "binary", "dataset.classes": "[0, 1]", "model.name": "seed_sigmoid"}
+    multiclass = {"dataset.task": "multiclass", "dataset.classes": "None", "model.name": "seed_relu"}
+    runs = [run("logits", 0, 1.0, params={**task, "train.learning_rate": lr})
+            for task in (binary, multiclass) for lr in ("0.001", "0.05")]
+    assert {s.label for s in group_settings(runs)} == {
+        f"dataset.task={t}, train.learning_rate={lr}" for t in ("binary", "multiclass") for lr in ("0.001", "0.05")}

@@ -30,7 +30,7 @@ def _figure(ncols: int = 1, height: float = 4.4):
 
 def _save(fig, path: Path) -> Path:
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")  # long setting labels stay whole
     plt.close(fig)
     return path
 

@@ -121,10 +121,26 @@ def group_settings(runs: list[RunData]) -> list[Setting]:
         params = setting_params(run.params)
         keyed.setdefault(tuple(sorted(params.items())), Setting(params)).runs.append(run)
     settings = list(keyed.values())
-    varying = sorted({k for s in settings for k, v in s.params.items() if any(o.params.get(k) != v for o in settings)})
+    varying = sorted({k for s in settings for k, v in s.params.items() if any(o.params.get(k) != v for o in settings)},
+                     key=lambda k: (LABEL_ORDER.index(k) if k in LABEL_ORDER else len(LABEL_ORDER), k))
+    shown: list[str] = []
+    for key in varying:  # a param that only ever changes together with one already shown says nothing new
+        if not any(_confounded(settings, key, other) for other in shown):
+            shown.append(key)
     for s in settings:
-        s.label = ", ".join(f"{k}={s.params.get(k)}" for k in varying) or "all runs"
+        s.label = ", ".join(f"{k}={s.params.get(k)}" for k in shown) or "all runs"
     return settings
+
+
+# Which of several params that always change together names a setting (e.g. dataset.task, not model.name).
+LABEL_ORDER = ("backend.name", "dataset.name", "dataset.task", "precision.policy", "dataset.pixel_scale",
+               "train.learning_rate", "train.epochs")
+
+
+def _confounded(settings: list[Setting], a: str, b: str) -> bool:
+    """Whether the values of `a` and `b` correspond one to one across the settings."""
+    pairs = {(s.params.get(a), s.params.get(b)) for s in settings}
+    return len(pairs) == len({x for x, _ in pairs}) == len({y for _, y in pairs})
 
 
 def log_report(uri: str, parent_run_id: str, summary: dict[str, float], folder: Path) -> None:
