@@ -11,7 +11,9 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[test]"
+	@# setuptools warns on every editable install that same-named folders in the working directory may
+	@# shadow the package; this project is meant to be run from its root, so the notice is held back.
+	PYTHONWARNINGS="ignore:Editable installation" $(PY) -m pip install -q -e ".[test]"
 	touch $@
 
 # The default study: the course note's two examples, three formulations x 5 seeds each, then the report.
