@@ -52,6 +52,36 @@ def test_a_damaged_store_is_one_line_and_left_as_it_is(tmp_path, damage):
     assert database.read_bytes() == damaged  # nothing "repaired" or recreated over the user's file
 
 
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 2 MB filesystem (tmpfs), unmounted after the test; skipped where mounting is not allowed."""
+    folder = tmp_path / "small-disk"
+    folder.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(folder)], capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.strip() or 'mount failed'})")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], capture_output=True)
+
+
+def test_a_full_disk_under_the_store_is_one_line_and_leaves_no_run_running(tmp_path, data_dir, small_disk):
+    from pipeline.tracking import prepare_store
+
+    uri = f"sqlite:///{small_disk / 'mlruns' / 'mlflow.db'}"
+    prepare_store(uri, "fromlogits")
+    free_kib = os.statvfs(small_disk).f_bavail * os.statvfs(small_disk).f_frsize // 1024
+    (small_disk / "filler").write_bytes(b"\0" * 1024 * (free_kib - 40))  # the store's next writes find no room
+    result = run_one(tmp_path, data_dir, uri, "train.epochs=300")
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines() == [
+        f"error: the MLflow store {uri} is out of space ((sqlite3.OperationalError) database or disk is full); "
+        "free space there and run the same command again (an interrupted run's checkpoint is kept)"]
+    (small_disk / "filler").unlink()
+    assert [r.info.status for r in runs_of(uri)] == ["FAILED"]  # ended, not left RUNNING
+
+
 def test_a_full_disk_while_writing_the_report_leaves_no_partial_report(tmp_path, data_dir, monkeypatch):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     study = run_cli("pipeline.run", "-m", "loss=probs,logits", "seed=0", "train.epochs=1", f"data_dir={data_dir}", "hydra/launcher=basic",

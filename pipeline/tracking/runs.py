@@ -7,6 +7,7 @@ FAILED (exception) or KILLED (interruption), for the Hydra entry point and the D
 from __future__ import annotations
 
 import contextlib
+import errno
 import time
 from typing import Iterator
 
@@ -59,10 +60,23 @@ def tracked_run(uri: str, experiment_id: str, run_name: str | None = None, tags:
             with contextlib.suppress(Exception):
                 mlflow.set_tag(Tag.ERROR, describe(raised))
             raised.mlflow_run_id = run.info.run_id  # lets a sweep know the failure is on record
+        if out_of_space(raised):
+            full = TrackingUnavailable(
+                f"the MLflow store {uri} is out of space ({first_line(raised)}); free space there and run the same "
+                "command again (an interrupted run's checkpoint is kept)")
+            full.mlflow_run_id = run.info.run_id
+            raise full from None
         raise
     finally:
         with contextlib.suppress(Exception) if error is not None else contextlib.nullcontext():
             mlflow.end_run(end_status(error))
+
+
+def out_of_space(error: BaseException) -> bool:
+    """A full disk under the store, as SQLite or the filesystem reports it (also when wrapped by MLflow)."""
+    chain = [error, error.__cause__, error.__context__]
+    return any(getattr(e, "errno", None) == errno.ENOSPC or "database or disk is full" in str(e)
+               or "No space left on device" in str(e) for e in chain if e is not None)
 
 
 def record_failed_job(uri: str, experiment_id: str, run_name: str, tags: dict[str, str], error: BaseException) -> str:
