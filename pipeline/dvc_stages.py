@@ -132,11 +132,12 @@ def write_curves(uri: str, runs: dict) -> None:
     from mlflow.tracking import MlflowClient
 
     from pipeline.report.plots import by_epoch
+    from pipeline.report.runs import metric_histories
 
     client = MlflowClient(uri)
     per_arm: dict[str, list[dict[str, dict[int, float]]]] = {}
     for run in runs.values():
-        history = {key: {m.step: m.value for m in client.get_metric_history(run["run_id"], key)} for key in CURVE_METRICS}
+        history = metric_histories(client, run["run_id"], CURVE_METRICS)
         per_arm.setdefault(arm_label(run["formulation"], run["backend"]), []).append(history)
 
     def write(tmp: Path) -> None:

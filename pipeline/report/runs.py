@@ -86,16 +86,19 @@ def find_parent(client: MlflowClient, experiment: str, study: str | None, parent
     return chosen, notes
 
 
+def metric_histories(client: MlflowClient, run_id: str, keys) -> dict[str, dict[int, float]]:
+    """Each metric's values by step; a step logged twice (a resumed run re-sending a batch) keeps its last value."""
+    return {key: {m.step: m.value for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.timestamp)}
+            for key in keys}
+
+
 def _run_data(client: MlflowClient, run: Run, with_details: bool) -> RunData:
     tags = run.data.tags
     data = RunData(run.info.run_id, run.info.run_name or run.info.run_id, run.info.status,
                    tags.get(Tag.FORMULATION, "?"), int(tags.get(Tag.SEED, "-1")), tags, run.data.params,
                    run.data.metrics)
     if with_details:
-        for key in CURVE_KEYS:
-            # By step; a step logged twice (a resumed run re-sending a batch) keeps its last value.
-            data.curves[key] = {m.step: m.value for m in sorted(client.get_metric_history(run.info.run_id, key),
-                                                                key=lambda m: m.timestamp)}
+        data.curves = metric_histories(client, run.info.run_id, CURVE_KEYS)
         try:
             data.reliability = json.loads(Path(client.download_artifacts(run.info.run_id, "reliability.json")).read_text())
         except (MlflowException, OSError):
