@@ -10,10 +10,11 @@ setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	@# setuptools warns on every editable install that same-named folders in the working directory may
-	@# shadow the package; this project is meant to be run from its root, so the notice is held back.
-	PYTHONWARNINGS="ignore:Editable installation" $(PY) -m pip install -q -e ".[test]"
+	@# -qq: errors only (a machine's pip configuration can add a warning per package, e.g. for index folders
+	@# that do not exist). setuptools warns on every editable install that same-named folders in the working
+	@# directory may shadow the package; this project runs from its root, so that notice is held back too.
+	$(PY) -m pip install -qq --upgrade pip
+	PYTHONWARNINGS="ignore:Editable installation" $(PY) -m pip install -qq -e ".[test]"
 	touch $@
 
 # The default study: the course note's two examples, three formulations x 5 seeds each, then the report.
