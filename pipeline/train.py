@@ -157,6 +157,12 @@ class Checkpoint:
         self.path.unlink(missing_ok=True)
 
 
+def seeded_classifier(cfg: Config, form: Formulation, splits: Splits, output_dtype: str | None) -> Classifier:
+    """The configured network with the initial weights that `cfg.seed` draws."""
+    return build_classifier(form, splits.num_inputs, splits.num_classes, cfg.model.hidden_units, cfg.model.activation,
+                            cfg.seed, output_dtype=output_dtype)
+
+
 class Trainer:
     """What runs of one shape share in a process: a model's variables, its optimizer and the compiled loop.
 
@@ -167,8 +173,7 @@ class Trainer:
     """
 
     def __init__(self, cfg: Config, form: Formulation, splits: Splits, output_dtype: str | None):
-        self.clf = build_classifier(form, splits.num_inputs, splits.num_classes, cfg.model.hidden_units,
-                                    cfg.model.activation, cfg.seed, output_dtype=output_dtype)
+        self.clf = seeded_classifier(cfg, form, splits, output_dtype)
         self.optimizer = make_optimizer(cfg)
         self.optimizer.build(self.clf.model.trainable_variables)
         self.built_optimizer_state = [keras.ops.convert_to_numpy(v) for v in self.optimizer.variables]
@@ -207,9 +212,7 @@ def trainer_for(cfg: Config, form: Formulation, splits: Splits, output_dtype: st
     if trainer is None:
         trainer = Trainer(cfg, form, splits, output_dtype)
     else:
-        fresh = build_classifier(form, splits.num_inputs, splits.num_classes, cfg.model.hidden_units,
-                                 cfg.model.activation, cfg.seed, output_dtype=output_dtype)
-        trainer.reset(fresh.model.get_weights())
+        trainer.reset(seeded_classifier(cfg, form, splits, output_dtype).model.get_weights())
     _TRAINERS[key] = trainer
     while len(_TRAINERS) > KEPT_TRAINERS:
         _TRAINERS.popitem(last=False)
