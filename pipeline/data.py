@@ -140,8 +140,8 @@ def split_arrays(builder, split: str) -> tuple[np.ndarray, np.ndarray]:
 
     Decoded once per process while the prepared files stay the same (name, size and mtime of each)."""
     folder = Path(builder.data_dir)
-    stamp = tuple(sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in folder.iterdir())) \
-        if folder.is_dir() else ()
+    stats = {p.name: p.stat() for p in folder.iterdir()} if folder.is_dir() else {}
+    stamp = tuple(sorted((name, st.st_size, st.st_mtime_ns) for name, st in stats.items()))
     key = (str(folder), split, stamp)
     if key not in _DECODED:
         try:
