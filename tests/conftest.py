@@ -157,14 +157,14 @@ def start_one(tmp_path, data_dir, uri, *overrides, name="out"):
     )
 
 
-def wait_for_first_epoch(tmp_path: Path, timeout: float = 120) -> None:
-    """Until the run has finished an epoch: its checkpoint (written after every epoch) exists."""
+def wait_for_first_epoch(checkpoints: Path, runs: int = 1, timeout: float = 120) -> None:
+    """Until `runs` runs have finished an epoch: their checkpoints (written after an epoch) exist in `checkpoints`."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if list((tmp_path / "checkpoints").glob("*/state.npz")):
+        if len(list(checkpoints.glob("*/state.npz"))) >= runs:
             return
         time.sleep(0.2)
-    pytest.fail("the run did not finish an epoch in time")
+    pytest.fail(f"{runs} run(s) did not finish an epoch in {timeout:.0f} s")
 
 
 def interrupt_sweep(tmp_path: Path, uri: str, *overrides: str) -> subprocess.CompletedProcess:
@@ -178,9 +178,9 @@ def interrupt_sweep(tmp_path: Path, uri: str, *overrides: str) -> subprocess.Com
                f"checkpoints_dir={tmp_path / 'checkpoints'}", *overrides]
     process = subprocess.Popen(command, cwd=PROJECT_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                env={**os.environ, "MLFLOW_TRACKING_URI": uri}, start_new_session=True)
-    deadline = time.monotonic() + 180
-    while len([p for p in (tmp_path / "checkpoints").glob("*/state.npz")]) < 2 and time.monotonic() < deadline:
-        time.sleep(0.3)
-    os.killpg(process.pid, signal.SIGINT)
-    stdout, stderr = process.communicate(timeout=120)
+    try:
+        wait_for_first_epoch(tmp_path / "checkpoints", runs=2, timeout=180)
+    finally:
+        os.killpg(process.pid, signal.SIGINT)  # Ctrl-C; also the clean-up when training never started
+        stdout, stderr = process.communicate(timeout=120)
     return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)

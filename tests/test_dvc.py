@@ -9,13 +9,12 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import mlflow
 import pytest
 
-from conftest import runs_of
+from conftest import runs_of, wait_for_first_epoch
 from pipeline.config import PROJECT_ROOT
 
 pytestmark = pytest.mark.slow
@@ -160,11 +159,11 @@ def test_ctrl_c_of_repro_ends_the_runs_killed_and_the_next_repro_resumes_them(re
     env = {**os.environ, "PATH": f"{VENV_BIN}:{os.environ['PATH']}"}
     process = subprocess.Popen(["dvc", "repro"], cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                env=env, start_new_session=True)
-    deadline = time.monotonic() + 180
-    while not list((repo / "outputs" / "checkpoints").glob("*/state.npz")) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    os.killpg(process.pid, signal.SIGINT)  # Ctrl-C in a terminal: dvc and the stage's process
-    _, stderr = process.communicate(timeout=120)
+    try:
+        wait_for_first_epoch(repo / "outputs" / "checkpoints", timeout=180)
+    finally:
+        os.killpg(process.pid, signal.SIGINT)  # Ctrl-C in a terminal: dvc and the stage's process
+        _, stderr = process.communicate(timeout=120)
     assert process.returncode != 0 and "Traceback" not in stderr, stderr[-3000:]
     uri = f"sqlite:///{repo / 'mlruns' / 'mlflow.db'}"
     (killed,) = [r for r in runs_of(uri) if r.info.status == "KILLED" and r.data.tags.get("role") != "study"]

@@ -143,7 +143,7 @@ def test_a_tracking_server_that_dies_mid_run_fails_the_run_within_its_limit(tmp_
              f"checkpoints_dir={tmp_path / 'checkpoints'}", FAST_FLUSH, "train.epochs=3000", *limits],
             cwd=PROJECT_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
             env={**os.environ, "MLFLOW_TRACKING_URI": url})
-        wait_for_first_epoch(tmp_path)
+        wait_for_first_epoch(tmp_path / "checkpoints")
         kill_server(server)
         killed = time.monotonic()
         _, stderr = process.communicate(timeout=120)

@@ -24,7 +24,7 @@ def test_sigterm_saves_a_checkpoint_and_the_rerun_resumes_to_the_same_result(tmp
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     process = start_one(tmp_path, data_dir, uri, *config)
-    wait_for_first_epoch(tmp_path)
+    wait_for_first_epoch(tmp_path / "checkpoints")
     stopped = time.monotonic()
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=60)
@@ -55,7 +55,7 @@ def test_sigterm_saves_a_checkpoint_and_the_rerun_resumes_to_the_same_result(tmp
 def interrupt_once(tmp_path, data_dir, uri, *config):
     """A run of `config` stopped by SIGTERM after its first persisted epoch: returns the KILLED run."""
     process = start_one(tmp_path, data_dir, uri, *config)
-    wait_for_first_epoch(tmp_path)
+    wait_for_first_epoch(tmp_path / "checkpoints")
     process.send_signal(signal.SIGTERM)
     process.communicate(timeout=60)
     assert process.returncode == 130
@@ -86,7 +86,7 @@ def test_after_sigkill_the_next_invocation_marks_the_run_failed_and_resumes_ever
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     config = ["train.epochs=150", "seed=5"]
     process = start_one(tmp_path, data_dir, uri, *config)
-    wait_for_first_epoch(tmp_path)
+    wait_for_first_epoch(tmp_path / "checkpoints")
     time.sleep(0.5)
     process.kill()
     process.wait(timeout=30)
