@@ -17,6 +17,7 @@ import tensorflow_datasets as tfds
 
 import pipeline.datasets  # noqa: F401  (registers the bundled builders)
 from pipeline.config import PIXEL_SCALES, ConfigError, DatasetConfig, PipelineError
+from pipeline.files import exclusive
 from pipeline.datasets.mnist_sample.mnist_sample_dataset_builder import SOURCE_SHA256
 from pipeline.config import Task
 from pipeline.record import DatasetRef
@@ -99,7 +100,10 @@ def fetch(dataset: DatasetConfig, data_dir: str, allow_download: bool = True) ->
                 f"Offline: {offline_hint}, or use dataset=mnist_sample (bundled)."
             )
     try:
-        builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=str(manual)))
+        # One preparer at a time: the jobs of a study prepare a dataset the study found prepared in another
+        # version only (pipeline/study.py); TFDS's own preparation fails when two processes race.
+        with exclusive(Path(data_dir) / f".{dataset.name}.lock", wait=True):
+            builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=str(manual)))
     except Exception as error:  # noqa: BLE001 - junk or partial source files: one line naming where they are
         if dataset.name in BUNDLED:
             raise  # the bundled builder's own errors say what to do

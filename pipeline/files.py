@@ -97,13 +97,13 @@ def staged_folder(final: Path) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def exclusive(lock_path: Path) -> Iterator[bool]:
-    """Holds an exclusive lock on `lock_path` if no other process does; yields whether it got it.
-    The lock goes with the process, so a killed holder never blocks the next one."""
+def exclusive(lock_path: Path, wait: bool = False) -> Iterator[bool]:
+    """Holds an exclusive lock on `lock_path` if no other process does (or, with `wait`, once none does);
+    yields whether it got it. The lock goes with the process, so a killed holder never blocks the next one."""
     lock_path.parent.mkdir(parents=True, exist_ok=True)
     with open(lock_path, "a") as handle:
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
         except BlockingIOError:
             yield False
             return

@@ -59,6 +59,19 @@ def parallel_workers(config: DictConfig, jobs: int) -> int:
     return max(1, min(jobs, cores + 1 + n_jobs if n_jobs < 0 else n_jobs))
 
 
+def looks_prepared(name: str, version: str | None, data_dir: str) -> bool:
+    """Whether TFDS has prepared the dataset (that version, or any when none is configured) in `data_dir`.
+
+    Read from the files, without importing TFDS, which would cost the launching process TensorFlow's
+    import (6 s) while its jobs import it anyway. TFDS prepares a version in a temporary folder and
+    renames it into place when complete, with its dataset_info.json. If the configured "latest" version
+    is not the prepared one, the jobs prepare it, one at a time (pipeline/data.py: fetch).
+    """
+    folder = Path(data_dir) / name
+    return any((path / "dataset_info.json").is_file()
+               for path in ([folder / version] if version else folder.glob("*")))
+
+
 class StudyCallback(Callback):
     def __init__(self) -> None:
         self.study = None
@@ -76,13 +89,15 @@ class StudyCallback(Callback):
 
     def _start(self, config: DictConfig) -> None:
         global _active
-        from pipeline.data import fetch
         from pipeline.tracking import Study, prepare_store, tracking_uri
 
         cfg = validate(config)
         self.uri = tracking_uri(cfg.tracking.uri)
         experiment_id = prepare_store(self.uri, cfg.tracking.experiment, cfg.tracking)
-        fetch(cfg.dataset, cfg.data_dir, cfg.allow_download)  # once, before jobs that would race to prepare it
+        if not looks_prepared(cfg.dataset.name, cfg.dataset.version, cfg.data_dir):
+            from pipeline.data import fetch
+
+            fetch(cfg.dataset, cfg.data_dir, cfg.allow_download)  # once, before the jobs; fails early offline
         sweep_params = OmegaConf.select(config, "hydra.sweeper.params")
         preset = OmegaConf.to_container(sweep_params, resolve=False) if sweep_params is not None else {}
         overrides = list(config.hydra.overrides.task)
@@ -98,10 +113,6 @@ class StudyCallback(Callback):
         os.environ[STUDY_JOBS_ENV] = str(jobs)
         workers = parallel_workers(config, jobs)
         os.environ[STUDY_WORKERS_ENV] = str(workers)
-        if workers > 1:
-            # Several training processes share the cores: one intra-op thread each (measured faster, and
-            # the metrics are bit-identical). Set before the launcher starts its workers, which inherit it.
-            os.environ.setdefault("TF_NUM_INTRAOP_THREADS", "1")
         os.environ[STUDY_STARTED_ENV] = f"{time.time():.3f}"
         self.started = time.monotonic()
         atexit.register(self.study.close, KeyboardInterrupt())  # a sweep that never reaches its end

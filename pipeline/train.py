@@ -16,6 +16,7 @@ import collections
 import functools
 import hashlib
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,12 +36,21 @@ from pipeline.models import Classifier, build_classifier
 PROBE_BATCH = 256  # fixed batch for the gradient-norm ratio
 
 def configure_determinism() -> None:
-    """Same config and seed => same weights and metrics, run after run (TensorFlow's op determinism;
-    JAX on the CPU is deterministic as it is)."""
-    if keras.config.backend() == "tensorflow":
+    """Same config and seed => same weights and metrics, run after run.
+
+    TensorFlow run single-threaded (pipeline/__init__.py's default) executes every kernel in one order and
+    is deterministic as it is; with more threads, its op-determinism mode is switched on, which also trades
+    the oneDNN kernels for slower deterministic ones (27% slower per epoch here). JAX on the CPU is
+    deterministic as it is.
+    """
+    if keras.config.backend() == "tensorflow" and not tensorflow_single_threaded():
         import tensorflow as tf
 
         tf.config.experimental.enable_op_determinism()
+
+
+def tensorflow_single_threaded() -> bool:
+    return all(os.environ.get(f"TF_NUM_{pool}_THREADS") == "1" for pool in ("INTEROP", "INTRAOP"))
 
 
 def batch_order(seed: int, epoch: int, n: int) -> np.ndarray:

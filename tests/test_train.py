@@ -106,3 +106,20 @@ def test_a_reused_trainer_trains_exactly_as_a_new_one(data_dir, setting):
     built.build(fresh.model.trainable_variables)
     for ours, theirs in zip(reset.optimizer.variables, built.variables):
         assert np.array_equal(np.asarray(ours), np.asarray(theirs))
+
+
+@pytest.mark.parametrize("seed", [0, 7])
+def test_a_seed_draws_the_initial_weights_that_keras_set_random_seed_gives(seed):
+    """The classifier is seeded without TensorFlow's global seed (which clears TensorFlow's kernel caches);
+    its initial weights are still those of the note's model after `keras.utils.set_random_seed(seed)`."""
+    from pipeline.formulations import formulation
+    from pipeline.models import build_classifier
+
+    keras.utils.set_random_seed(seed + 1)  # another state first: ours must not depend on what came before
+    ours = build_classifier(formulation("logits", "multiclass"), 784, 10, [25, 15], "relu", seed=seed)
+    keras.utils.set_random_seed(seed)
+    note = keras.Sequential([keras.Input((784,)), keras.layers.Dense(25, activation="relu"),
+                             keras.layers.Dense(15, activation="relu"), keras.layers.Dense(10)])
+    assert len(ours.model.get_weights()) == 6
+    for a, b in zip(ours.model.get_weights(), note.get_weights()):
+        assert np.array_equal(a, b)
