@@ -6,6 +6,12 @@ STORE := $(CURDIR)/mlruns
 
 .PHONY: setup study test ui params benchmark clean-outputs
 
+# The torch backend's optional extra, where PyTorch's CPU build lies on this machine's disk (pip's find-links
+# takes it from there); elsewhere PyPI's Linux wheel is a CUDA build of several GB (README, Backends) and the
+# torch tests skip. make setup EXTRAS=test,torch installs it anyway.
+comma := ,
+EXTRAS ?= test$(if $(wildcard /opt/wheels/torch-2.13.0+cpu-*.whl),$(comma)torch)
+
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -14,7 +20,7 @@ $(VENV)/.installed: pyproject.toml
 	@# that do not exist). setuptools warns on every editable install that same-named folders in the working
 	@# directory may shadow the package; this project runs from its root, so that notice is held back too.
 	$(PY) -m pip install -qq --upgrade pip
-	PYTHONWARNINGS="ignore:Editable installation" $(PY) -m pip install -qq -e ".[test]"
+	PYTHONWARNINGS="ignore:Editable installation" $(PY) -m pip install -qq -e ".[$(EXTRAS)]"
 	touch $@
 
 # The default study: the course note's two examples, three formulations x 5 seeds each, then the report.

@@ -1,5 +1,6 @@
 """Training speed: the course note's code as written vs the pipeline's train stage, side by side, on
-Keras's TensorFlow backend and (in a child process, Keras picks its backend once) on JAX.
+Keras's TensorFlow backend and (in a child process each, Keras picks its backend once) on JAX and, where
+PyTorch is installed, on torch.
 
     python benchmarks/train_throughput.py            # 60,000 examples, 3 repetitions x 4 epochs
     python benchmarks/train_throughput.py --quick    # a smoke run (seconds)
@@ -17,6 +18,8 @@ for both states how far the weights of the two paths differ.
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
+import importlib.util
 import json
 import os
 import subprocess
@@ -150,7 +153,8 @@ def main() -> int:
     parser.add_argument("--epochs", type=int, default=4, help="per repetition; the first is warm-up")
     parser.add_argument("--repetitions", type=int, default=3)
     parser.add_argument("--formulations", default="probs,logits,probs_naive")
-    parser.add_argument("--backends", default="tensorflow,jax", help="the pipeline's loop on these Keras backends")
+    parser.add_argument("--backends", default="tensorflow,jax" + (",torch" if importlib.util.find_spec("torch") else ""),
+                        help="the pipeline's loop on these Keras backends (default: torch too where it is installed)")
     parser.add_argument("--data-dir", default=str(Path(__file__).resolve().parents[1] / "data" / "tfds"))
     parser.add_argument("--quick", action="store_true", help="6,000 examples, 2 epochs, 1 repetition")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # measure this backend, print JSON
@@ -176,8 +180,9 @@ def main() -> int:
         others[backend] = json.loads(done.stdout.strip().splitlines()[-1])
     import jax
 
+    torch_version = f", PyTorch {importlib.metadata.version('torch')}" if "torch" in backends else ""
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; TensorFlow {tf.__version__}, "
-          f"Keras {keras.__version__}, JAX {jax.__version__}; {len(splits.x_train):,} examples x 784, batch 32")
+          f"Keras {keras.__version__}, JAX {jax.__version__}{torch_version}; {len(splits.x_train):,} examples x 784, batch 32")
     print(f"{'formulation':<12} {'backend':<10} {'s/epoch':>8} {'samples/s':>10} {'vs note':>8} {'diag cost':>9} "
           f"{'peak MiB':>8} {'last loss':>10} {'max|dw| vs fit':>14}")
     n = len(splits.x_train)

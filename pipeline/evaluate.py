@@ -8,6 +8,7 @@ formulation itself produces are used only to count clipped and saturated example
 
 from __future__ import annotations
 
+import keras
 import numpy as np
 
 from pipeline.models import Classifier
@@ -26,12 +27,13 @@ def evaluate(clf: Classifier, x: np.ndarray, y: np.ndarray) -> tuple[dict[str, f
     task = clf.formulation.task
     # Backend-independent: the model gives features and outputs (float32 or lower); the output layer is
     # recomputed here from its weights, in NumPy float64 (JAX would silently compute "float64" in float32).
-    features = np.asarray(clf.features(x, training=False), np.float64)
+    features = np.asarray(keras.ops.convert_to_numpy(clf.features(x, training=False)), np.float64)
     kernel, bias = (np.asarray(w, np.float64) for w in clf.output_layer.get_weights())
     logits64 = features @ kernel + bias
-    outputs = np.asarray(clf.model(x, training=False))
+    outputs = clf.model(x, training=False)
     probabilities = class_probabilities(logits64, task).numpy()
-    summary = saturation_summary(logits64.astype(np.float32), clf.formulation.probabilities(outputs), y, task)
+    formulation_probabilities = keras.ops.convert_to_numpy(clf.formulation.probabilities(outputs))
+    summary = saturation_summary(logits64.astype(np.float32), formulation_probabilities, y, task)
     metrics = {
         "test_accuracy": float(np.mean(probabilities.argmax(axis=1) == y)),
         "test_nll": float(np.mean(nll_float64(logits64, y, task))),

@@ -124,7 +124,7 @@ def run_record(cfg: Config, dataset: DatasetRef) -> RunRecord:
     return RunRecord(run_name(cfg), tags, config_params(cfg))
 
 
-PACKAGES = ("tensorflow", "tensorflow-cpu", "keras", "jax", "tensorflow-datasets", "numpy", "mlflow", "hydra-core")
+PACKAGES = ("tensorflow", "tensorflow-cpu", "keras", "jax", "torch", "tensorflow-datasets", "numpy", "mlflow", "hydra-core")
 
 
 @functools.cache

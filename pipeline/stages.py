@@ -175,13 +175,14 @@ def log_model(clf: Classifier, x_example) -> str:
     from mlflow.models import infer_signature
 
     served = clf.served_model()
-    signature = infer_signature(x_example, np.asarray(served(x_example)))  # not predict(): no tf.data graph
+    signature = infer_signature(x_example, keras.ops.convert_to_numpy(served(x_example)))  # not predict(): no tf.data graph
     # Stated, not inferred: MLflow's inference re-imports the model in a subprocess (~5 s per run).
     requirements = [f"tensorflow=={tf.__version__}", f"keras=={keras.__version__}"]
-    if keras.config.backend() == "jax":
-        import jax
+    backend = keras.config.backend()
+    if backend != "tensorflow":  # where the model is to run on the backend it was trained on
+        from importlib.metadata import version
 
-        requirements.append(f"jax[cpu]=={jax.__version__}")
+        requirements.append(f"{'jax[cpu]' if backend == 'jax' else backend}=={version(backend)}")
     return mlflow.tensorflow.log_model(served, name="model", signature=signature, pip_requirements=requirements).model_uri
 
 

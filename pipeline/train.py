@@ -39,9 +39,9 @@ def configure_determinism() -> None:
     """Same config and seed => same weights and metrics, run after run.
 
     TensorFlow run single-threaded (pipeline/__init__.py's default) executes every kernel in one order and
-    is deterministic as it is; with more threads, its op-determinism mode is switched on, which also trades
-    the oneDNN kernels for slower deterministic ones (27% slower per epoch here). JAX on the CPU is
-    deterministic as it is.
+    is deterministic as it is; with more threads, its op-determinism mode is switched on (15-25% slower
+    per step here). JAX and PyTorch (one
+    thread: pipeline/loops/torch.py) on the CPU are deterministic as they are.
     """
     if keras.config.backend() == "tensorflow" and not tensorflow_single_threaded():
         import tensorflow as tf
@@ -73,8 +73,8 @@ def probe_effective_from_logits(form: Formulation, output_dtype: str | None) -> 
     does (`tf.function` / `jax.jit`), because graph mode changes what Keras can trace. Every run runs
     it; runs of the same formulation and dtypes in one process share its compiled function.
     """
-    loss = float(_compiled_probe(form.name, form.task, output_dtype, keras.mixed_precision.global_policy().name,
-                                 keras.config.backend())())
+    loss = float(keras.ops.convert_to_numpy(_compiled_probe(
+        form.name, form.task, output_dtype, keras.mixed_precision.global_policy().name, keras.config.backend())()))
     return abs(loss - PROBE_LOGIT) < 1e-3 * PROBE_LOGIT, loss
 
 
@@ -125,7 +125,7 @@ def _fixed_subset(x, y, limit: int):
 
 
 def weights_finite(model: keras.Model) -> bool:
-    return all(np.isfinite(np.asarray(w)).all() for w in model.weights)
+    return all(np.isfinite(keras.ops.convert_to_numpy(w)).all() for w in model.weights)
 
 
 class Checkpoint:
@@ -144,7 +144,7 @@ class Checkpoint:
 
     def save(self, model: keras.Model, optimizer, epoch: int) -> None:
         arrays = {f"w{i}": np.asarray(w) for i, w in enumerate(model.get_weights())}
-        arrays |= {f"o{i}": np.asarray(v) for i, v in enumerate(optimizer.variables)}
+        arrays |= {f"o{i}": keras.ops.convert_to_numpy(v) for i, v in enumerate(optimizer.variables)}
 
         def write(tmp: Path) -> None:
             with open(tmp, "wb") as f:  # a file object: np.savez would add ".npz" to a path

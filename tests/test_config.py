@@ -38,7 +38,7 @@ def test_groups_offer_what_the_readme_promises():
     assert options("precision") == ["float32", "mixed_bfloat16", "mixed_float16"]
     assert options("experiment") == ["atlas", "backends", "high_lr", "mixed_float16", "raw_pixels", "seed_logistic",
                                      "seed_mnist"]
-    assert options("backend") == ["jax", "tensorflow"]
+    assert options("backend") == ["jax", "tensorflow", "torch"]
     assert options("task") == ["logistic", "multiclass"]
 
 

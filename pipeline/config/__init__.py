@@ -11,6 +11,7 @@ an out-of-range value fails before any data is touched or any MLflow run is open
 from __future__ import annotations
 
 import enum
+import importlib.util
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,8 +59,9 @@ def _require(condition: bool, key: str, value: Any, accepted: str) -> None:
         raise ConfigError(f"{key}={value!r} is not accepted: expected {accepted}")
 
 
-# Study and experiment names become folder names and MLflow filter values: a closed alphabet, no path.
+# A TFDS dataset name, optionally with its builder config; never a path of its own.
 TFDS_NAME = re.compile(r"[a-z][a-z0-9_]*(/[A-Za-z0-9_][A-Za-z0-9_.-]*)?")
+# Study and experiment names become folder names and MLflow filter values: a closed alphabet, no path.
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 NAME_RULE = "1 to 64 letters, digits, '_', '.' or '-', starting with a letter or digit"
 SEED_LIMIT = 2**32  # numpy's and Keras's seeds are unsigned 32-bit
@@ -155,11 +157,21 @@ class Backend(str, enum.Enum):
 
     tensorflow = "tensorflow"
     jax = "jax"
+    torch = "torch"  # where PyTorch is installed (an optional extra: README, Backends)
+
+
+def _require_installed(backends: list[Backend], key: str, value: Any) -> None:
+    _require(Backend.torch not in backends or importlib.util.find_spec("torch") is not None, key, value,
+             "tensorflow or jax: torch needs PyTorch, which is not installed here (pip install -e '.[torch]'; "
+             "README, Backends)")
 
 
 @dataclass
 class BackendConfig:
     name: Backend = Backend.tensorflow
+
+    def __post_init__(self):
+        _require_installed([self.name], "backend", self.name.value)
 
 
 @dataclass
@@ -192,6 +204,7 @@ class GridConfig:
     def __post_init__(self):
         _require(len(self.formulations) > 0, "grid.formulations", self.formulations, "at least one formulation")
         _require(len(self.backends) > 0, "grid.backends", self.backends, "at least one backend")
+        _require_installed(self.backends, "grid.backends", [b.value for b in self.backends])
         _require(len(self.seeds) > 0, "grid.seeds", self.seeds, "at least one seed")
 
 

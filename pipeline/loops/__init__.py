@@ -1,6 +1,6 @@
-"""The compiled parts of training, one module per Keras backend, with one interface (`Loop`).
+"""The training loop, one module per Keras backend, with one interface (`Loop`).
 
-A Loop runs a whole epoch compiled (same loss object, same optimizer, same batches as `model.fit`),
+A Loop runs a whole epoch — compiled on TensorFlow and JAX, eagerly on torch — (same loss object, same optimizer, same batches as `model.fit`),
 computes the per-epoch diagnostics and the gradient probe, and keeps the model's variables current
 (`sync`) for checkpoints, divergence checks and evaluation; `refresh` takes up variables assigned from
 outside (a restored checkpoint, a reused loop reset to a new seed's weights). pipeline/train.py picks the module of the
@@ -9,6 +9,7 @@ backend Keras was started with:
     tensorflow   one `tf.function` over the epoch's batches (tf.range loop over in-memory tensors)
     jax          Keras's stateless API (`stateless_call`, `stateless_apply`) under `jax.jit`, a
                  `lax.fori_loop` over contiguous slices of the epoch's permuted data
+    torch        Keras's torch train step, eager (as Keras runs it), over contiguous slices
 """
 
 from __future__ import annotations
@@ -36,6 +37,10 @@ def make_loop(clf, loss_fn, optimizer, batch_size: int, data: dict) -> Loop:
         from pipeline.loops.jax import JaxLoop
 
         return JaxLoop(clf, loss_fn, optimizer, batch_size, data)
+    if backend() == "torch":
+        from pipeline.loops.torch import TorchLoop
+
+        return TorchLoop(clf, loss_fn, optimizer, batch_size, data)
     from pipeline.loops.tensorflow import TensorFlowLoop
 
     return TensorFlowLoop(clf, loss_fn, optimizer, batch_size, data)
@@ -47,6 +52,8 @@ def compiled(fn: Callable) -> Callable:
         import jax
 
         return jax.jit(fn)
+    if backend() == "torch":
+        return fn  # eager, as Keras's torch trainer runs
     import tensorflow as tf
 
     return tf.function(fn)
