@@ -19,6 +19,10 @@ stop_requested = threading.Event()
 RUN_NOTICE = "stopping after this epoch (again to stop now)"
 STUDY_NOTICE = "stopping the study after the current epoch of its jobs (again to stop now)"
 _notice: str | None = RUN_NOTICE
+# A stop relayed by a launching process to its jobs: always "after this epoch", never "now", so a job that
+# also got the terminal's Ctrl-C is not stopped twice.
+RELAYED_STOP = signal.SIGUSR1
+_relays: list[Callable[[], None]] = []
 
 
 def request_stop(signum, frame) -> None:
@@ -31,6 +35,13 @@ def request_stop(signum, frame) -> None:
     stop_requested.set()
     if _notice:
         print(f"\n{signal.Signals(signum).name}: {_notice}", file=sys.stderr, flush=True)
+    for relay in _relays:
+        relay()
+
+
+def relay_stops(relay: Callable[[], None]) -> None:
+    """Also calls `relay` on the first stop request (to pass it on to jobs the signal may not reach)."""
+    _relays.append(relay)
 
 
 class Interrupted(KeyboardInterrupt):
@@ -46,6 +57,25 @@ def install_stop_handlers(notice: str | None = RUN_NOTICE) -> None:
     _notice = notice
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
+    signal.signal(RELAYED_STOP, lambda signum, frame: stop_requested.set())
+    # A launcher's job may start with these blocked (see `shield_started_processes`); a stop that came
+    # meanwhile is pending and arrives now.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, RELAYED_STOP})
+
+
+def shield_started_processes() -> None:
+    """Processes started from this (main) thread from now on inherit SIGINT blocked; this process still
+    gets it, on a helper thread, and handles it as before (Python runs the handler in the main thread).
+
+    For submitit's local controllers: Ctrl-C reaches the terminal's whole process group, and a controller
+    that gets it prints a KeyboardInterrupt traceback and SIGKILLs its job a second later. Shielded, it
+    waits instead while its job, which unblocks SIGINT when it installs its handlers (a Ctrl-C during
+    its start-up stays pending until then), stops at the end of its epoch and ends its run KILLED.
+    RELAYED_STOP is blocked the same way, so a relayed stop never kills a job that is still starting.
+    """
+    helper = threading.Thread(target=threading.Event().wait, name="signals", daemon=True)
+    helper.start()  # created before the block: its mask keeps SIGINT deliverable
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, RELAYED_STOP})
 
 
 def interruptible(work: Callable[[], T]) -> T:

@@ -59,6 +59,18 @@ def parallel_workers(config: DictConfig, jobs: int) -> int:
     return max(1, min(jobs, cores + 1 + n_jobs if n_jobs < 0 else n_jobs))
 
 
+def _stop_submitit_jobs() -> None:
+    """Passes a stop request on to the jobs that submitit's local controllers run for this study."""
+    import psutil
+
+    from pipeline.interrupt import RELAYED_STOP
+
+    for process in psutil.Process().children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            if "submitit.core._submit" in process.cmdline():
+                process.send_signal(RELAYED_STOP)
+
+
 def looks_prepared(name: str, version: str | None, data_dir: str) -> bool:
     """Whether TFDS has prepared the dataset (that version, or any when none is configured) in `data_dir`.
 
@@ -113,6 +125,11 @@ class StudyCallback(Callback):
         os.environ[STUDY_JOBS_ENV] = str(jobs)
         workers = parallel_workers(config, jobs)
         os.environ[STUDY_WORKERS_ENV] = str(workers)
+        if "submitit" in str(OmegaConf.select(config, "hydra.launcher._target_", default="")):
+            from pipeline.interrupt import relay_stops, shield_started_processes
+
+            shield_started_processes()  # submitit's controllers leave a Ctrl-C to the jobs they run
+            relay_stops(_stop_submitit_jobs)  # a signal to this process alone reaches the jobs too
         os.environ[STUDY_STARTED_ENV] = f"{time.time():.3f}"
         self.started = time.monotonic()
         atexit.register(self.study.close, KeyboardInterrupt())  # a sweep that never reaches its end

@@ -178,8 +178,8 @@ def mark_stale_runs(client: MlflowClient, experiment_id: str) -> list[str]:
 def end_interrupted_children(uri: str, parent_run_id: str, wait_seconds: float = 15.0) -> list[str]:
     """An interrupted study's child runs still RUNNING on this host end KILLED once their process is gone.
 
-    A launcher may kill its jobs before they close their runs (submitit's local controller sends SIGKILL
-    a second after the interrupt); their checkpoints are intact, so KILLED (resumable) is the truth.
+    A job may be gone before it closed its run (killed, or stopped at once by a second Ctrl-C while its
+    store was busy); its checkpoint is intact, so KILLED (resumable) is the truth.
     Waits up to `wait_seconds` for jobs that are still stopping; returns the runs it ended.
     """
     client = MlflowClient(uri)
