@@ -16,13 +16,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ INFO line
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 # One inter-op and one intra-op thread: the training loop is a chain of small ops, which threads only slow
 # down (on 2 cores: inter-op 20% faster per epoch, intra-op up to 35% faster for probs_naive, measured by
-# benchmarks/train_throughput.py), and a study runs one process per core anyway. Single-threaded, TensorFlow
-# is deterministic without its op-determinism mode, which costs 15-25% per step (pipeline/train.py:
-# configure_determinism). TensorFlow's own kernels, not oneDNN's: as fast here for float32, and oneDNN logs an
-# E0000 line on CPUs without AVX-512 FP16 whenever a mixed_float16 run computes in float16.
+# benchmarks/train_throughput.py), and a study runs one process per core anyway. Under TensorFlow's
+# op-determinism mode (pipeline/train.py) every metric is bit-identical whatever the thread counts.
 os.environ.setdefault("TF_NUM_INTEROP_THREADS", "1")
 os.environ.setdefault("TF_NUM_INTRAOP_THREADS", "1")
-os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
 # TensorFlow 2.21 logs these while it loads, before absl's logging is initialised, so TF_CPP_MIN_LOG_LEVEL
 # cannot hold them back (abseil-cpp#1718): notices, not errors, printed twice per process.

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Callable
 
 import mlflow
-import numpy as np
 from mlflow.entities import Metric, RunTag
 
 from pipeline.config import Config

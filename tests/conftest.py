@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -102,6 +103,23 @@ def kill_server(server: subprocess.Popen) -> None:
 def mlflow_server(tmp_path):
     with start_mlflow_server(tmp_path) as (url, _):
         yield url
+
+
+LOOP_WEIGHT_TOLERANCE = 1e-5  # measured 0.0 on every backend: same batches, same loss object, same Adam
+
+
+def assert_loop_matches_fit(backend: str, data_dir: str) -> None:
+    """The pipeline's loop on `backend` against `model.fit` on it, for every formulation and task
+    (`python -m pipeline.loops.equivalence` in a process started on that backend)."""
+    result = subprocess.run([sys.executable, "-m", "pipeline.loops.equivalence", data_dir], cwd=PROJECT_ROOT,
+                            capture_output=True, text=True, timeout=600, env={**os.environ, "KERAS_BACKEND": backend})
+    assert result.returncode == 0, result.stderr[-3000:]
+    cases = json.loads(result.stdout.strip().splitlines()[-1])
+    assert len(cases) == 6 and {c["backend"] for c in cases} == {backend}
+    for case in cases:
+        for fast_loss, fit_loss in case["losses"]:
+            assert fast_loss == pytest.approx(fit_loss, rel=1e-5), case
+        assert case["max_abs_weight_diff"] <= LOOP_WEIGHT_TOLERANCE, case
 
 
 def run_cli(*args: str, env: dict | None = None, cwd: Path = PROJECT_ROOT, timeout: float = 600):

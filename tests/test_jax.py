@@ -5,33 +5,17 @@ process, so JAX runs happen in subprocesses here."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 
 import mlflow
 import numpy as np
 import pytest
 
-from conftest import run_cli, runs_of, study_runs
-from pipeline.config import PROJECT_ROOT
+from conftest import assert_loop_matches_fit, run_cli, runs_of, study_runs
 
 pytestmark = pytest.mark.slow
 
-WEIGHT_TOLERANCE = 1e-5  # measured 0.0: same batches, same loss object, same Adam
-
-
 def test_jax_loop_matches_model_fit_on_jax(data_dir):
-    result = subprocess.run([sys.executable, "-m", "pipeline.loops.equivalence", data_dir], cwd=PROJECT_ROOT,
-                            capture_output=True, text=True, timeout=600, env={**os.environ, "KERAS_BACKEND": "jax"})
-    assert result.returncode == 0, result.stderr[-3000:]
-    cases = json.loads(result.stdout.strip().splitlines()[-1])
-    assert len(cases) == 6 and {c["backend"] for c in cases} == {"jax"}
-    for case in cases:
-        for fast_loss, fit_loss in case["losses"]:
-            assert fast_loss == pytest.approx(fit_loss, rel=1e-5), case
-        assert case["max_abs_weight_diff"] <= WEIGHT_TOLERANCE, case
+    assert_loop_matches_fit("jax", data_dir)
 
 
 @pytest.fixture(scope="module")

@@ -5,19 +5,14 @@ Keras picks its backend once per process, so torch runs happen in subprocesses h
 from __future__ import annotations
 
 import importlib.util
-import json
-import os
-import subprocess
-import sys
 
 import mlflow
 import numpy as np
 import pytest
 
-from conftest import compose_config, run_cli, study_runs
-from pipeline.config import PROJECT_ROOT, ConfigError, validate
+from conftest import assert_loop_matches_fit, compose_config, run_cli, study_runs
+from pipeline.config import ConfigError, validate
 
-WEIGHT_TOLERANCE = 1e-5
 torch_installed = pytest.mark.skipif(importlib.util.find_spec("torch") is None,
                                      reason="PyTorch is not installed (pip install -e '.[torch]')")
 
@@ -35,15 +30,7 @@ def test_without_pytorch_backend_torch_is_refused_in_one_line_naming_the_install
 @torch_installed
 @pytest.mark.slow
 def test_torch_loop_matches_model_fit_on_torch(data_dir):
-    result = subprocess.run([sys.executable, "-m", "pipeline.loops.equivalence", data_dir], cwd=PROJECT_ROOT,
-                            capture_output=True, text=True, timeout=600, env={**os.environ, "KERAS_BACKEND": "torch"})
-    assert result.returncode == 0, result.stderr[-3000:]
-    cases = json.loads(result.stdout.strip().splitlines()[-1])
-    assert len(cases) == 6 and {c["backend"] for c in cases} == {"torch"}
-    for case in cases:
-        for fast_loss, fit_loss in case["losses"]:
-            assert fast_loss == pytest.approx(fit_loss, rel=1e-5), case
-        assert case["max_abs_weight_diff"] <= WEIGHT_TOLERANCE, case
+    assert_loop_matches_fit("torch", data_dir)
 
 
 @torch_installed
