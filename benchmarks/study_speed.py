@@ -8,7 +8,7 @@ runs them (tracking, diagnostics, models, reports), into a temporary store. Note
 x seed of those studies, the note's model as written (`Sequential` of Dense 25-15 + the arm's output layer,
 `compile(Adam(1e-3), loss)`, `model.fit(X, Y, epochs=N)` with Keras's defaults, then `evaluate`) on the
 same training and test digits, no tracking, in one process (it is charged one import, not thirty), with
-the pipeline's TensorFlow settings (one thread, TensorFlow's own kernels: pipeline/__init__.py); with
+the pipeline's TensorFlow settings (one thread: pipeline/__init__.py); with
 TensorFlow's defaults its probs_naive epochs measured slower (3.0 s vs 2.2 s, train_throughput.py).
 Prints both wall times and their ratio, then per-epoch throughput for every arm on both backends
 (benchmarks/train_throughput.py; `--no-throughput` leaves it out).
@@ -45,7 +45,7 @@ def pipeline_study(study: str, epochs: int, store: Path, extra: list[str]) -> fl
 def note_code(epochs: int) -> float:
     """The 30 trainings with the note's code, in this process; returns the wall time including imports."""
     started = time.perf_counter()
-    import pipeline  # noqa: F401  (first, as in the pipeline's processes: its thread and kernel settings)
+    import pipeline  # noqa: F401  (first, as in the pipeline's processes: its thread settings)
     import keras
 
     from hydra import compose, initialize_config_dir
