@@ -11,6 +11,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -80,8 +81,8 @@ def looks_prepared(name: str, version: str | None, data_dir: str) -> bool:
     is not the prepared one, the jobs prepare it, one at a time (pipeline/data.py: fetch).
     """
     folder = Path(data_dir) / name
-    return any((path / "dataset_info.json").is_file()
-               for path in ([folder / version] if version else folder.glob("*")))
+    versions = [folder / version] if version else [p for p in folder.glob("*") if re.fullmatch(r"\d+\.\d+\.\d+", p.name)]
+    return any((path / "dataset_info.json").is_file() for path in versions)  # not TFDS's *.incomplete* folders
 
 
 class StudyCallback(Callback):

@@ -140,3 +140,19 @@ def test_junk_in_the_manual_folder_is_one_line_naming_it(tmp_path):
         (manual / name).write_text("not a gzip file")
     with pytest.raises(DatasetUnavailable, match=f"cannot prepare mnist from the files in {manual}"):
         fetch(DatasetConfig(name="mnist"), str(tmp_path), allow_download=False)
+
+
+def test_a_study_reads_from_the_files_whether_its_dataset_is_prepared(tmp_path):
+    """The launching process skips TFDS (and TensorFlow's import) only for a complete preparation."""
+    from pipeline.study import looks_prepared
+
+    assert not looks_prepared("mnist_sample", None, str(tmp_path))
+    incomplete = tmp_path / "mnist_sample" / "1.0.0.incomplete7Q2C"  # what TFDS leaves after a crash
+    incomplete.mkdir(parents=True)
+    (incomplete / "dataset_info.json").write_text("{}")
+    assert not looks_prepared("mnist_sample", None, str(tmp_path))
+    complete = tmp_path / "mnist_sample" / "1.0.0"
+    complete.mkdir()
+    (complete / "dataset_info.json").write_text("{}")
+    assert looks_prepared("mnist_sample", None, str(tmp_path)) and looks_prepared("mnist_sample", "1.0.0", str(tmp_path))
+    assert not looks_prepared("mnist_sample", "2.0.0", str(tmp_path))
