@@ -192,7 +192,7 @@ def interrupt_sweep(tmp_path: Path, uri: str, *overrides: str, whole_group: bool
     from pipeline.tracking import prepare_store
 
     prepare_store(uri, "fromlogits")
-    command = [sys.executable, "-m", "pipeline.run", "-m", "loss=probs,logits", "seed=0", "train.epochs=400",
+    command = [sys.executable, "-m", "pipeline.run", "-m", "loss=probs,logits", "seed=0", "train.epochs=400", FAST_FLUSH,
                f"hydra.sweep.dir={tmp_path / 'sweep'}", f"reports_dir={tmp_path / 'reports'}",
                f"checkpoints_dir={tmp_path / 'checkpoints'}", *overrides]
     process = subprocess.Popen(command, cwd=PROJECT_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
