@@ -8,8 +8,8 @@ runs them (tracking, diagnostics, models, reports), into a temporary store. Note
 x seed of those studies, the note's model as written (`Sequential` of Dense 25-15 + the arm's output layer,
 `compile(Adam(1e-3), loss)`, `model.fit(X, Y, epochs=N)` with Keras's defaults, then `evaluate`) on the
 same training and test digits, no tracking, in one process (it is charged one import, not thirty), with
-the pipeline's TensorFlow settings (one thread: pipeline/__init__.py); with
-TensorFlow's defaults its probs_naive epochs measured slower (3.0 s vs 2.2 s, train_throughput.py).
+the pipeline's TensorFlow settings (one thread: pipeline/__init__.py); with TensorFlow's defaults its
+probs_naive epochs measured slower (3.0 s vs 2.2 s, train_throughput.py).
 Prints both wall times and their ratio, then per-epoch throughput for every arm on both backends
 (benchmarks/train_throughput.py; `--no-throughput` leaves it out).
 """

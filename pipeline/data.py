@@ -17,8 +17,8 @@ import tensorflow_datasets as tfds
 
 import pipeline.datasets  # noqa: F401  (registers the bundled builders)
 from pipeline.config import PIXEL_SCALES, ConfigError, DatasetConfig, PipelineError
-from pipeline.files import exclusive
 from pipeline.datasets.mnist_sample.mnist_sample_dataset_builder import SOURCE_SHA256
+from pipeline.files import exclusive
 from pipeline.config import Task
 from pipeline.record import DatasetRef
 

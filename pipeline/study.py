@@ -11,7 +11,6 @@ from __future__ import annotations
 import atexit
 import contextlib
 import os
-import re
 import sys
 import time
 from pathlib import Path
@@ -19,7 +18,7 @@ from pathlib import Path
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline.config import validate
+from pipeline.config import TFDS_VERSION, validate
 from pipeline.config.overrides import count_jobs, sweep_values
 from pipeline.progress import STUDY_JOBS_ENV, STUDY_STARTED_ENV, STUDY_WORKERS_ENV
 
@@ -81,7 +80,7 @@ def looks_prepared(name: str, version: str | None, data_dir: str) -> bool:
     is not the prepared one, the jobs prepare it, one at a time (pipeline/data.py: fetch).
     """
     folder = Path(data_dir) / name
-    versions = [folder / version] if version else [p for p in folder.glob("*") if re.fullmatch(r"\d+\.\d+\.\d+", p.name)]
+    versions = [folder / version] if version else [p for p in folder.glob("*") if TFDS_VERSION.fullmatch(p.name)]
     return any((path / "dataset_info.json").is_file() for path in versions)  # not TFDS's *.incomplete* folders
 
 

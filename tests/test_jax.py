@@ -5,7 +5,6 @@ process, so JAX runs happen in subprocesses here."""
 
 from __future__ import annotations
 
-
 import mlflow
 import numpy as np
 import pytest
@@ -13,6 +12,7 @@ import pytest
 from conftest import assert_loop_matches_fit, run_cli, runs_of, study_runs
 
 pytestmark = pytest.mark.slow
+
 
 def test_jax_loop_matches_model_fit_on_jax(data_dir):
     assert_loop_matches_fit("jax", data_dir)

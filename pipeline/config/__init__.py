@@ -61,6 +61,7 @@ def _require(condition: bool, key: str, value: Any, accepted: str) -> None:
 
 # A TFDS dataset name, optionally with its builder config; never a path of its own.
 TFDS_NAME = re.compile(r"[a-z][a-z0-9_]*(/[A-Za-z0-9_][A-Za-z0-9_.-]*)?")
+TFDS_VERSION = re.compile(r"\d+\.\d+\.\d+")  # also the name of a prepared version's folder
 # Study and experiment names become folder names and MLflow filter values: a closed alphabet, no path.
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 NAME_RULE = "1 to 64 letters, digits, '_', '.' or '-', starting with a letter or digit"
@@ -93,7 +94,7 @@ class DatasetConfig:
         # Both become parts of paths under data_dir (TFDS's layout: <name>[/<config>]/<version>).
         _require(TFDS_NAME.fullmatch(self.name) is not None, "dataset.name", self.name,
                  "a TFDS dataset name: lower-case letters, digits and _, optionally /<config>, e.g. mnist_sample")
-        _require(self.version is None or re.fullmatch(r"\d+\.\d+\.\d+", self.version) is not None, "dataset.version",
+        _require(self.version is None or TFDS_VERSION.fullmatch(self.version) is not None, "dataset.version",
                  self.version, "null (the builder's default) or a version such as 1.0.0")
         _require(self.pixel_scale in PIXEL_SCALES, "dataset.pixel_scale", self.pixel_scale, " or ".join(PIXEL_SCALES))
         _require(0.0 <= self.validation_fraction < 1.0, "dataset.validation_fraction", self.validation_fraction, "a number in [0, 1)")

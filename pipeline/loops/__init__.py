@@ -1,7 +1,7 @@
 """The training loop, one module per Keras backend, with one interface (`Loop`).
 
-A Loop runs a whole epoch — compiled on TensorFlow and JAX, eagerly on torch — (same loss object, same optimizer, same batches as `model.fit`),
-computes the per-epoch diagnostics and the gradient probe, and keeps the model's variables current
+A Loop runs a whole epoch — compiled on TensorFlow and JAX, eagerly on torch — with the same loss object,
+optimizer and batches as `model.fit`, computes the per-epoch diagnostics and the gradient probe, and keeps the model's variables current
 (`sync`) for checkpoints, divergence checks and evaluation; `refresh` takes up variables assigned from
 outside (a restored checkpoint, a reused loop reset to a new seed's weights). pipeline/train.py picks the module of the
 backend Keras was started with:
@@ -17,6 +17,10 @@ from __future__ import annotations
 from typing import Callable, Protocol
 
 import keras
+import numpy as np
+
+from pipeline.formulations import Task
+from pipeline.numerics import saturation_summary
 
 
 class Loop(Protocol):
@@ -29,6 +33,17 @@ class Loop(Protocol):
 
 def backend() -> str:
     return keras.config.backend()
+
+
+def diagnostics_on_host(logits, probabilities, labels, loss, form) -> dict[str, float]:
+    """The per-epoch diagnostics from one forward pass's float32 logits, the formulation's probabilities
+    and its loss, as NumPy (for the JAX and torch loops; TensorFlow's computes the same inside its graph)."""
+    logits, labels = np.asarray(logits), np.asarray(labels)
+    stats = {k: float(v) for k, v in saturation_summary(logits, np.asarray(probabilities), labels, form.task).items()}
+    predicted = (logits.reshape(-1) > 0).astype(np.int64) if form.task is Task.binary else logits.argmax(axis=-1)
+    stats["loss"] = float(loss)
+    stats["accuracy"] = float(np.mean(predicted == labels.reshape(-1)))
+    return stats
 
 
 def make_loop(clf, loss_fn, optimizer, batch_size: int, data: dict) -> Loop:

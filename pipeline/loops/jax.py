@@ -17,9 +17,9 @@ import keras
 import numpy as np
 
 from pipeline.config import PROJECT_ROOT
-from pipeline.formulations import Task, formulation as make_formulation
+from pipeline.formulations import formulation as make_formulation
+from pipeline.loops import diagnostics_on_host
 from pipeline.models import Classifier
-from pipeline.numerics import saturation_summary
 
 # Every run of a study builds a new model, so jax.jit traces and compiles its functions again (~3 s a run
 # on 2 cores, more than 20 epochs of training). XLA's persistent cache keys compiled programs by their
@@ -108,14 +108,8 @@ class JaxLoop:
     def diagnose(self, which: str) -> dict[str, float]:
         x, y, labels = self.data[which]
         outputs, logits, loss = self._forward(self.state, x, y)
-        outputs, logits = np.asarray(outputs), np.asarray(logits)
         form = self.clf.formulation
-        stats = {k: float(v) for k, v in saturation_summary(logits, np.asarray(form.probabilities(outputs)), labels,
-                                                             form.task).items()}
-        predicted = (logits.reshape(-1) > 0).astype(np.int64) if form.task is Task.binary else logits.argmax(axis=-1)
-        stats["loss"] = float(loss)
-        stats["accuracy"] = float(np.mean(predicted == labels.reshape(-1)))
-        return stats
+        return diagnostics_on_host(logits, form.probabilities(np.asarray(outputs)), labels, loss, form)
 
     def gradient_probe(self) -> dict[str, float]:
         x, y, _ = self.data["probe"]

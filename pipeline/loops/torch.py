@@ -15,9 +15,9 @@ import keras
 import numpy as np
 import torch
 
-from pipeline.formulations import Task, formulation as make_formulation
+from pipeline.formulations import formulation as make_formulation
+from pipeline.loops import diagnostics_on_host
 from pipeline.models import Classifier
-from pipeline.numerics import saturation_summary
 
 # One thread, as TensorFlow gets (pipeline/__init__.py): a model this small only waits on threads, and a
 # study runs one process per core.
@@ -63,14 +63,9 @@ class TorchLoop:
         form = self.clf.formulation
         with torch.no_grad():
             outputs = self.model(x, training=False)
-            logits = self._logits(x).numpy()
-            loss = float(self.loss_fn(y, outputs))
+            logits, loss = self._logits(x).numpy(), float(self.loss_fn(y, outputs))
             probabilities = keras.ops.convert_to_numpy(form.probabilities(outputs))
-        stats = {k: float(v) for k, v in saturation_summary(logits, probabilities, labels, form.task).items()}
-        predicted = (logits.reshape(-1) > 0).astype(np.int64) if form.task is Task.binary else logits.argmax(axis=-1)
-        stats["loss"] = loss
-        stats["accuracy"] = float(np.mean(predicted == labels.reshape(-1)))
-        return stats
+        return diagnostics_on_host(logits, probabilities, labels, loss, form)
 
     def gradient_probe(self) -> dict[str, float]:
         x, y, _ = self.data["probe"]
