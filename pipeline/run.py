@@ -34,11 +34,11 @@ def main(dcfg: DictConfig) -> float | None:
 
     in_sweep = HydraConfig.get().mode is RunMode.MULTIRUN
     in_worker = in_sweep and study.active_study() is None  # a launcher's worker process, not the launching one
+    parent_run_id = os.environ.get(study.PARENT_RUN_ENV) if in_sweep else None
     if in_worker:
         install_stop_handlers(notice=None)  # a launcher's worker: Ctrl-C reaches it too; the launcher says so
-        if stop_requested.is_set():
+        if stop_requested.is_set() or study.stop_requested_for(parent_run_id, HydraConfig.get().sweep.dir):
             return None  # the sweep was interrupted: start nothing new
-    parent_run_id = os.environ.get(study.PARENT_RUN_ENV) if in_sweep else None
     job = HydraConfig.get().job.num if in_sweep else None
     output_dir = Path(dcfg.output_dir or HydraConfig.get().runtime.output_dir)
     try:

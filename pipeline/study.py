@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import functools
 import os
 import sys
 import time
@@ -59,16 +60,64 @@ def parallel_workers(config: DictConfig, jobs: int) -> int:
     return max(1, min(jobs, cores + 1 + n_jobs if n_jobs < 0 else n_jobs))
 
 
-def _stop_submitit_jobs() -> None:
-    """Passes a stop request on to the jobs that submitit's local controllers run for this study."""
+def stop_marker(sweep_dir: str | Path, parent_run_id: str) -> Path:
+    """The file that says a study was asked to stop: a job that starts after that (a Slurm job still
+    queued, one whose start-up the signal missed) finds it and trains nothing. Named after the parent
+    run, so rerunning the command into the same sweep folder (to resume) is not stopped by it."""
+    return Path(sweep_dir) / f".stop-requested-{parent_run_id}"
+
+
+def stop_requested_for(parent_run_id: str | None, sweep_dir: str | Path) -> bool:
+    """Whether the study this job belongs to was asked to stop (read in a launcher's job)."""
+    return parent_run_id is not None and stop_marker(sweep_dir, parent_run_id).exists()
+
+
+LOCAL_JOBS = ("submitit.core._submit", "loky.backend.popen_loky_posix")  # submitit_local's jobs, joblib's workers
+
+
+def _stop_local_jobs() -> None:
+    """Passes a stop request on to this study's jobs that run as processes on this machine."""
     import psutil
 
     from pipeline.interrupt import RELAYED_STOP
 
     for process in psutil.Process().children(recursive=True):
         with contextlib.suppress(psutil.Error):
-            if "submitit.core._submit" in process.cmdline():
+            if any(job in part for part in process.cmdline() for job in LOCAL_JOBS):
                 process.send_signal(RELAYED_STOP)
+
+
+SUBMITIT_JOB_ID = r"(\d+)(?:_\d+)?"  # what submitit's `%j` becomes in a job's folder: a job or array task id
+
+
+def slurm_job_ids(submitit_folder: str) -> list[str]:
+    """The Slurm jobs of this sweep, from the folders submitit names after them (`%j`, one per job or
+    array task), as job ids (an array's tasks share one)."""
+    import glob
+    import re
+
+    head, _, tail = submitit_folder.partition("%j")
+    pattern = re.compile(re.escape(head) + SUBMITIT_JOB_ID + re.escape(tail))
+    folders = glob.glob(glob.escape(head) + "*" + glob.escape(tail))
+    return sorted({m.group(1) for f in folders if (m := pattern.fullmatch(f))}, key=int)
+
+
+def _stop_slurm_jobs(submitit_folder: str) -> None:
+    """Passes a stop request on to this sweep's Slurm jobs: SIGTERM to their running job steps, which stop
+    at the end of the epoch and end their runs KILLED (submitit only logs a SIGTERM that comes while the
+    job starts up; the job then finds the stop marker). Jobs still queued find the marker when they start."""
+    import subprocess
+
+    ids = slurm_job_ids(submitit_folder)
+    if not ids:
+        return
+    try:
+        subprocess.run(["scancel", "--signal=TERM", "--state=RUNNING", *ids], check=True, capture_output=True, text=True,
+                       timeout=60)
+    except (OSError, subprocess.SubprocessError) as error:
+        detail = (getattr(error, "stderr", None) or str(error)).strip().splitlines()
+        print(f"could not pass the stop on to Slurm jobs {' '.join(ids)} ({detail[0] if detail else error}); "
+              f"stop them with scancel", file=sys.stderr, flush=True)
 
 
 def looks_prepared(name: str, version: str | None, data_dir: str) -> bool:
@@ -125,15 +174,27 @@ class StudyCallback(Callback):
         os.environ[STUDY_JOBS_ENV] = str(jobs)
         workers = parallel_workers(config, jobs)
         os.environ[STUDY_WORKERS_ENV] = str(workers)
-        if "submitit" in str(OmegaConf.select(config, "hydra.launcher._target_", default="")):
+        self.sweep_dir = str(config.hydra.sweep.dir)
+        launcher = str(OmegaConf.select(config, "hydra.launcher._target_", default=""))
+        if "submitit" in launcher or "Joblib" in launcher:  # jobs in processes of their own
             from pipeline.interrupt import relay_stops, shield_started_processes
 
-            shield_started_processes()  # submitit's controllers leave a Ctrl-C to the jobs they run
-            relay_stops(_stop_submitit_jobs)  # a signal to this process alone reaches the jobs too
+            shield_started_processes()  # they take a stop once ready for it; submitit's controllers leave it to them
+            relay_stops(self._mark_stopped)  # first: a job starting meanwhile finds it
+            if "SlurmLauncher" in launcher:  # the terminal's Ctrl-C does not reach jobs on the cluster
+                relay_stops(functools.partial(_stop_slurm_jobs, str(config.hydra.launcher.submitit_folder)))
+            else:  # a signal to this process alone reaches the jobs too
+                relay_stops(_stop_local_jobs)
         os.environ[STUDY_STARTED_ENV] = f"{time.time():.3f}"
         self.started = time.monotonic()
         atexit.register(self.study.close, KeyboardInterrupt())  # a sweep that never reaches its end
         print(f"study {self.study.name}: {jobs} jobs, MLflow parent run {parent_run_id} ({self.uri})", flush=True)
+
+    def _mark_stopped(self) -> None:
+        from pipeline.files import write_text
+
+        with contextlib.suppress(OSError):  # the jobs already running get the signal anyway
+            write_text(stop_marker(self.sweep_dir, self.study.run_id), "")
 
     def end_interrupted(self) -> None:
         """The jobs got the signal too; runs their launcher killed before they could close end KILLED

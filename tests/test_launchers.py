@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 from pathlib import Path
 
 import mlflow
@@ -102,3 +104,46 @@ def test_ctrl_c_stops_a_cluster_launcher_sweep_and_ends_every_run_killed(tmp_pat
     assert all(r.info.status == "KILLED" for r in children), [r.info.status for r in children]
     client = mlflow.MlflowClient(uri)
     assert all(0 < len(client.get_metric_history(r.info.run_id, "train_epoch_loss")) < 400 for r in children)
+
+
+def test_slurm_job_ids_come_from_the_folders_submitit_names_after_them(tmp_path):
+    from pipeline.study import slurm_job_ids
+
+    for folder in ("12_0", "12_1", "13", "notes", "14x"):
+        (tmp_path / folder / "logs").mkdir(parents=True)
+    assert slurm_job_ids(f"{tmp_path}/%j/logs") == ["12", "13"]
+    assert slurm_job_ids(f"{tmp_path}/%j") == ["12", "13"]
+    assert slurm_job_ids(f"{tmp_path / 'absent'}/%j") == []
+
+
+def slurm_answers() -> bool:
+    """Whether a Slurm cluster takes jobs from this machine (tests/slurm/start_single_node.sh starts one)."""
+    if shutil.which("sbatch") is None:
+        return False
+    return subprocess.run(["sinfo", "-h"], capture_output=True, timeout=30).returncode == 0
+
+
+@pytest.mark.skipif(not slurm_answers(), reason="no Slurm cluster answers here (tests/slurm/start_single_node.sh)")
+def test_ctrl_c_stops_a_slurm_sweep_its_running_jobs_end_killed_and_queued_ones_train_nothing(tmp_path):
+    """The terminal's Ctrl-C does not reach jobs on a cluster: the launching process passes it on (SIGTERM
+    to the running job steps, which stop at the end of the epoch) and leaves a stop marker that the job
+    still queued (array_parallelism=2) finds when it starts: it opens no run. Exit 130."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    stopped = interrupt_sweep(tmp_path, uri, "hydra/launcher=submitit_slurm", "hydra.launcher.timeout_min=10",
+                              "hydra.launcher.array_parallelism=2", "loss=probs,logits,probs_naive")
+    assert stopped.returncode == 130, stopped.stderr[-3000:]
+    # submitit warns about sacct on clusters without accounting storage (as a single test node has)
+    lines = [line for line in stopped.stderr.splitlines()
+             if line.strip() and "sacct" not in line and "accounting storage is disabled" not in line]
+    assert lines[0].startswith("SIGINT: stopping the study"), stopped.stderr[-3000:]
+    assert lines[-1].startswith("interrupted: the study ended KILLED"), stopped.stderr[-3000:]
+    assert "Traceback" not in stopped.stderr and "could not pass the stop on" not in stopped.stderr
+    parent, children = study_runs(uri)
+    assert parent.info.status == "KILLED"
+    assert sorted(r.data.tags["formulation"] for r in children) == ["logits", "probs"]  # probs_naive was queued
+    assert all(r.info.status == "KILLED" for r in children), [r.info.status for r in children]
+    client = mlflow.MlflowClient(uri)
+    assert all(0 < len(client.get_metric_history(r.info.run_id, "train_epoch_loss")) < 400 for r in children)
+    job_logs = sorted((tmp_path / "sweep" / ".submitit").glob("*/*_log.err"))
+    stopped_jobs = [log for log in job_logs if "interrupted: the run ended KILLED" in log.read_text()]
+    assert len(job_logs) == 3 and len(stopped_jobs) == 2, [log.read_text()[-500:] for log in job_logs]

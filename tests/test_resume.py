@@ -140,9 +140,11 @@ def test_two_identical_commands_at_once_share_nothing(tmp_path, data_dir):
     assert not [p for p in (tmp_path / "checkpoints").iterdir() if p.is_dir()]  # both cleaned up after themselves
 
 
-def test_ctrl_c_stops_a_parallel_sweep_in_one_line_per_job(tmp_path):
+@pytest.mark.parametrize("whole_group", [True, False], ids=["ctrl-c", "launching-process-only"])
+def test_ctrl_c_stops_a_parallel_sweep_in_one_line_per_job(tmp_path, whole_group):
+    """Ctrl-C reaches joblib's workers too; a SIGINT to the launching process alone is relayed to them."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    stopped = interrupt_sweep(tmp_path, uri, "train.epochs=400")
+    stopped = interrupt_sweep(tmp_path, uri, "train.epochs=400", whole_group=whole_group)
     assert stopped.returncode == 130, stopped.stderr[-3000:]
     lines = [line for line in stopped.stderr.splitlines() if line.strip()]
     assert "Traceback" not in stopped.stderr and len(lines) <= 1 + 2 + 1, lines  # the notice, one per job, the study
