@@ -117,10 +117,12 @@ def test_slurm_job_ids_come_from_the_folders_submitit_names_after_them(tmp_path)
 
 
 def slurm_answers() -> bool:
-    """Whether a Slurm cluster takes jobs from this machine (tests/slurm/start_single_node.sh starts one)."""
+    """Whether a Slurm cluster has a node ready for jobs from this machine (tests/slurm/start_single_node.sh
+    starts one)."""
     if shutil.which("sbatch") is None:
         return False
-    return subprocess.run(["sinfo", "-h"], capture_output=True, timeout=30).returncode == 0
+    states = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True, timeout=30)  # e.g. idle, drain, idle*
+    return states.returncode == 0 and bool({"idle", "mix"} & set(states.stdout.split()))
 
 
 @pytest.mark.skipif(not slurm_answers(), reason="no Slurm cluster answers here (tests/slurm/start_single_node.sh)")

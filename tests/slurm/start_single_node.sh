@@ -35,4 +35,5 @@ pgrep -x munged > /dev/null || munged --force
 pgrep -x slurmctld > /dev/null || slurmctld
 pgrep -x slurmd > /dev/null || slurmd
 sleep 2
+timeout 60 srun --nodes=1 --time=1 true  # fails here if the node cannot run jobs
 sinfo
