@@ -12,6 +12,7 @@ import atexit
 import contextlib
 import functools
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -87,19 +88,20 @@ def _stop_local_jobs() -> None:
                 process.send_signal(RELAYED_STOP)
 
 
-SUBMITIT_JOB_ID = r"(\d+)(?:_\d+)?"  # what submitit's `%j` becomes in a job's folder: a job or array task id
+SUBMITTED = re.compile(r"(\d+)(?:_\d+)?_submitted\.pkl")  # submitit's record of each job or array task it submitted
 
 
 def slurm_job_ids(submitit_folder: str) -> list[str]:
-    """The Slurm jobs of this sweep, from the folders submitit names after them (`%j`, one per job or
-    array task), as job ids (an array's tasks share one)."""
+    """The Slurm jobs of this sweep, from the `<job id>_submitted.pkl` file submitit writes for each job or
+    array task into the sweep's submitit folder (whose `%j`, `%t`, `%A`, `%a` it fills in), as job ids (an
+    array's tasks share one)."""
     import glob
-    import re
 
-    head, _, tail = submitit_folder.partition("%j")
-    pattern = re.compile(re.escape(head) + SUBMITIT_JOB_ID + re.escape(tail))
-    folders = glob.glob(glob.escape(head) + "*" + glob.escape(tail))
-    return sorted({m.group(1) for f in folders if (m := pattern.fullmatch(f))}, key=int)
+    folders = glob.escape(str(Path(submitit_folder).expanduser().absolute()))
+    for tag in ("%j", "%t", "%A", "%a"):
+        folders = folders.replace(tag, "*")
+    names = (Path(f).name for f in glob.glob(os.path.join(folders, "*_submitted.pkl")))
+    return sorted({m.group(1) for name in names if (m := SUBMITTED.fullmatch(name))}, key=int)
 
 
 def _stop_slurm_jobs(submitit_folder: str) -> None:

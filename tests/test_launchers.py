@@ -109,11 +109,19 @@ def test_ctrl_c_stops_a_cluster_launcher_sweep_and_ends_every_run_killed(tmp_pat
 def test_slurm_job_ids_come_from_the_folders_submitit_names_after_them(tmp_path):
     from pipeline.study import slurm_job_ids
 
-    for folder in ("12_0", "12_1", "13", "notes", "14x"):
-        (tmp_path / folder / "logs").mkdir(parents=True)
-    assert slurm_job_ids(f"{tmp_path}/%j/logs") == ["12", "13"]
-    assert slurm_job_ids(f"{tmp_path}/%j") == ["12", "13"]
-    assert slurm_job_ids(f"{tmp_path / 'absent'}/%j") == []
+    for job in ("12_0", "12_1", "13"):  # an array of two tasks and a single job, as submitit lays them out
+        (tmp_path / "per-job" / job).mkdir(parents=True)
+        (tmp_path / "per-job" / job / f"{job}_submitted.pkl").touch()
+        (tmp_path / "per-job" / job / f"{job}_0_log.out").touch()
+    (tmp_path / "per-job" / "notes").mkdir()
+    (tmp_path / "per-job" / "notes" / "x_submitted.pkl").touch()
+    assert slurm_job_ids(f"{tmp_path}/per-job/%j") == ["12", "13"]
+    shared = tmp_path / "shared"  # a submitit_folder without %j: every job's files in one folder
+    shared.mkdir()
+    for name in ("7_0_submitted.pkl", "7_1_submitted.pkl", "7_0_0_result.pkl", "7_submission.sh"):
+        (shared / name).touch()
+    assert slurm_job_ids(str(shared)) == ["7"]
+    assert slurm_job_ids(f"{tmp_path}/absent/%j") == []
 
 
 def slurm_answers() -> bool:
