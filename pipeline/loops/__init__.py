@@ -1,10 +1,10 @@
 """The training loop, one module per Keras backend, with one interface (`Loop`).
 
 A Loop runs a whole epoch — compiled on TensorFlow and JAX, eagerly on torch — with the same loss object,
-optimizer and batches as `model.fit`, computes the per-epoch diagnostics and the gradient probe, and keeps the model's variables current
-(`sync`) for checkpoints, divergence checks and evaluation; `refresh` takes up variables assigned from
-outside (a restored checkpoint, a reused loop reset to a new seed's weights). pipeline/train.py picks the module of the
-backend Keras was started with:
+optimizer and batches as `model.fit`, computes the per-epoch diagnostics and the gradient probe, and keeps
+the model's variables current (`sync`) for checkpoints, divergence checks and evaluation; `refresh` takes
+up variables assigned from outside (a restored checkpoint, a reused loop reset to a new seed's weights).
+pipeline/train.py picks the module of the backend Keras was started with:
 
     tensorflow   one `tf.function` over the epoch's batches (tf.range loop over in-memory tensors)
     jax          Keras's stateless API (`stateless_call`, `stateless_apply`) under `jax.jit`, a
