@@ -120,6 +120,7 @@ def assert_loop_matches_fit(backend: str, data_dir: str) -> None:
         for fast_loss, fit_loss in case["losses"]:
             assert fast_loss == pytest.approx(fit_loss, rel=1e-5), case
         assert case["max_abs_weight_diff"] <= LOOP_WEIGHT_TOLERANCE, case
+        assert case["max_abs_optimizer_diff"] <= LOOP_WEIGHT_TOLERANCE, case
 
 
 def run_cli(*args: str, env: dict | None = None, cwd: Path = PROJECT_ROOT, timeout: float = 600):

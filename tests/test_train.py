@@ -26,6 +26,7 @@ def test_fast_loop_matches_model_fit(data_dir, name, task):
     for fast_loss, fit_loss in result["losses"]:
         assert fast_loss == pytest.approx(fit_loss, rel=1e-5)
     assert result["max_abs_weight_diff"] <= WEIGHT_TOLERANCE
+    assert result["max_abs_optimizer_diff"] <= WEIGHT_TOLERANCE  # moments, step count: what checkpoints keep
 
 
 def test_batch_order_depends_on_seed_and_epoch_only():

@@ -33,7 +33,8 @@ def compare_with_fit(name: str, task: str, data_dir: str, epochs: int = 3) -> di
 
 def against_fit(form, x, y, classes: int, epochs: int, seed: int) -> dict:
     """Trains the loop and `model.fit` from the same weights on the same batch orders; returns the
-    backend, the largest weight difference and each epoch's (loop loss, fit loss)."""
+    backend, the largest difference of the weights and of the optimizer's variables (step count and
+    moments, what a checkpoint saves), and each epoch's (loop loss, fit loss)."""
     fast = build_classifier(form, x.shape[1], classes, [25, 15], "relu", seed=seed)
     reference = build_classifier(form, x.shape[1], classes, [25, 15], "relu", seed=seed)
     optimizer = keras.optimizers.Adam(1e-3)
@@ -47,9 +48,18 @@ def against_fit(form, x, y, classes: int, epochs: int, seed: int) -> dict:
         history = reference.model.fit(x[order], y[order], batch_size=32, epochs=1, shuffle=False, verbose=0)
         losses.append((fast_loss, float(history.history["loss"][0])))
     loop.sync()
-    diff = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
-               for a, b in zip(fast.model.get_weights(), reference.model.get_weights()))
-    return {"backend": keras.config.backend(), "max_abs_weight_diff": diff, "losses": losses}
+    return {"backend": keras.config.backend(),
+            "max_abs_weight_diff": _max_abs_diff(fast.model.get_weights(), reference.model.get_weights()),
+            "max_abs_optimizer_diff": _max_abs_diff(optimizer.variables, reference.model.optimizer.variables),
+            "losses": losses}
+
+
+def _max_abs_diff(values, others) -> float:
+    values, others = list(values), list(others)
+    assert len(values) == len(others), (len(values), len(others))
+    return max(float(np.max(np.abs(keras.ops.convert_to_numpy(a).astype(np.float64)
+                                   - keras.ops.convert_to_numpy(b).astype(np.float64))))
+               for a, b in zip(values, others))
 
 
 if __name__ == "__main__":
