@@ -57,6 +57,8 @@ def test_sweep_size_is_the_product_of_the_sweeps_and_the_command_line_wins():
     assert sweep_size(["loss=probs,logits,probs_naive", "seed=range(5)"]) == 15
     # A preset's sweeper params come first; the command line's sweep of the same key replaces them.
     assert sweep_size(["loss=probs,logits,probs_naive", "seed=range(5)", "seed=0,1"]) == 6
+    # ... and so does a single value: the study below runs 2 jobs, not 10.
+    assert sweep_size(["loss=probs,logits,probs_naive", "seed=range(5)", "seed=0", "loss=logits,probs"]) == 2
     assert sweep_size(["train.epochs=2"]) == 1
 
 

@@ -13,8 +13,8 @@ from pipeline.config import PROJECT_ROOT, PipelineError, validate
 
 
 def sweep_values(lines: list[str]) -> tuple[list[str], dict[str, list[str]]]:
-    """Hydra override lines as (fixed overrides, {swept key: its values}); a later sweep of a key
-    replaces an earlier one, as Hydra's basic sweeper does. Raises OverrideParseException."""
+    """Hydra override lines as (fixed overrides, {swept key: its values}); a later override of a key, swept
+    or fixed, replaces an earlier sweep of it, as Hydra's basic sweeper does. Raises OverrideParseException."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     fixed, sweeps = [], {}
@@ -24,6 +24,7 @@ def sweep_values(lines: list[str]) -> tuple[list[str], dict[str, list[str]]]:
         if override.is_sweep_override():
             sweeps[override.get_key_element()] = list(override.sweep_string_iterator())
         else:
+            sweeps.pop(override.get_key_element(), None)
             fixed.append(override.input_line)
     return fixed, sweeps
 
