@@ -29,6 +29,27 @@ def test_fast_loop_matches_model_fit(data_dir, name, task):
     assert result["max_abs_optimizer_diff"] <= WEIGHT_TOLERANCE  # moments, step count: what checkpoints keep
 
 
+@pytest.mark.parametrize("precision, flat", [("float32", True), ("mixed_bfloat16", True), ("mixed_float16", False)])
+def test_the_pipelines_adam_takes_the_flat_update_and_loss_scaling_keeps_keras_own(precision, flat):
+    """The flat update (pipeline/loops/tensorflow.py) is what makes an epoch fast; the test above pins that
+    it computes what Keras computes. LossScaleOptimizer's skipped steps and scale updates stay Keras's."""
+    from pipeline.formulations import formulation
+    from pipeline.loops.tensorflow import FlatAdam
+    from pipeline.models import build_classifier
+    from pipeline.train import make_optimizer
+
+    cfg = validate(compose_config(f"precision={precision}"))
+    keras.mixed_precision.set_global_policy(cfg.precision.policy.value)
+    try:
+        clf = build_classifier(formulation("logits", "multiclass"), 784, 10, [25, 15], "relu", seed=0)
+        assert FlatAdam.fits(make_optimizer(cfg), clf.model.trainable_variables) is flat
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    assert not FlatAdam.fits(keras.optimizers.Adam(1e-3, clipnorm=1.0), clf.model.trainable_variables)
+    assert not FlatAdam.fits(keras.optimizers.Adam(keras.optimizers.schedules.ExponentialDecay(1e-3, 10, 0.9)),
+                             clf.model.trainable_variables)
+
+
 def test_batch_order_depends_on_seed_and_epoch_only():
     assert np.array_equal(batch_order(1, 2, 100), batch_order(1, 2, 100))
     assert not np.array_equal(batch_order(1, 2, 100), batch_order(1, 3, 100))
