@@ -42,10 +42,12 @@ class FlatAdam:
                 and all(v.dtype == "float32" for v in variables))
 
     def __init__(self, optimizer: keras.optimizers.Adam, variables):
-        slot = [optimizer._get_variable_index(v) for v in variables]
+        # Keras 3's Adam keeps its moments in these lists, indexed as its update_step looks them up
+        # (pyproject pins keras < 3.16; the equivalence tests compare them with model.fit's after every change).
+        index = [optimizer._get_variable_index(v) for v in variables]
         self.variables = [v.value for v in variables]
-        self.momentums = [optimizer._momentums[i].value for i in slot]
-        self.velocities = [optimizer._velocities[i].value for i in slot]
+        self.momentums = [optimizer._momentums[i].value for i in index]
+        self.velocities = [optimizer._velocities[i].value for i in index]
         self.sizes = [int(np.prod(v.shape)) for v in self.variables]
         self.iterations = optimizer.iterations.value
         self.learning_rate = optimizer.learning_rate.value
