@@ -69,6 +69,11 @@ def test_train_reports_per_epoch_diagnostics(data_dir):
         assert np.isfinite(last[key]), key
     assert last["val_accuracy"] > 0.5
     assert last["grad_norm_ratio"] == pytest.approx(1.0, abs=1e-3)  # nothing is clipped on scaled pixels
+    from pipeline import train as training
+
+    loop = next(reversed(training._TRAINERS.values())).loop
+    assert len(loop.data["train_subset"][0]) != len(loop.data["val"][0])
+    assert loop._diagnose.experimental_get_tracing_count() == 1  # both sizes, one compiled function
 
 
 def test_huge_learning_rate_diverges_and_stops_early(data_dir):

@@ -134,11 +134,12 @@ def make_epoch_fn(model: keras.Model, loss_fn, optimizer, batch_size: int) -> Ca
     return run_epoch
 
 
-def make_diagnostics_fn(clf: Classifier, loss_fn) -> Callable:
-    """Compiled once; evaluates a fixed set of examples at the end of an epoch."""
+def make_diagnostics_fn(clf: Classifier, loss_fn, x_spec: tf.TensorSpec, y_spec: tf.TensorSpec) -> Callable:
+    """Compiled once, for any number of examples (the training subset and the validation split share
+    it); evaluates a fixed set of examples at the end of an epoch."""
     form = clf.formulation
 
-    @tf.function(reduce_retracing=True)
+    @tf.function(input_signature=(x_spec, y_spec))
     def diagnose(x, y):
         outputs, logits = clf.outputs_and_logits(x)
         probs = form.probabilities(outputs)
@@ -186,7 +187,9 @@ class TensorFlowLoop:
     def __init__(self, clf: Classifier, loss_fn, optimizer, batch_size: int, data: dict):
         self.data = {name: (tf.constant(x), tf.constant(y)) for name, (x, y) in data.items()}
         self._epoch = make_epoch_fn(clf.model, loss_fn, optimizer, batch_size)
-        self._diagnose = make_diagnostics_fn(clf, loss_fn)
+        x, y = self.data["train"]
+        any_count = lambda t: tf.TensorSpec([None, *t.shape[1:]], t.dtype)  # noqa: E731
+        self._diagnose = make_diagnostics_fn(clf, loss_fn, any_count(x), any_count(y))
         self._probe = make_gradient_probe_fn(clf, loss_fn)
 
     def epoch(self, order) -> float:
