@@ -117,10 +117,10 @@ def _stop_slurm_jobs(submitit_folder: str) -> None:
         subprocess.run(["scancel", "--signal=TERM", "--state=RUNNING", *ids], check=True, capture_output=True, text=True,
                        timeout=60)
     except (OSError, subprocess.SubprocessError) as error:
-        from pipeline.tracking.store import first_line
+        from pipeline.config import first_line
 
-        said = (getattr(error, "stderr", None) or "").strip()  # scancel's own reason, when it gave one
-        print(f"could not pass the stop on to Slurm jobs {' '.join(ids)} ({said.splitlines()[0] if said else first_line(error)}); "
+        said = first_line(getattr(error, "stderr", None) or "")  # scancel's own reason, when it gave one
+        print(f"could not pass the stop on to Slurm jobs {' '.join(ids)} ({said or first_line(error)}); "
               f"stop them with scancel", file=sys.stderr, flush=True)
 
 

@@ -50,6 +50,15 @@ class PipelineError(Exception):
     """A problem the user can fix (bad input, missing data): reported in one line, without a traceback."""
 
 
+def first_line(message: BaseException | str, limit: int = 300) -> str:
+    """The first line of an error's message (its type's name when it has none) or of a text, cut at
+    `limit` characters: what a one-line error quotes from another tool's error."""
+    text = str(message).strip()
+    if not text:
+        return type(message).__name__ if isinstance(message, BaseException) else ""
+    return text.splitlines()[0][:limit]
+
+
 class ConfigError(PipelineError, ValueError):
     """A configuration value outside what the pipeline accepts."""
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 
-from pipeline.config import PROJECT_ROOT, PipelineError, validate
+from pipeline.config import PROJECT_ROOT, PipelineError, first_line, validate
 
 
 def sweep_values(lines: list[str]) -> tuple[list[str], dict[str, list[str]]]:
@@ -43,9 +43,7 @@ def composition_error(override: str, error: Exception) -> str:
         options = [line.strip() for line in message.split("Available options in", 1)[1].splitlines()[1:]
                    if line.startswith("\t") and "provider=" not in line]
         return f"{override} is not accepted: expected one of {', '.join(options)}"
-    cause = error.__cause__ or error
-    first = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
-    return f"{override} is not accepted: {first}"
+    return f"{override} is not accepted: {first_line(error.__cause__ or error)}"
 
 
 def precheck_overrides(argv: list[str]) -> str | None:
@@ -61,7 +59,7 @@ def precheck_overrides(argv: list[str]) -> str | None:
     try:
         fixed, sweeps = sweep_values([a for a in argv if not a.startswith("-") and "=" in a])
     except OverrideParseException as error:
-        return f"cannot parse the overrides: {str(error).splitlines()[0]}"
+        return f"cannot parse the overrides: {first_line(error)}"
     trials = [(line, fixed) for line in fixed] + [
         (f"{key}={value}", [*fixed, f"{key}={value}"]) for key, values in sweeps.items() for value in values
     ]

@@ -18,7 +18,8 @@ from mlflow.tracking import MlflowClient
 
 from pipeline.interrupt import Interrupted, stop_requested
 from pipeline.record import STUDY_ROLE, Tag
-from pipeline.tracking.store import TrackingUnavailable, first_line, process_tags
+from pipeline.config import first_line
+from pipeline.tracking.store import TrackingUnavailable, process_tags
 
 
 def end_status(error: BaseException | None) -> str:

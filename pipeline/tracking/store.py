@@ -21,7 +21,7 @@ from mlflow.entities import RunStatus
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from pipeline.config import PipelineError, TrackingConfig, shared_project_root
+from pipeline.config import PipelineError, TrackingConfig, first_line, shared_project_root
 from pipeline.record import Tag
 
 
@@ -118,11 +118,6 @@ def prepare_store(uri: str, experiment: str, tracking: TrackingConfig | None = N
         raise TrackingUnavailable(f"the MLflow store {uri} cannot be opened: {type(error).__name__}: "
                                   f"{first_line(error)}") from None
     return experiment_id
-
-
-def first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0][:300] if text else type(error).__name__
 
 
 def _experiment_id(client: MlflowClient, uri: str, experiment: str) -> str:
