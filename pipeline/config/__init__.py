@@ -1,4 +1,5 @@
-"""The configuration: typed schemas for `conf/`, and the check of a command line's overrides.
+"""The configuration: typed schemas for `conf/`, the check of a command line's overrides, and the
+one-line error a user gets for what they can fix (`PipelineError`, quoting other tools with `first_line`).
 
 Imports no TensorFlow, so composing and checking a config takes well under a second.
 
