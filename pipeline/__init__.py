@@ -23,7 +23,7 @@ atexit.register(gc.freeze)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ INFO lines drown the pipeline's output
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 # One inter-op and one intra-op thread: the training loop is a chain of small ops, which threads only slow
-# down (on 2 cores a probs_naive epoch took 0.33 s with one of each, 0.59 s with TensorFlow's defaults:
+# down (on 2 cores a probs_naive epoch took 0.43 s with one of each, 0.70 s with TensorFlow's defaults:
 # benchmarks/train_throughput.py, README Speed), and a study runs one process per core anyway. Under TensorFlow's
 # op-determinism mode (pipeline/train.py) every metric is bit-identical whatever the thread counts.
 os.environ.setdefault("TF_NUM_INTEROP_THREADS", "1")

@@ -38,9 +38,9 @@ def configure_determinism() -> None:
     """Same config and seed => same weights and metrics, run after run (TensorFlow's op determinism;
     JAX and PyTorch on the CPU, one thread: pipeline/loops/torch.py, are deterministic as they are).
 
-    Kept although TensorFlow run single-threaded is deterministic without it (and 6-8% faster per epoch
-    here): the mode also selects the kernels, and without it every TensorFlow metric moves by round-off,
-    which unstable settings amplify (an atlas setting's mean test NLL went from 0.0921 to 0.0644).
+    Kept although TensorFlow run single-threaded is deterministic without it: the mode also selects the
+    kernels, and without it every TensorFlow metric moves by round-off, which unstable settings amplify
+    (an atlas setting's mean test NLL went from 0.0921 to 0.0644).
     """
     if keras.config.backend() == "tensorflow":
         import tensorflow as tf
