@@ -98,7 +98,8 @@ def serve() -> int:
 
     register_configs()
     install_stop_handlers(notice=None)  # the process that sent the job acknowledges a Ctrl-C
-    from pipeline import stages  # after KERAS_BACKEND is set: stages imports Keras
+    from pipeline import stages, study  # after KERAS_BACKEND is set: stages imports Keras
+    from pipeline.tracking import tracking_uri
 
     replies = os.fdopen(int(os.environ[REPLY_FD_ENV]), "w")
     with initialize_config_dir(config_dir=str(PROJECT_ROOT / "conf"), version_base="1.3"):
@@ -106,8 +107,11 @@ def serve() -> int:
             request = json.loads(line)
             dcfg = compose(config_name="config", overrides=request["overrides"])
             try:
-                result = stages.run_configuration(validate(dcfg), Path(request["output_dir"]), request["parent_run_id"],
-                                                  request["job"])
+                cfg = validate(dcfg)
+                study.stop_with_launcher(tracking_uri(cfg.tracking.uri), request["parent_run_id"])  # as its sender does
+                with study.job():
+                    result = stages.run_configuration(cfg, Path(request["output_dir"]), request["parent_run_id"],
+                                                      request["job"])
                 answer = {"run_id": result["run_id"], "test_nll": result["test_nll"]}
             except KeyboardInterrupt:
                 sys.stdout.flush()

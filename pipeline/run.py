@@ -28,6 +28,14 @@ EXIT_BAD_INPUT, EXIT_INTERRUPTED = 2, 130
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(dcfg: DictConfig) -> float | None:
     from pipeline import study
+
+    with study.job():
+        return run_job(dcfg)
+
+
+def run_job(dcfg: DictConfig) -> float | None:
+    """One configuration (a study's job, or a single run); returns its test NLL (Hydra's sweep return value)."""
+    from pipeline import study
     from pipeline.keras_backend import run_elsewhere, select
 
     from pipeline.interrupt import Interrupted, install_stop_handlers, stop_requested
@@ -43,6 +51,10 @@ def main(dcfg: DictConfig) -> float | None:
     output_dir = Path(dcfg.output_dir or HydraConfig.get().runtime.output_dir)
     try:
         cfg = validate(dcfg)
+        if in_worker:
+            from pipeline.tracking import tracking_uri
+
+            study.stop_with_launcher(tracking_uri(cfg.tracking.uri), parent_run_id)
         if not select(cfg.backend.name.value):  # this process already runs another Keras backend
             answer = run_elsewhere(cfg.backend.name.value, list(HydraConfig.get().overrides.task), output_dir,
                                    parent_run_id, job)

@@ -3,7 +3,8 @@
 Registered as a Hydra callback in conf/config.yaml, so it works with every launcher: the parent run
 is created in the launching process before any job starts (which also creates the store, the
 experiment and the prepared dataset once: parallel first writers race on all three), and its id
-reaches the jobs through the environment, which local and SLURM workers inherit.
+reaches the jobs through the environment, which local and SLURM workers inherit. A stop (Ctrl-C, SIGTERM)
+is passed on to the jobs; jobs on the launching process's machine also stop if it dies without one.
 """
 
 from __future__ import annotations
@@ -14,8 +15,10 @@ import functools
 import os
 import re
 import sys
+import threading
 import time
 from pathlib import Path
+from typing import Iterator
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
@@ -25,6 +28,7 @@ from pipeline.config.overrides import count_jobs, sweep_values
 from pipeline.progress import STUDY_JOBS_ENV, STUDY_STARTED_ENV, STUDY_WORKERS_ENV
 
 PARENT_RUN_ENV = "FROMLOGITS_PARENT_RUN_ID"
+LAUNCHER_ENV = "FROMLOGITS_LAUNCHER"  # "<pid> <start time>" of the launching process, for jobs on its machine
 
 _active: "StudyCallback | None" = None  # the study this process launched, if any
 _failed_jobs = 0
@@ -71,6 +75,53 @@ def stop_marker(sweep_dir: str | Path, parent_run_id: str) -> Path:
 def stop_requested_for(parent_run_id: str | None, sweep_dir: str | Path) -> bool:
     """Whether the study this job belongs to was asked to stop (read in a launcher's job)."""
     return parent_run_id is not None and stop_marker(sweep_dir, parent_run_id).exists()
+
+
+_job_running = threading.Lock()  # held by a job process while it runs a job
+_watching = False  # whether this process watches its launching process
+
+
+@contextlib.contextmanager
+def job() -> Iterator[None]:
+    """Around a launcher's job in its process: `stop_with_launcher` lets a running job end its run first."""
+    with _job_running:
+        yield
+
+
+def stop_with_launcher(uri: str, parent_run_id: str | None) -> None:
+    """In a job process on the launching process's machine (joblib's workers, submitit_local's jobs): when
+    the launching process dies without ending its study (SIGKILL, the OOM killer), the job stops at the end
+    of its epoch as after Ctrl-C (its run ends KILLED with a checkpoint: the same command resumes it), the
+    study's parent run is marked FAILED as stale, and the process exits. Otherwise joblib's workers would
+    finish their jobs for nobody and then idle for minutes with TensorFlow loaded. Watches once a second."""
+    global _watching
+    launcher = os.environ.get(LAUNCHER_ENV, "").split()
+    if _watching or len(launcher) != 2:
+        return
+    _watching = True
+    threading.Thread(target=_watch_launcher, args=(*launcher, uri, parent_run_id), name="launcher-watch",
+                     daemon=True).start()
+
+
+
+def _watch_launcher(pid: str, started: str, uri: str, parent_run_id: str | None) -> None:
+    from pipeline.interrupt import stop_requested
+    from pipeline.tracking import mark_stale_runs, process_alive
+
+    while process_alive(pid, started):
+        time.sleep(1.0)
+    stop_requested.set()
+    if _job_running.locked():
+        print(f"the study's launching process {pid} is gone: this job stops after its epoch", file=sys.stderr,
+              flush=True)
+    with _job_running:  # the job, if one runs, has ended its run
+        with contextlib.suppress(Exception):  # the store may be gone too; the next command marks it then
+            from mlflow.tracking import MlflowClient
+
+            client = MlflowClient(uri)
+            mark_stale_runs(client, client.get_run(parent_run_id).info.experiment_id)
+        sys.stdout.flush()
+        os._exit(130)
 
 
 LOCAL_JOBS = ("submitit.core._submit", "loky.backend.popen_loky_posix")  # submitit_local's jobs, joblib's workers
@@ -189,6 +240,10 @@ class StudyCallback(Callback):
                 relay_stops(functools.partial(_stop_slurm_jobs, str(config.hydra.launcher.submitit_folder)))
             else:  # a signal to this process alone reaches the jobs too
                 relay_stops(_stop_local_jobs)
+                from pipeline.tracking import process_tags
+
+                me = process_tags()
+                os.environ[LAUNCHER_ENV] = f"{me['pid']} {me['pid_started']}"
         os.environ[STUDY_STARTED_ENV] = f"{time.time():.3f}"
         self.started = time.monotonic()
         atexit.register(self.study.close, KeyboardInterrupt())  # a sweep that never reaches its end

@@ -186,10 +186,8 @@ def wait_for_first_epoch(checkpoints: Path, runs: int = 1, timeout: float = 120)
     pytest.fail(f"{runs} run(s) did not finish an epoch in {timeout:.0f} s")
 
 
-def interrupt_sweep(tmp_path: Path, uri: str, *overrides: str, whole_group: bool = True) -> subprocess.CompletedProcess:
-    """Starts a sweep of 400-epoch jobs and, once two of its runs train, sends SIGINT to its whole process
-    group, as Ctrl-C in a terminal does (or, not `whole_group`, to the launching process alone, as `kill -INT`
-    does); returns the finished process with its output."""
+def start_training_sweep(tmp_path: Path, uri: str, *overrides: str) -> subprocess.Popen:
+    """Starts a sweep of two 400-epoch jobs in a session of its own; returns it once both runs train."""
     from pipeline.tracking import prepare_store
 
     prepare_store(uri, "fromlogits")
@@ -200,10 +198,21 @@ def interrupt_sweep(tmp_path: Path, uri: str, *overrides: str, whole_group: bool
                                env={**os.environ, "MLFLOW_TRACKING_URI": uri}, start_new_session=True)
     try:
         wait_for_first_epoch(tmp_path / "checkpoints", runs=2, timeout=180)
-    finally:
-        if whole_group:
-            os.killpg(process.pid, signal.SIGINT)  # Ctrl-C; also the clean-up when training never started
-        else:
-            process.send_signal(signal.SIGINT)
-        stdout, stderr = process.communicate(timeout=120)
-    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+    except BaseException:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate(timeout=60)
+        raise
+    return process
+
+
+def interrupt_sweep(tmp_path: Path, uri: str, *overrides: str, whole_group: bool = True) -> subprocess.CompletedProcess:
+    """Starts a sweep of 400-epoch jobs and, once two of its runs train, sends SIGINT to its whole process
+    group, as Ctrl-C in a terminal does (or, not `whole_group`, to the launching process alone, as `kill -INT`
+    does); returns the finished process with its output."""
+    process = start_training_sweep(tmp_path, uri, *overrides)
+    if whole_group:
+        os.killpg(process.pid, signal.SIGINT)  # Ctrl-C
+    else:
+        process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=120)
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)

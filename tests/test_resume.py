@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import time
@@ -10,8 +11,10 @@ import time
 import mlflow
 import pytest
 
-from conftest import all_metrics, interrupt_sweep, run_one, runs_of, start_one, study_runs, wait_for_first_epoch
+from conftest import (all_metrics, interrupt_sweep, run_one, runs_of, start_one, start_training_sweep, study_runs,
+                      wait_for_first_epoch)
 from pipeline.config import PROJECT_ROOT
+from pipeline.tracking import process_alive
 
 pytestmark = pytest.mark.slow
 
@@ -151,3 +154,33 @@ def test_ctrl_c_stops_a_parallel_sweep_in_one_line_per_job(tmp_path, whole_group
     assert lines[-1].startswith("interrupted: the study ended KILLED")
     parent, children = study_runs(uri)
     assert parent.info.status == "KILLED" and children and all(r.info.status == "KILLED" for r in children)
+
+
+def test_jobs_whose_launching_process_was_killed_stop_and_the_same_command_resumes_them(tmp_path):
+    """SIGKILL (the OOM killer, a cluster's kill) gives the launching process no chance to stop its study.
+    joblib's workers notice within a second: their runs stop at the end of the epoch and end KILLED with a
+    checkpoint, the dead study's parent run is marked FAILED, and the workers exit instead of idling for
+    minutes with TensorFlow loaded. The same command then resumes both runs."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    process = start_training_sweep(tmp_path, uri)
+    process.kill()
+    # The workers inherited the command's output: it closes when the last of them has exited.
+    _, stderr = process.communicate(timeout=60)
+    assert "Traceback" not in stderr, stderr[-3000:]
+    assert stderr.count("the study's launching process") == 2, stderr[-3000:]  # one line per job
+    parent, children = study_runs(uri)
+    assert parent.info.status == "FAILED" and len(children) == 2
+    assert all(r.info.status == "KILLED" for r in children), [r.info.status for r in children]
+    client = mlflow.MlflowClient(uri)
+    assert all(0 < len(client.get_metric_history(r.info.run_id, "val_nll_float64")) < 400 for r in children)
+    assert not any(process_alive(r.data.tags["pid"], r.data.tags["pid_started"]) for r in children)
+    assert len(list((tmp_path / "checkpoints").glob("*/state.npz"))) == 2
+
+    again = subprocess.run(process.args, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300,
+                           env={**os.environ, "MLFLOW_TRACKING_URI": uri})
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert all(f"resuming run {r.info.run_id}" in again.stdout for r in children)
+    for run in children:
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_nll_float64")]
+        assert sorted(steps) == list(range(1, 401))  # none missing, none twice
+        assert client.get_run(run.info.run_id).info.status == "FINISHED"

@@ -144,7 +144,8 @@ def process_tags() -> dict[str, str]:
     return {"host": socket.gethostname(), "pid": str(me.pid), "pid_started": f"{me.create_time():.3f}"}
 
 
-def _process_alive(pid: str, started: str) -> bool:
+def process_alive(pid: str, started: str) -> bool:
+    """Whether process `pid`, started at `started` (`process_tags`), still runs on this host."""
     try:
         process = psutil.Process(int(pid))
         # Same pid, same process, and not a zombie (killed, not yet reaped by a parent that died too).
@@ -160,7 +161,7 @@ def mark_stale_runs(client: MlflowClient, experiment_id: str) -> list[str]:
         tags = run.data.tags
         if tags.get("host") != socket.gethostname() or "pid" not in tags:
             continue  # another machine's run: its liveness cannot be checked from here
-        if not _process_alive(tags["pid"], tags.get("pid_started", "0")):
+        if not process_alive(tags["pid"], tags.get("pid_started", "0")):
             client.set_tag(run.info.run_id, Tag.FAILED_REASON,
                            f"stale: process {tags['pid']} on {tags['host']} ended without closing the run")
             client.set_terminated(run.info.run_id, RunStatus.to_string(RunStatus.FAILED))
@@ -184,7 +185,7 @@ def end_interrupted_children(uri: str, parent_run_id: str, wait_seconds: float =
     while True:
         running = [r for r in client.search_runs([experiment_id], query, max_results=1000)
                    if r.data.tags.get("host") == socket.gethostname() and "pid" in r.data.tags]
-        orphans = [r for r in running if not _process_alive(r.data.tags["pid"], r.data.tags.get("pid_started", "0"))]
+        orphans = [r for r in running if not process_alive(r.data.tags["pid"], r.data.tags.get("pid_started", "0"))]
         if len(orphans) == len(running) or time.monotonic() > deadline:
             break
         time.sleep(0.3)
