@@ -103,7 +103,6 @@ def stop_with_launcher(uri: str, parent_run_id: str | None) -> None:
                      daemon=True).start()
 
 
-
 def _watch_launcher(pid: str, started: str, uri: str, parent_run_id: str | None) -> None:
     from pipeline.interrupt import stop_requested
     from pipeline.tracking import mark_stale_runs, process_alive

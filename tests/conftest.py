@@ -186,12 +186,12 @@ def wait_for_first_epoch(checkpoints: Path, runs: int = 1, timeout: float = 120)
     pytest.fail(f"{runs} run(s) did not finish an epoch in {timeout:.0f} s")
 
 
-def start_training_sweep(tmp_path: Path, uri: str, *overrides: str) -> subprocess.Popen:
-    """Starts a sweep of two 400-epoch jobs in a session of its own; returns it once both runs train."""
+def start_training_sweep(tmp_path: Path, uri: str, *overrides: str, epochs: int = 400) -> subprocess.Popen:
+    """Starts a sweep of two `epochs`-epoch jobs in a session of its own; returns it once both runs train."""
     from pipeline.tracking import prepare_store
 
     prepare_store(uri, "fromlogits")
-    command = [sys.executable, "-m", "pipeline.run", "-m", "loss=probs,logits", "seed=0", "train.epochs=400", FAST_FLUSH,
+    command = [sys.executable, "-m", "pipeline.run", "-m", "loss=probs,logits", "seed=0", f"train.epochs={epochs}", FAST_FLUSH,
                f"hydra.sweep.dir={tmp_path / 'sweep'}", f"reports_dir={tmp_path / 'reports'}",
                f"checkpoints_dir={tmp_path / 'checkpoints'}", *overrides]
     process = subprocess.Popen(command, cwd=PROJECT_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
