@@ -60,17 +60,35 @@ def write_text(path: Path, text: str) -> None:
     write_atomically(path, lambda tmp: tmp.write_text(text))
 
 
+def _refuse_unless_ours(folder: Path) -> None:
+    if folder.exists() and not (folder / MARKER).exists():
+        raise WriteError(f"{folder} exists and is not a report folder of this pipeline (no {MARKER} in it); "
+                         "choose another study name or output folder, or remove it yourself")
+
+
+@contextlib.contextmanager
+def _folder_locked(folder: Path) -> Iterator[None]:
+    """An exclusive lock on the folder itself (flock works on a folder's descriptor), so no lock file is left."""
+    descriptor = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(descriptor)  # releases the lock
+
+
 @contextlib.contextmanager
 def staged_folder(final: Path) -> Iterator[Path]:
     """Yields an empty sibling folder; on success it replaces `final` whole, on failure it is removed,
     so a reader never finds half a report (a full disk leaves the previous report as it was).
 
-    Refuses, before anything is written, to replace a folder that the pipeline did not make.
+    Refuses, before anything is written, to replace a folder that the pipeline did not make. Writers of
+    one folder at once (two identical studies ending together) take turns to check and swap it.
     """
-    if final.exists() and not (final / MARKER).exists():
-        raise WriteError(f"{final} exists and is not a report folder of this pipeline (no {MARKER} in it); "
-                         "choose another study name or output folder, or remove it yourself")
     try:
+        if final.parent.is_dir():
+            with _folder_locked(final.parent):
+                _refuse_unless_ours(final)
         final.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
         os.chmod(staging, FOLDER_MODE)
@@ -83,9 +101,11 @@ def staged_folder(final: Path) -> Iterator[Path]:
             if item.is_file():
                 os.chmod(item, FILE_MODE)
         previous = final.with_name(f".{final.name}.previous-{os.getpid()}")
-        if final.exists():
-            final.rename(previous)
-        staging.rename(final)
+        with _folder_locked(final.parent):
+            _refuse_unless_ours(final)  # it may have been made meanwhile
+            if final.exists():
+                final.rename(previous)
+            staging.rename(final)
         shutil.rmtree(previous, ignore_errors=True)
     except OSError as error:
         shutil.rmtree(staging, ignore_errors=True)

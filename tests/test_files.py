@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import stat
+import subprocess
+import sys
 
 import pytest
 
@@ -48,3 +50,26 @@ def test_a_report_folder_is_replaced_whole(tmp_path):
     with staged_folder(target) as staging:
         (staging / "new.png").write_text("2")
     assert sorted(p.name for p in target.iterdir()) == [MARKER, "new.png"]
+
+
+WRITER = """
+import sys
+from pathlib import Path
+from pipeline.files import staged_folder
+for i in range(150):
+    with staged_folder(Path(sys.argv[1])) as staging:
+        (staging / "report.md").write_text(f"{sys.argv[2]} {i}")
+"""
+
+
+def test_writers_of_one_report_folder_at_once_take_turns(tmp_path):
+    """Two identical studies that end together write the same report folder: each replaces it whole, and
+    neither mistakes the other's folder, caught mid-swap, for one the pipeline did not make."""
+    final = tmp_path / "reports" / "study"
+    writers = [subprocess.Popen([sys.executable, "-c", WRITER, str(final), name], stderr=subprocess.PIPE, text=True)
+               for name in ("a", "b")]
+    errors = [writer.communicate(timeout=120)[1] for writer in writers]
+    assert [writer.returncode for writer in writers] == [0, 0], [e[-500:] for e in errors]
+    assert sorted(p.name for p in final.iterdir()) == [MARKER, "report.md"]
+    assert (final / "report.md").read_text() in ("a 149", "b 149")
+    assert [p.name for p in final.parent.iterdir()] == ["study"]  # no staging or previous folder left
