@@ -67,14 +67,22 @@ def _refuse_unless_ours(folder: Path) -> None:
 
 
 @contextlib.contextmanager
-def _folder_locked(folder: Path) -> Iterator[None]:
-    """An exclusive lock on the folder itself (flock works on a folder's descriptor), so no lock file is left."""
-    descriptor = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+def folder_lock(folder: Path) -> Iterator[None]:
+    """An exclusive lock on the folder itself, waited for: no lock file is left, and the lock goes with the
+    process. Where the file system cannot lock a folder (NFS turns flock into a POSIX lock, which needs a
+    file open for writing), it goes on without the lock."""
     try:
-        fcntl.flock(descriptor, fcntl.LOCK_EX)
+        descriptor = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        descriptor = None
+    try:
+        if descriptor is not None:
+            with contextlib.suppress(OSError):
+                fcntl.flock(descriptor, fcntl.LOCK_EX)
         yield
     finally:
-        os.close(descriptor)  # releases the lock
+        if descriptor is not None:
+            os.close(descriptor)  # releases the lock
 
 
 @contextlib.contextmanager
@@ -87,7 +95,7 @@ def staged_folder(final: Path) -> Iterator[Path]:
     """
     try:
         if final.parent.is_dir():
-            with _folder_locked(final.parent):
+            with folder_lock(final.parent):
                 _refuse_unless_ours(final)
         final.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
@@ -101,7 +109,7 @@ def staged_folder(final: Path) -> Iterator[Path]:
             if item.is_file():
                 os.chmod(item, FILE_MODE)
         previous = final.with_name(f".{final.name}.previous-{os.getpid()}")
-        with _folder_locked(final.parent):
+        with folder_lock(final.parent):
             _refuse_unless_ours(final)  # it may have been made meanwhile
             if final.exists():
                 final.rename(previous)

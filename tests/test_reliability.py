@@ -66,6 +66,27 @@ def small_disk(tmp_path):
         subprocess.run(["umount", "-l", str(folder)], capture_output=True)
 
 
+OPEN_A_STUDY = """
+import sys, time
+from pipeline.tracking import Study, prepare_store
+while time.time() < float(sys.argv[2]):  # both processes past their imports, then at once
+    time.sleep(0.001)
+Study(sys.argv[1], prepare_store(sys.argv[1], "fromlogits"), "at-once").open()
+"""
+
+
+def test_two_commands_on_a_new_store_at_once_both_open_their_study(tmp_path):
+    """Each would create the SQLite store's tables; MLflow's migrations racing failed one of them ('table
+    latest_metrics already exists', 'duplicate column name: step'), in 4 of 4 tries before the fix."""
+    uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
+    start = time.time() + 8
+    processes = [subprocess.Popen([sys.executable, "-c", OPEN_A_STUDY, uri, str(start)], cwd=PROJECT_ROOT,
+                                  stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    errors = [p.communicate(timeout=120)[1] for p in processes]
+    assert [p.returncode for p in processes] == [0, 0], [e[-1500:] for e in errors]
+    assert len([r for r in runs_of(uri) if r.data.tags.get("role") == "study"]) == 2
+
+
 def test_a_full_disk_under_the_store_is_one_line_and_leaves_no_run_running(tmp_path, data_dir, small_disk):
     from pipeline.tracking import prepare_store
 

@@ -8,6 +8,7 @@ The default store is SQLite inside `mlruns/` (MLflow 3's file store raises), wit
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import time
@@ -22,6 +23,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from pipeline.config import PipelineError, TrackingConfig, first_line, shared_project_root
+from pipeline.files import folder_lock
 from pipeline.record import Tag
 
 
@@ -108,9 +110,10 @@ def prepare_store(uri: str, experiment: str, tracking: TrackingConfig | None = N
     else:
         _check_local_store(uri)
     mlflow.set_tracking_uri(uri)
-    client = MlflowClient(uri)
     try:
-        experiment_id = _experiment_id(client, uri, experiment)
+        with _creating(uri):
+            client = MlflowClient(uri)
+            experiment_id = _experiment_id(client, uri, experiment)
         mark_stale_runs(client, experiment_id)
     except MlflowException as error:
         raise TrackingUnavailable(f"the MLflow store {uri} cannot be used: {first_line(error)}") from None
@@ -118,6 +121,14 @@ def prepare_store(uri: str, experiment: str, tracking: TrackingConfig | None = N
         raise TrackingUnavailable(f"the MLflow store {uri} cannot be opened: {type(error).__name__}: "
                                   f"{first_line(error)}") from None
     return experiment_id
+
+
+def _creating(uri: str):
+    """A local store's folder, locked while a process creates or checks the store: two commands on a new
+    store at once would both run MLflow's schema migrations on it, and one would fail."""
+    if uri.startswith("sqlite:///"):
+        return folder_lock(Path(uri.removeprefix("sqlite:///")).parent)
+    return contextlib.nullcontext()
 
 
 def _experiment_id(client: MlflowClient, uri: str, experiment: str) -> str:
