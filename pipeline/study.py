@@ -193,14 +193,20 @@ class StudyCallback(Callback):
         self.started = 0.0
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
-        from pipeline.config import PipelineError
+        from pipeline.config import PipelineError, first_line
 
         try:
             self._start(config)
-        except PipelineError as error:
+        except Exception as error:  # noqa: BLE001 - any failure: no job may run without its study
             # Hydra turns a callback's exception into a warning and runs the jobs anyway: stop here instead.
-            print(f"error: {error}", file=sys.stderr, flush=True)
-            sys.exit(2)
+            if self.study is not None:
+                self.study.close(error)  # opened before the failure: FAILED, not left RUNNING
+            if isinstance(error, PipelineError):
+                print(f"error: {error}", file=sys.stderr, flush=True)
+                sys.exit(2)
+            print(f"error: the study could not start: {type(error).__name__}: {first_line(error)}", file=sys.stderr,
+                  flush=True)
+            sys.exit(1)
 
     def _start(self, config: DictConfig) -> None:
         global _active

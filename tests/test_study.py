@@ -97,3 +97,31 @@ def test_a_diverging_and_a_failing_job_do_not_stop_the_sweep(tmp_path, data_dir)
     assert "FAILED" in result.stdout and "[12] are absent" in result.stdout
     (parent,) = [r for r in runs if r.data.tags.get("role") == "study"]
     assert parent.info.status == "FINISHED"
+
+
+def test_a_study_that_cannot_start_runs_no_job_and_leaves_no_run_running(tmp_path, data_dir, monkeypatch, capsys):
+    """Hydra turns a callback's exception into a warning and would run the jobs without their study; any
+    failure while the study starts ends the command instead, in one line, its parent run FAILED."""
+    from hydra import compose, initialize_config_dir
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.config import PROJECT_ROOT
+    from pipeline.study import StudyCallback
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    with initialize_config_dir(config_dir=str(PROJECT_ROOT / "conf"), version_base="1.3"):
+        config = compose("config", overrides=["seed=0", f"data_dir={data_dir}", f"tracking.uri={uri}",
+                                              f"hydra.sweep.dir={tmp_path / 'sweep'}"], return_hydra_config=True)
+
+    def unexpected(*args, **kwargs):
+        raise RuntimeError("database is locked\nsecond line")
+
+    monkeypatch.setattr(MlflowClient, "log_param", unexpected)  # after the parent run is open
+    with pytest.raises(SystemExit) as stopped:
+        StudyCallback().on_multirun_start(config)
+    assert stopped.value.code == 1
+    said = capsys.readouterr().err.splitlines()  # after MLflow's notice that it created the new store's tables
+    assert said[-1] == "error: the study could not start: RuntimeError: database is locked"
+    assert not [line for line in said if "Traceback" in line or line.startswith("error") and line != said[-1]]
+    (parent,) = runs_of(uri)
+    assert parent.info.status == "FAILED"
