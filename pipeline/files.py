@@ -38,17 +38,23 @@ class WriteError(PipelineError):
 
 
 def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
-    """Calls `write(tmp)` for a temporary sibling of `path`, then renames it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(name)
+    """Calls `write(tmp)` for a temporary sibling of `path`, then renames it into place. A file system's
+    refusal (a full disk, no permission) is a WriteError that names `path`."""
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        tmp = Path(name)
         write(tmp)
         os.chmod(tmp, FILE_MODE)
         os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
+    except BaseException as error:
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
+        if isinstance(error, OSError):
+            raise WriteError(f"could not write {path}: {error.strerror or error}; its previous version, if any, "
+                             "is unchanged") from error
         raise
 
 
@@ -115,9 +121,12 @@ def staged_folder(final: Path) -> Iterator[Path]:
                 final.rename(previous)
             staging.rename(final)
         shutil.rmtree(previous, ignore_errors=True)
-    except OSError as error:
+    except (OSError, WriteError) as error:
         shutil.rmtree(staging, ignore_errors=True)
-        raise WriteError(f"could not write the report to {final}: {error.strerror or error}; "
+        refused = error.__cause__ if isinstance(error, WriteError) else error  # a file in it (write_atomically)
+        if not isinstance(refused, OSError):
+            raise  # not the file system's refusal: e.g. the folder became someone else's meanwhile
+        raise WriteError(f"could not write the report to {final}: {refused.strerror or refused}; "
                          "nothing was written (the previous report, if any, is unchanged)") from error
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

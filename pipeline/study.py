@@ -255,9 +255,9 @@ class StudyCallback(Callback):
         print(f"study {self.study.name}: {jobs} jobs, MLflow parent run {parent_run_id} ({self.uri})", flush=True)
 
     def _mark_stopped(self) -> None:
-        from pipeline.files import write_text
+        from pipeline.files import WriteError, write_text
 
-        with contextlib.suppress(OSError):  # the jobs already running get the signal anyway
+        with contextlib.suppress(WriteError):  # the jobs already running get the signal anyway
             write_text(stop_marker(self.sweep_dir, self.study.run_id), "")
 
     def end_interrupted(self) -> None:

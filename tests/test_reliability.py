@@ -103,6 +103,21 @@ def test_a_full_disk_under_the_store_is_one_line_and_leaves_no_run_running(tmp_p
     assert [r.info.status for r in runs_of(uri)] == ["FAILED"]  # ended, not left RUNNING
 
 
+def test_a_full_disk_under_the_checkpoints_is_named_as_such_not_as_the_store(tmp_path, data_dir, small_disk):
+    """The store has room; the checkpoint folder does not. The one line says which file could not be written."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    free_kib = os.statvfs(small_disk).f_bavail * os.statvfs(small_disk).f_frsize // 1024
+    (small_disk / "filler").write_bytes(b"\0" * 1024 * (free_kib - 40))  # less than a checkpoint
+    result = run_one(tmp_path, data_dir, uri, "train.epochs=5", f"checkpoints_dir={small_disk / 'checkpoints'}")
+    assert result.returncode == 2, result.stderr[-3000:]
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith(f"error: could not write {small_disk / 'checkpoints'}/") and "state.npz" in line, line
+    assert line.endswith("No space left on device; its previous version, if any, is unchanged"), line
+    (small_disk / "filler").unlink()
+    (run,) = runs_of(uri)
+    assert run.info.status == "FAILED" and "No space left on device" in run.data.tags["error"]
+
+
 def test_a_full_disk_while_writing_the_report_leaves_no_partial_report(tmp_path, data_dir, monkeypatch):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     study = run_cli("pipeline.run", "-m", "loss=probs,logits", "seed=0", "train.epochs=1", f"data_dir={data_dir}", "hydra/launcher=basic",

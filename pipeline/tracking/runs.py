@@ -19,6 +19,7 @@ from mlflow.tracking import MlflowClient
 from pipeline.interrupt import Interrupted, stop_requested
 from pipeline.record import STUDY_ROLE, Tag
 from pipeline.config import first_line
+from pipeline.files import WriteError
 from pipeline.tracking.store import TrackingUnavailable, process_tags
 
 
@@ -61,7 +62,7 @@ def tracked_run(uri: str, experiment_id: str, run_name: str | None = None, tags:
             with contextlib.suppress(Exception):
                 mlflow.set_tag(Tag.ERROR, describe(raised))
             raised.mlflow_run_id = run.info.run_id  # lets a sweep know the failure is on record
-        if out_of_space(raised):
+        if out_of_space(raised) and not isinstance(raised, WriteError):  # a file of ours names itself
             full = TrackingUnavailable(
                 f"the MLflow store {uri} is out of space ({first_line(raised)}); free space there and run the same "
                 "command again (an interrupted run's checkpoint is kept)")
