@@ -3,7 +3,9 @@
 Every file and folder the pipeline writes for others (metrics.json, run.json, DVC outputs, reports,
 checkpoints) goes through here: written beside its target and renamed into place, with the modes the
 user's umask gives (temporary files and folders are created 0600/0700, which would hide results from a
-shared group). A report folder is replaced only if the pipeline made it (it carries MARKER).
+shared group); a refusal of the file system names the file. A report folder is replaced only if the
+pipeline made it (it carries MARKER). The locks live here too: `exclusive` (a file's, e.g. a checkpoint
+folder's) and `folder_lock` (a folder's own, for writers that must take turns).
 """
 
 from __future__ import annotations
