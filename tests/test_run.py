@@ -94,6 +94,9 @@ BAD_INPUT = [
     ("tracking.experiment=", "tracking.experiment='' is not accepted: expected 1 to 64 letters"),
     ("seed=-1", "seed=-1 is not accepted: expected a whole number in [0, 4294967296)"),
     ("seed=99999999999", "seed=99999999999 is not accepted: expected a whole number in [0, 4294967296)"),
+    # What Hydra's grammar cannot read: the override named, not only the lexer's complaint.
+    ("loss=probs;rm", "loss=probs;rm is not accepted: cannot parse it (LexerNoViableAltException"),
+    ("seed=0 dataset.classes=[0,1", "dataset.classes=[0,1 is not accepted: cannot parse it"),
 ]
 
 

@@ -46,6 +46,21 @@ def composition_error(override: str, error: Exception) -> str:
     return f"{override} is not accepted: {first_line(error.__cause__ or error)}"
 
 
+def parse_error(lines: list[str], error: Exception) -> str:
+    """Hydra's parse error as one line naming the override it cannot read and what its grammar accepts."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import OverrideParseException
+
+    parser = OverridesParser.create()
+    for line in lines:
+        try:
+            parser.parse_overrides([line])
+        except OverrideParseException as line_error:
+            return (f"{line} is not accepted: cannot parse it ({first_line(line_error)}); expected key=value in "
+                    "Hydra's override grammar, with a value holding spaces or any of ;()[]{},'\" quoted")
+    return f"cannot parse the overrides: {first_line(error)}"
+
+
 def precheck_overrides(argv: list[str]) -> str | None:
     """Composes the command line's config overrides before Hydra does; returns a one-line error or None.
 
@@ -59,7 +74,7 @@ def precheck_overrides(argv: list[str]) -> str | None:
     try:
         fixed, sweeps = sweep_values([a for a in argv if not a.startswith("-") and "=" in a])
     except OverrideParseException as error:
-        return f"cannot parse the overrides: {first_line(error)}"
+        return parse_error([a for a in argv if not a.startswith("-") and "=" in a], error)
     trials = [(line, fixed) for line in fixed] + [
         (f"{key}={value}", [*fixed, f"{key}={value}"]) for key, values in sweeps.items() for value in values
     ]
