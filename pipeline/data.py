@@ -16,7 +16,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 import pipeline.datasets  # noqa: F401  (registers the bundled builders)
-from pipeline.config import PIXEL_SCALES, ConfigError, DatasetConfig, PipelineError, first_line
+from pipeline.config import PIXEL_SCALES, ConfigError, DatasetConfig, PipelineError, error_summary
 from pipeline.datasets.mnist_sample.mnist_sample_dataset_builder import SOURCE_SHA256
 from pipeline.files import exclusive
 from pipeline.config import Task
@@ -112,7 +112,7 @@ def fetch(dataset: DatasetConfig, data_dir: str, allow_download: bool = True) ->
                   else f"delete {Path(data_dir) / dataset.name} and fetch again")
         raise DatasetUnavailable(
             f"cannot prepare {dataset.name} from {f'the files in {manual}' if manual_files else 'its download'} "
-            f"({type(error).__name__}: {first_line(str(error), 200)}); "
+            f"({error_summary(error, 200)}); "
             f"{advice}") from None
     return DatasetRef(dataset.name, str(builder.version), data_dir, BUNDLED.get(dataset.name))
 
@@ -153,8 +153,8 @@ def split_arrays(builder, split: str) -> tuple[np.ndarray, np.ndarray]:
             examples = [source[i] for i in range(len(source))]
         except Exception as error:  # noqa: BLE001 - a damaged or foreign-format file: say which folder to rebuild
             raise DatasetUnavailable(
-                f"the prepared {builder.name} in {folder} cannot be read ({type(error).__name__}: "
-                f"{first_line(str(error), 200)}); delete {folder.parent} to rebuild it") from None
+                f"the prepared {builder.name} in {folder} cannot be read ({error_summary(error, 200)}); "
+                f"delete {folder.parent} to rebuild it") from None
         arrays = np.stack([e["image"] for e in examples]), np.array([e["label"] for e in examples])
         for array in arrays:
             array.setflags(write=False)

@@ -193,7 +193,7 @@ class StudyCallback(Callback):
         self.started = 0.0
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
-        from pipeline.config import PipelineError, first_line
+        from pipeline.config import PipelineError, error_summary
 
         try:
             self._start(config)
@@ -204,7 +204,7 @@ class StudyCallback(Callback):
             if isinstance(error, PipelineError):
                 print(f"error: {error}", file=sys.stderr, flush=True)
                 sys.exit(2)
-            print(f"error: the study could not start: {type(error).__name__}: {first_line(error)}", file=sys.stderr,
+            print(f"error: the study could not start: {error_summary(error)}", file=sys.stderr,
                   flush=True)
             sys.exit(1)
 

@@ -60,6 +60,11 @@ def first_line(message: BaseException | str, limit: int = 300) -> str:
     return text.splitlines()[0][:limit]
 
 
+def error_summary(error: BaseException, limit: int = 300) -> str:
+    """`Type: first line` of an error whose type tells more than its message alone (OSError, KeyError, ...)."""
+    return f"{type(error).__name__}: {first_line(str(error), limit)}"
+
+
 class ConfigError(PipelineError, ValueError):
     """A configuration value outside what the pipeline accepts."""
 
