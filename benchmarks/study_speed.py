@@ -2,6 +2,7 @@
 
     python benchmarks/study_speed.py                 # `make study`'s two studies: 30 runs x 100 epochs
     python benchmarks/study_speed.py --epochs 20     # shorter, same shape
+    python benchmarks/study_speed.py --note-as-scripts   # also the note's code as 30 scripts (+10 minutes)
 
 Pipeline: `python -m pipeline.run -m experiment=seed_mnist` and `experiment=seed_logistic` as `make study`
 runs them (tracking, diagnostics, models, reports), into a temporary store. Note's code: for every arm
@@ -9,7 +10,9 @@ x seed of those studies, the note's model as written (`Sequential` of Dense 25-1
 `compile(Adam(1e-3), loss)`, `model.fit(X, Y, epochs=N)` with Keras's defaults, then `evaluate`) on the
 same training and test digits, no tracking, in one process (it is charged one import, not thirty), with
 the pipeline's TensorFlow settings (one thread: pipeline/__init__.py); with TensorFlow's defaults its
-probs_naive epochs measured slower (3.0 s vs 2.2 s, train_throughput.py).
+probs_naive epochs measured slower (3.0 s vs 2.2 s, train_throughput.py). With `--note-as-scripts` the
+note's code is also timed as the issue measured it and a researcher runs it: one process per training, each
+paying its own imports, as each of the pipeline's studies does.
 Prints both wall times and their ratio, then per-epoch throughput for every arm on both backends
 (benchmarks/train_throughput.py; `--no-throughput` leaves it out).
 """
@@ -17,6 +20,7 @@ Prints both wall times and their ratio, then per-epoch throughput for every arm 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import subprocess
@@ -42,36 +46,86 @@ def pipeline_study(study: str, epochs: int, store: Path, extra: list[str]) -> fl
     return time.perf_counter() - started
 
 
-def note_code(epochs: int) -> float:
-    """The 30 trainings with the note's code, in this process; returns the wall time including imports."""
-    started = time.perf_counter()
-    import pipeline  # noqa: F401  (first, as in the pipeline's processes: its thread settings)
-    import keras
-
+def note_datasets() -> dict:
+    """Each study's config and its training and test digits, as the pipeline reads them."""
     from hydra import compose, initialize_config_dir
 
     from pipeline.config import register_configs, validate
     from pipeline.data import fetch, load
-    from pipeline.formulations import formulation
 
     register_configs()
+    datasets = {}
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         for study in STUDIES:
             cfg = validate(compose(config_name="config", overrides=[f"experiment={study}"]))
             fetch(cfg.dataset, cfg.data_dir)
-            splits = load(cfg.dataset, cfg.data_dir)
-            for arm in ARMS:
-                form = formulation(arm, cfg.dataset.task)
-                for seed in SEEDS:
-                    keras.utils.set_random_seed(seed)
-                    model = keras.Sequential([keras.Input((784,)), *[
-                        keras.layers.Dense(u, activation=cfg.model.activation) for u in cfg.model.hidden_units],
-                        keras.layers.Dense(form.output_width(splits.num_classes), activation=form.output_activation())])
-                    model.compile(optimizer=keras.optimizers.Adam(cfg.train.learning_rate), loss=form.loss(),
-                                  metrics=["accuracy"])
-                    model.fit(splits.x_train, splits.y_train, epochs=epochs, verbose=0)
-                    model.evaluate(splits.x_test, splits.y_test, verbose=0)
+            datasets[study] = cfg, load(cfg.dataset, cfg.data_dir)
+    return datasets
+
+
+def note_training(arrays, task: str, num_classes: int, hidden_units, activation: str, learning_rate: float,
+                  arm: str, seed: int, epochs: int) -> None:
+    """One training as the note writes it: build, compile, `model.fit`, `evaluate`."""
+    import keras
+
+    from pipeline.formulations import formulation
+
+    x_train, y_train, x_test, y_test = arrays
+    form = formulation(arm, task)
+    keras.utils.set_random_seed(seed)
+    model = keras.Sequential([keras.Input((x_train.shape[1],)), *[
+        keras.layers.Dense(u, activation=activation) for u in hidden_units],
+        keras.layers.Dense(form.output_width(num_classes), activation=form.output_activation())])
+    model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss=form.loss(), metrics=["accuracy"])
+    model.fit(x_train, y_train, epochs=epochs, verbose=0)
+    model.evaluate(x_test, y_test, verbose=0)
+
+
+def note_code(epochs: int) -> float:
+    """The 30 trainings with the note's code, in this process; returns the wall time including imports."""
+    started = time.perf_counter()
+    import pipeline  # noqa: F401  (first, as in the pipeline's processes: its thread settings)
+
+    for cfg, splits in note_datasets().values():
+        for arm in ARMS:
+            for seed in SEEDS:
+                note_training((splits.x_train, splits.y_train, splits.x_test, splits.y_test), cfg.dataset.task,
+                              splits.num_classes, cfg.model.hidden_units, cfg.model.activation,
+                              cfg.train.learning_rate, arm, seed, epochs)
     return time.perf_counter() - started
+
+
+def note_scripts(epochs: int, folder: Path) -> float:
+    """The 30 trainings with the note's code as 30 scripts, one process each (how the issue measured it:
+    a researcher runs the note's script once per arm and seed); returns the sum of their wall times.
+    The digits are handed over in a .npz, so a script pays its imports and training, not the pipeline's
+    data loading."""
+    import numpy as np
+
+    total = 0.0
+    for study, (cfg, splits) in note_datasets().items():
+        data = folder / f"{study}.npz"
+        np.savez(data, x_train=splits.x_train, y_train=splits.y_train, x_test=splits.x_test, y_test=splits.y_test)
+        spec = {"task": cfg.dataset.task.value, "num_classes": splits.num_classes,
+                "hidden_units": list(cfg.model.hidden_units), "activation": cfg.model.activation,
+                "learning_rate": cfg.train.learning_rate}
+        for arm in ARMS:
+            for seed in SEEDS:
+                started = time.perf_counter()
+                subprocess.run([sys.executable, __file__, "--note-script", str(data), json.dumps(
+                    {**spec, "arm": arm, "seed": seed, "epochs": epochs})], cwd=ROOT, check=True)
+                total += time.perf_counter() - started
+    return total
+
+
+def note_script(data: str, spec: str) -> int:
+    """One of note_scripts' processes."""
+    import pipeline  # noqa: F401  (the pipeline's thread settings, as in the one-process variant)
+    import numpy as np
+
+    with np.load(data) as arrays:
+        note_training((arrays["x_train"], arrays["y_train"], arrays["x_test"], arrays["y_test"]), **json.loads(spec))
+    return 0
 
 
 def main() -> int:
@@ -79,10 +133,16 @@ def main() -> int:
     parser.add_argument("--epochs", type=int, default=100)
     parser.add_argument("--pipeline-args", default="", help="extra overrides for the pipeline's studies")
     parser.add_argument("--no-throughput", action="store_true", help="skip the per-epoch throughput table")
+    parser.add_argument("--note-as-scripts", action="store_true",
+                        help="also time the note's code as 30 scripts, one process per training (about 10 minutes)")
+    parser.add_argument("--note-script", nargs=2, metavar=("DATA", "SPEC"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.note_script:
+        return note_script(*args.note_script)
     with tempfile.TemporaryDirectory() as folder:
         store = Path(folder)
         pipeline_seconds = {s: pipeline_study(s, args.epochs, store, args.pipeline_args.split()) for s in STUDIES}
+        scripts_seconds = note_scripts(args.epochs, store) if args.note_as_scripts else None
     note_seconds = note_code(args.epochs)
     total = sum(pipeline_seconds.values())
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores; {len(STUDIES) * len(ARMS) * len(SEEDS)} trainings "
@@ -92,6 +152,9 @@ def main() -> int:
     print(f"pipeline, both studies  {total:8.1f} s (tracking, diagnostics, models, reports)")
     print(f"note's code, same runs  {note_seconds:8.1f} s (model.fit + evaluate, no tracking)")
     print(f"ratio                   {note_seconds / total:8.1f}x", flush=True)
+    if scripts_seconds is not None:
+        print(f"note's code as 30 scripts {scripts_seconds:6.1f} s (one process per training, each paying its imports)")
+        print(f"ratio                   {scripts_seconds / total:8.1f}x", flush=True)
     if not args.no_throughput:
         print("\nper epoch, every arm, both backends (benchmarks/train_throughput.py):", flush=True)
         subprocess.run([sys.executable, str(ROOT / "benchmarks" / "train_throughput.py")], cwd=ROOT, check=True)
