@@ -1,9 +1,9 @@
 """`python -m pipeline.run [overrides]`: the Hydra entry point — one configuration, or with `-m` a study.
 
 This module only parses, dispatches and maps outcomes to exit codes: 0 done, 2 bad input (one line,
-nothing run), 130 interrupted, 1 a sweep in which a job failed (after its report). Running one
-configuration is `pipeline.stages.run_configuration`; a study's parent run and report are
-`pipeline.study.StudyCallback`.
+nothing run), 130 interrupted, 1 a sweep in which a job failed (after its report) or whose launcher
+failed (one line). Running one configuration is `pipeline.stages.run_configuration`; a study's parent
+run and report are `pipeline.study.StudyCallback`.
 """
 
 from __future__ import annotations
@@ -96,11 +96,12 @@ if __name__ == "__main__":
         os.environ.setdefault("HYDRA_FULL_ERROR", "1")
     try:
         main()
-    except Exception:
+    except Exception as error:
         from pipeline import study
 
         if stop_requested.is_set():
             study.end_interrupted_study()
+        study.end_failed_study(error)  # e.g. joblib's TerminatedWorkerError when the OS killed a worker
         raise
     from pipeline.study import sweep_exit_code
 

@@ -51,6 +51,13 @@ def end_interrupted_study() -> None:
         _active.end_interrupted()
 
 
+def end_failed_study(error: Exception) -> None:
+    """The launcher of this process's study failed: ends the study and its orphaned runs FAILED (exit 1),
+    if this process launched one."""
+    if _active is not None and _active.study.run_id is not None:
+        _active.end_failed(error)
+
+
 def sweep_exit_code() -> int:
     """1 when a job of this process's study failed (its report names it), else 0."""
     return 1 if _failed_jobs else 0
@@ -263,14 +270,29 @@ class StudyCallback(Callback):
     def end_interrupted(self) -> None:
         """The jobs got the signal too; runs their launcher killed before they could close end KILLED
         (resumable), then the study; one line, exit 130."""
-        from pipeline.tracking import end_interrupted_children
+        from pipeline.tracking import end_orphaned_children
 
         with contextlib.suppress(Exception):  # the store may be what failed; the study still ends
-            end_interrupted_children(self.uri, self.study.run_id)
+            end_orphaned_children(self.uri, self.study.run_id, KeyboardInterrupt())
         self.study.close(KeyboardInterrupt())
         print("interrupted: the study ended KILLED; run the same command again to resume its runs",
               file=sys.stderr, flush=True)
         sys.exit(130)
+
+    def end_failed(self, error: Exception) -> None:
+        """The launcher failed (the OS killed a worker, a scheduler lost a job): the runs whose process died
+        end FAILED with their checkpoints, then the study; one line, exit 1."""
+        from pipeline.config import error_summary
+        from pipeline.tracking import end_orphaned_children
+
+        ended: list[str] = []
+        with contextlib.suppress(Exception):  # the store may be what failed; the study still ends
+            ended = end_orphaned_children(self.uri, self.study.run_id, error)
+        self.study.close(error)
+        print(f"error: the study failed: its launcher reported {error_summary(error).rstrip('.')}; "
+              f"{len(ended)} run(s) whose process died ended FAILED; run the same command again to resume them",
+              file=sys.stderr, flush=True)
+        sys.exit(1)
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         global _failed_jobs

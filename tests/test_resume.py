@@ -156,6 +156,40 @@ def test_ctrl_c_stops_a_parallel_sweep_in_one_line_per_job(tmp_path, whole_group
     assert parent.info.status == "KILLED" and children and all(r.info.status == "KILLED" for r in children)
 
 
+def test_a_worker_killed_by_the_os_fails_the_study_in_one_line_and_the_same_command_resumes_it(tmp_path):
+    """The OOM killer SIGKILLs one of joblib's workers mid-run: joblib gives up on the sweep and kills the
+    other worker. The command ends in one line (exit 1), not joblib's traceback; the dead workers' runs end
+    FAILED with their checkpoints, not RUNNING; the study FAILED. The same command resumes both runs."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    epochs = 150
+    process = start_training_sweep(tmp_path, uri, epochs=epochs)
+    _, running = study_runs(uri)
+    victim = next(r for r in running if r.info.status == "RUNNING")
+    os.kill(int(victim.data.tags["pid"]), signal.SIGKILL)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 1, stderr[-3000:]
+    assert "Traceback" not in stderr, stderr[-3000:]
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("error: the study failed: its launcher reported TerminatedWorkerError: "), last
+    assert "ended FAILED; run the same command again" in last, last
+    parent, children = study_runs(uri)
+    assert parent.info.status == "FAILED"
+    client = mlflow.MlflowClient(uri)
+    assert client.get_run(victim.info.run_id).info.status == "FAILED"
+    assert "ended without closing the run" in client.get_run(victim.info.run_id).data.tags["failed_reason"]
+    assert not [r.info.run_name for r in children if r.info.status == "RUNNING"]
+    unfinished = [r for r in children if r.info.status != "FINISHED"]
+
+    again = subprocess.run(process.args, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300,
+                           env={**os.environ, "MLFLOW_TRACKING_URI": uri})
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"resuming run {victim.info.run_id}" in again.stdout
+    for run in unfinished:
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_nll_float64")]
+        assert sorted(steps) == list(range(1, epochs + 1))  # none missing, none twice
+        assert client.get_run(run.info.run_id).info.status == "FINISHED"
+
+
 def test_jobs_whose_launching_process_was_killed_stop_and_the_same_command_resumes_them(tmp_path):
     """SIGKILL (the OOM killer, a cluster's kill) gives the launching process no chance to stop its study.
     joblib's workers notice within a second: their runs stop at the end of the epoch and end KILLED with a

@@ -182,13 +182,16 @@ def mark_stale_runs(client: MlflowClient, experiment_id: str) -> list[str]:
     return stale
 
 
-def end_interrupted_children(uri: str, parent_run_id: str, wait_seconds: float = 15.0) -> list[str]:
-    """An interrupted study's child runs still RUNNING on this host end KILLED once their process is gone.
+def end_orphaned_children(uri: str, parent_run_id: str, error: BaseException, wait_seconds: float = 15.0) -> list[str]:
+    """A study's child runs still RUNNING on this host end once their process is gone: KILLED when the
+    study was interrupted, FAILED (tagged why) when its launcher failed, e.g. the OS killed a worker.
 
     A job may be gone before it closed its run (killed, or stopped at once by a second Ctrl-C while its
-    store was busy); its checkpoint is intact, so KILLED (resumable) is the truth.
+    store was busy); its checkpoint is intact, so either status resumes with the same command.
     Waits up to `wait_seconds` for jobs that are still stopping; returns the runs it ended.
     """
+    from pipeline.tracking.runs import end_status
+
     client = MlflowClient(uri)
     experiment_id = client.get_run(parent_run_id).info.experiment_id
     query = f"tags.`{Tag.PARENT}` = '{parent_run_id}' and attributes.status = 'RUNNING'"
@@ -200,8 +203,12 @@ def end_interrupted_children(uri: str, parent_run_id: str, wait_seconds: float =
         if len(orphans) == len(running) or time.monotonic() > deadline:
             break
         time.sleep(0.3)
+    status = end_status(error)
     for run in orphans:
-        client.set_terminated(run.info.run_id, RunStatus.to_string(RunStatus.KILLED))
+        if status == RunStatus.to_string(RunStatus.FAILED):
+            client.set_tag(run.info.run_id, Tag.FAILED_REASON,
+                           f"process {run.data.tags['pid']} ended without closing the run ({first_line(error)})")
+        client.set_terminated(run.info.run_id, status)
     return [run.info.run_id for run in orphans]
 
 
