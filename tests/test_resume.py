@@ -156,12 +156,29 @@ def test_ctrl_c_stops_a_parallel_sweep_in_one_line_per_job(tmp_path, whole_group
     assert parent.info.status == "KILLED" and children and all(r.info.status == "KILLED" for r in children)
 
 
-def test_a_worker_killed_by_the_os_fails_the_study_in_one_line_and_the_same_command_resumes_it(tmp_path):
-    """The OOM killer SIGKILLs one of joblib's workers mid-run: joblib gives up on the sweep and kills the
-    other worker. The command ends in one line (exit 1), not joblib's traceback; the dead workers' runs end
-    FAILED with their checkpoints, not RUNNING; the study FAILED. The same command resumes both runs."""
+def latest_study(uri: str):
+    """The study parent run started last and its children."""
+    runs = runs_of(uri)
+    parent = max((r for r in runs if r.data.tags.get("role") == "study"), key=lambda r: r.info.start_time)
+    return parent, [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+
+
+def test_a_sweep_whose_worker_then_whose_launcher_is_killed_resumes_every_epoch_exactly_once(tmp_path):
+    """A flaky machine kills a sweep twice; each time the same command picks up where it stopped.
+
+    1. The OOM killer SIGKILLs one of joblib's workers mid-run: joblib gives up on the sweep and kills the
+       other worker. The command ends in one line (exit 1), not joblib's traceback; the dead workers' runs
+       end FAILED with their checkpoints, not RUNNING; the study FAILED.
+    2. The same command resumes them; then its launching process is SIGKILLed, which gives it no chance to
+       stop its study. joblib's workers notice within a second: their runs stop at the end of the epoch and
+       end KILLED with a checkpoint, the dead study's parent run is marked FAILED, and the workers exit
+       instead of idling for minutes with TensorFlow loaded.
+    3. The same command finishes both runs, with every epoch exactly once."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    epochs = 150
+    epochs = 150  # about 4 s of training a run here, several times the second the jobs take to notice
+    client = mlflow.MlflowClient(uri)
+    logged = lambda run_id: len(client.get_metric_history(run_id, "val_nll_float64"))  # noqa: E731
+
     process = start_training_sweep(tmp_path, uri, epochs=epochs)
     _, running = study_runs(uri)
     victim = next(r for r in running if r.info.status == "RUNNING")
@@ -173,49 +190,40 @@ def test_a_worker_killed_by_the_os_fails_the_study_in_one_line_and_the_same_comm
     assert last.startswith("error: the study failed: its launcher reported TerminatedWorkerError: "), last
     assert "ended FAILED; run the same command again" in last, last
     parent, children = study_runs(uri)
-    assert parent.info.status == "FAILED"
-    client = mlflow.MlflowClient(uri)
+    assert parent.info.status == "FAILED" and len(children) == 2
     assert client.get_run(victim.info.run_id).info.status == "FAILED"
     assert "ended without closing the run" in client.get_run(victim.info.run_id).data.tags["failed_reason"]
     assert not [r.info.run_name for r in children if r.info.status == "RUNNING"]
-    unfinished = [r for r in children if r.info.status != "FINISHED"]
+    unfinished = {r.info.run_id: logged(r.info.run_id) for r in children if r.info.status != "FINISHED"}
+    assert victim.info.run_id in unfinished
 
-    again = subprocess.run(process.args, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300,
-                           env={**os.environ, "MLFLOW_TRACKING_URI": uri})
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert f"resuming run {victim.info.run_id}" in again.stdout
-    for run in unfinished:
-        steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_nll_float64")]
-        assert sorted(steps) == list(range(1, epochs + 1))  # none missing, none twice
-        assert client.get_run(run.info.run_id).info.status == "FINISHED"
-
-
-def test_jobs_whose_launching_process_was_killed_stop_and_the_same_command_resumes_them(tmp_path):
-    """SIGKILL (the OOM killer, a cluster's kill) gives the launching process no chance to stop its study.
-    joblib's workers notice within a second: their runs stop at the end of the epoch and end KILLED with a
-    checkpoint, the dead study's parent run is marked FAILED, and the workers exit instead of idling for
-    minutes with TensorFlow loaded. The same command then resumes both runs."""
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    epochs = 150  # about 4 s of training a run here, several times the second the jobs take to notice
-    process = start_training_sweep(tmp_path, uri, epochs=epochs)
-    process.kill()
+    again = subprocess.Popen(process.args, cwd=PROJECT_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env={**os.environ, "MLFLOW_TRACKING_URI": uri}, start_new_session=True)
+    deadline = time.monotonic() + 180
+    while not all(client.get_run(run_id).info.status == "RUNNING" and logged(run_id) > before
+                  for run_id, before in unfinished.items()):
+        if time.monotonic() > deadline or again.poll() is not None:
+            os.killpg(again.pid, signal.SIGKILL)
+            pytest.fail(f"the runs did not resume: {again.communicate(timeout=60)[1][-3000:]}")
+        time.sleep(0.2)
+    again.kill()
     # The workers inherited the command's output: it closes when the last of them has exited.
-    _, stderr = process.communicate(timeout=60)
+    _, stderr = again.communicate(timeout=60)
     assert "Traceback" not in stderr, stderr[-3000:]
-    assert stderr.count("the study's launching process") == 2, stderr[-3000:]  # one line per job
-    parent, children = study_runs(uri)
-    assert parent.info.status == "FAILED" and len(children) == 2
-    assert all(r.info.status == "KILLED" for r in children), [r.info.status for r in children]
-    client = mlflow.MlflowClient(uri)
-    assert all(0 < len(client.get_metric_history(r.info.run_id, "val_nll_float64")) < epochs for r in children)
-    assert not any(process_alive(r.data.tags["pid"], r.data.tags["pid_started"]) for r in children)
-    assert len(list((tmp_path / "checkpoints").glob("*/state.npz"))) == 2
+    assert stderr.count("the study's launching process") == len(unfinished), stderr[-3000:]  # one line per job
+    parent, children = latest_study(uri)
+    assert parent.info.status == "FAILED"
+    resumed = [r for r in children if r.info.run_id in unfinished]
+    assert len(resumed) == len(unfinished) and all(r.info.status == "KILLED" for r in resumed)
+    assert all(0 < logged(r.info.run_id) < epochs for r in resumed)
+    assert not any(process_alive(r.data.tags["pid"], r.data.tags["pid_started"]) for r in resumed)
+    assert len(list((tmp_path / "checkpoints").glob("*/state.npz"))) == len(unfinished)
 
-    again = subprocess.run(process.args, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300,
-                           env={**os.environ, "MLFLOW_TRACKING_URI": uri})
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert all(f"resuming run {r.info.run_id}" in again.stdout for r in children)
-    for run in children:
-        steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_nll_float64")]
+    finished = subprocess.run(process.args, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300,
+                              env={**os.environ, "MLFLOW_TRACKING_URI": uri})
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    assert all(f"resuming run {run_id}" in finished.stdout for run_id in unfinished)
+    for run_id in unfinished:
+        steps = [m.step for m in client.get_metric_history(run_id, "val_nll_float64")]
         assert sorted(steps) == list(range(1, epochs + 1))  # none missing, none twice
-        assert client.get_run(run.info.run_id).info.status == "FINISHED"
+        assert client.get_run(run_id).info.status == "FINISHED"
