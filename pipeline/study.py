@@ -289,8 +289,9 @@ class StudyCallback(Callback):
         with contextlib.suppress(Exception):  # the store may be what failed; the study still ends
             ended = end_orphaned_children(self.uri, self.study.run_id, error)
         self.study.close(error)
-        print(f"error: the study failed: its launcher reported {error_summary(error).rstrip('.')}; "
-              f"{len(ended)} run(s) whose process died ended FAILED; run the same command again to resume them",
+        then = (f"{len(ended)} run(s) whose process died ended FAILED; run the same command again to resume them"
+                if ended else "run the same command again once that is fixed")
+        print(f"error: the study failed: its launcher reported {error_summary(error).rstrip('.')}; {then}",
               file=sys.stderr, flush=True)
         sys.exit(1)
 

@@ -118,6 +118,23 @@ def test_a_full_disk_under_the_checkpoints_is_named_as_such_not_as_the_store(tmp
     assert run.info.status == "FAILED" and "No space left on device" in run.data.tags["error"]
 
 
+def test_a_sweep_folder_on_a_full_disk_fails_the_study_in_one_line(tmp_path, data_dir, small_disk):
+    """Hydra writes each job's config into the sweep folder before the job starts; on a full disk that fails
+    in the launcher, outside any job. One line and exit 1, not Hydra's traceback; the study ends FAILED."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    free_kib = os.statvfs(small_disk).f_bavail * os.statvfs(small_disk).f_frsize // 1024
+    (small_disk / "filler").write_bytes(b"\0" * 1024 * free_kib)
+    result = run_cli("pipeline.run", "-m", "loss=probs,logits", "seed=0", "train.epochs=1", f"data_dir={data_dir}",
+                     "hydra/launcher=basic", f"reports_dir={tmp_path / 'reports'}", f"hydra.sweep.dir={small_disk / 'sweep'}",
+                     env={"MLFLOW_TRACKING_URI": uri})
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last == ("error: the study failed: its launcher reported OSError: [Errno 28] No space left on device; "
+                    "run the same command again once that is fixed"), last
+    assert [(r.data.tags.get("role"), r.info.status) for r in runs_of(uri)] == [("study", "FAILED")]
+
+
 def test_a_full_disk_while_writing_the_report_leaves_no_partial_report(tmp_path, data_dir, monkeypatch):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     study = run_cli("pipeline.run", "-m", "loss=probs,logits", "seed=0", "train.epochs=1", f"data_dir={data_dir}", "hydra/launcher=basic",
