@@ -111,7 +111,7 @@ def serve() -> int:
                 study.stop_with_launcher(tracking_uri(cfg.tracking.uri), request["parent_run_id"])  # as its sender does
                 with study.job():
                     result = stages.run_configuration(cfg, Path(request["output_dir"]), request["parent_run_id"],
-                                                      request["job"])
+                                                      request["job"], interrupted_attempt=study.interrupted_attempt())
                 answer = {"run_id": result["run_id"], "test_nll": result["test_nll"]}
             except KeyboardInterrupt:
                 sys.stdout.flush()

@@ -8,6 +8,8 @@ spelled once.
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 import subprocess
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
@@ -38,6 +40,7 @@ class Tag:
     DIVERGED = "diverged"
     ERROR = "error"
     FAILED_REASON = "failed_reason"
+    CONFIG_DIGEST = "config_digest"  # which configuration a run trains, recorded where (config_digest)
     PARENT = "mlflow.parentRunId"
 
 
@@ -112,6 +115,7 @@ def identity_tags(cfg: Config) -> dict[str, str]:
     }
     if cfg.study:
         tags[Tag.STUDY] = cfg.study
+    tags[Tag.CONFIG_DIGEST] = config_digest(cfg)
     return tags
 
 
@@ -155,4 +159,10 @@ def checkpoint_key(cfg: Config) -> dict:
     """What a checkpoint continues: everything that changes what is trained and where it is recorded."""
     params = config_params(cfg)
     return {k: v for k, v in params.items() if k not in PLACEMENT_KEYS and not k.startswith("grid.")}
+
+
+def config_digest(cfg: Config) -> str:
+    """sha256 of `checkpoint_key`: equal for two runs exactly when they train the same configuration into
+    the same store, experiment and study (names a checkpoint's folder; finds a finished run to keep)."""
+    return hashlib.sha256(json.dumps(checkpoint_key(cfg), sort_keys=True).encode()).hexdigest()
 

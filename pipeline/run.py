@@ -61,7 +61,8 @@ def run_job(dcfg: DictConfig) -> float | None:
             return answer.get("test_nll")
         from pipeline import stages
 
-        metrics = stages.run_configuration(cfg, output_dir, parent_run_id, job)
+        metrics = stages.run_configuration(cfg, output_dir, parent_run_id, job,
+                                           interrupted_attempt=study.interrupted_attempt() if in_sweep else None)
     except KeyboardInterrupt as error:
         print("interrupted: the run ended KILLED with its persisted epochs and a checkpoint; "
               "run the same command again to resume it", file=sys.stderr, flush=True)

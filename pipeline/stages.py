@@ -24,7 +24,7 @@ from pipeline.data import Splits, fetch, load
 from pipeline.files import exclusive, write_json
 from pipeline.models import Classifier
 from pipeline.progress import EpochProgress
-from pipeline.record import DatasetRef, RunRecord, Tag, checkpoint_key, run_record
+from pipeline.record import DatasetRef, RunRecord, Tag, config_digest, run_record
 from pipeline.tracking import MetricBuffer, prepare_store, resumable, tracked_run, tracking_uri
 from pipeline.interrupt import interruptible, stop_requested
 from pipeline.train import Checkpoint, TrainResult, configure_determinism, train
@@ -34,8 +34,7 @@ from pipeline.train import Checkpoint, TrainResult, configure_determinism, train
 
 def checkpoint_folder(cfg: Config) -> Path:
     """Where a configuration's checkpoint lives: keyed by what is trained and where it is recorded."""
-    key = hashlib.sha256(json.dumps(checkpoint_key(cfg), sort_keys=True).encode()).hexdigest()[:16]
-    return Path(cfg.checkpoints_dir) / key
+    return Path(cfg.checkpoints_dir) / config_digest(cfg)[:16]
 
 
 def previous_attempt(uri: str, folder: Path) -> str | None:
@@ -51,15 +50,27 @@ def previous_attempt(uri: str, folder: Path) -> str | None:
     return None
 
 
+def finished_in_attempt(uri: str, experiment_id: str, attempt_run_id: str, cfg: Config):
+    """The FINISHED run of this configuration among the children of a study's earlier attempt, if any."""
+    from mlflow.tracking import MlflowClient
+
+    query = (f"tags.`{Tag.PARENT}` = '{attempt_run_id}' and tags.{Tag.CONFIG_DIGEST} = '{config_digest(cfg)}' "
+             "and attributes.status = 'FINISHED'")
+    found = MlflowClient(uri).search_runs([experiment_id], query, max_results=1)
+    return found[0] if found else None
+
+
 def run_configuration(cfg: Config, output_dir: Path, parent_run_id: str | None = None, job: int | None = None,
-                      model_path: Path | None = None) -> dict:
+                      model_path: Path | None = None, interrupted_attempt: str | None = None) -> dict:
     """fetch -> train -> evaluate for one configuration, in one MLflow run; returns the run's id
     (`run_id`) and its test metrics.
 
     An interrupted run (SIGINT/SIGTERM) ends KILLED with a checkpoint of its last persisted epoch;
     running the same configuration again continues it in the same MLflow run (unless `resume=false`).
-    Two identical commands at once never share a checkpoint: the second trains from scratch in a
-    folder of its own. `model_path`: also save the trained Keras model there (DVC's output).
+    A run this configuration FINISHED in the study's `interrupted_attempt` (its parent run) is kept, not
+    trained again: it moves under `parent_run_id`. Two identical commands at once never share a checkpoint
+    or a kept run: the second trains from scratch in a folder of its own. `model_path`: also save the
+    trained Keras model there (DVC's output).
     """
     clock = StageClock()
     uri = tracking_uri(cfg.tracking.uri)
@@ -75,6 +86,15 @@ def run_configuration(cfg: Config, output_dir: Path, parent_run_id: str | None =
         if not owned:
             folder = folder.with_name(f"{folder.name}-pid{os.getpid()}")
             print(f"another process is running this configuration; this one trains on its own ({folder})", flush=True)
+        kept = (finished_in_attempt(uri, experiment_id, interrupted_attempt, cfg)
+                if interrupted_attempt and parent_run_id and cfg.resume and owned else None)
+        if kept:  # moved under this attempt while this process holds the configuration: no one else moves it
+            mlflow.MlflowClient(uri).set_tag(kept.info.run_id, Tag.PARENT, parent_run_id)
+            metrics = {k: v for k, v in kept.data.metrics.items() if k.startswith("test_")}
+            write_json(output_dir / "metrics.json", {"run_id": kept.info.run_id, **metrics})
+            print(f"kept run {kept.info.run_id} ({record.name}): it finished in the study's interrupted attempt",
+                  flush=True)
+            return {"run_id": kept.info.run_id, **metrics}
         resume_id = previous_attempt(uri, folder) if cfg.resume and owned else None
         checkpoint = Checkpoint(folder / "state.npz")
         if not resume_id:

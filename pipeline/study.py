@@ -28,6 +28,7 @@ from pipeline.config.overrides import count_jobs, sweep_values
 from pipeline.progress import STUDY_JOBS_ENV, STUDY_STARTED_ENV, STUDY_WORKERS_ENV
 
 PARENT_RUN_ENV = "FROMLOGITS_PARENT_RUN_ID"
+INTERRUPTED_ATTEMPT_ENV = "FROMLOGITS_INTERRUPTED_ATTEMPT"  # the parent run whose finished runs this study keeps
 LAUNCHER_ENV = "FROMLOGITS_LAUNCHER"  # "<pid> <start time>" of the launching process, for jobs on its machine
 
 _active: "StudyCallback | None" = None  # the study this process launched, if any
@@ -37,6 +38,24 @@ _failed_jobs = 0
 def active_study() -> "StudyCallback | None":
     """The study this process launched; None in a launcher's worker process."""
     return _active
+
+
+def interrupted_attempt() -> str | None:
+    """The parent run of this study's interrupted attempt, whose finished runs its jobs keep (in a job)."""
+    return os.environ.get(INTERRUPTED_ATTEMPT_ENV) or None
+
+
+def find_interrupted_attempt(uri: str, experiment_id: str, name: str, parent_run_id: str) -> str | None:
+    """The latest earlier study of this name, if it ended KILLED or FAILED (stopped, crashed; a dead
+    launcher's study is marked FAILED when the store is opened): the attempt this one resumes."""
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.record import STUDY_ROLE, Tag
+
+    earlier = [run for run in MlflowClient(uri).search_runs(
+        [experiment_id], f"tags.{Tag.ROLE} = '{STUDY_ROLE}' and tags.{Tag.STUDY} = '{name}'",
+        order_by=["attributes.start_time DESC"], max_results=2) if run.info.run_id != parent_run_id]
+    return earlier[0].info.run_id if earlier and earlier[0].info.status in ("KILLED", "FAILED") else None
 
 
 def end_active_study(error: BaseException) -> None:
@@ -238,6 +257,8 @@ class StudyCallback(Callback):
 
         MlflowClient(self.uri).log_param(parent_run_id, "sweep", str({**preset, "overrides": overrides}))
         os.environ[PARENT_RUN_ENV] = parent_run_id
+        resumed = find_interrupted_attempt(self.uri, experiment_id, self.study.name, parent_run_id) if cfg.resume else None
+        os.environ[INTERRUPTED_ATTEMPT_ENV] = resumed or ""
         os.environ[STUDY_JOBS_ENV] = str(jobs)
         workers = parallel_workers(config, jobs)
         os.environ[STUDY_WORKERS_ENV] = str(workers)
@@ -259,7 +280,8 @@ class StudyCallback(Callback):
         os.environ[STUDY_STARTED_ENV] = f"{time.time():.3f}"
         self.started = time.monotonic()
         atexit.register(self.study.close, KeyboardInterrupt())  # a sweep that never reaches its end
-        print(f"study {self.study.name}: {jobs} jobs, MLflow parent run {parent_run_id} ({self.uri})", flush=True)
+        print(f"study {self.study.name}: {jobs} jobs, MLflow parent run {parent_run_id} ({self.uri})"
+              + (f"; keeps the finished runs of its interrupted attempt {resumed}" if resumed else ""), flush=True)
 
     def _mark_stopped(self) -> None:
         from pipeline.files import WriteError, write_text

@@ -125,3 +125,61 @@ def test_a_study_that_cannot_start_runs_no_job_and_leaves_no_run_running(tmp_pat
     assert not [line for line in said if "Traceback" in line or line.startswith("error") and line != said[-1]]
     (parent,) = runs_of(uri)
     assert parent.info.status == "FAILED"
+
+
+def test_the_same_command_after_an_interruption_keeps_the_finished_runs_and_resumes_the_rest(tmp_path, data_dir):
+    """Ctrl-C after the first of two jobs finished and while the second trains: the same command keeps the
+    finished run (not trained again, moved under the new study), resumes the interrupted one from its
+    checkpoint and reports both; each run has every epoch exactly once."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import FAST_FLUSH
+    from pipeline.config import PROJECT_ROOT
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    epochs = 60
+    command = [sys.executable, "-m", "pipeline.run", "-m", "loss=probs,logits", "seed=0", f"train.epochs={epochs}",
+               "study=kept", "hydra/launcher=basic", FAST_FLUSH, f"data_dir={data_dir}", f"reports_dir={tmp_path / 'reports'}",
+               f"hydra.sweep.dir={tmp_path / 'sweep'}", f"checkpoints_dir={tmp_path / 'checkpoints'}"]
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
+    first = subprocess.Popen(command, cwd=PROJECT_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env=env, start_new_session=True)
+    deadline = time.monotonic() + 180
+    # The second job trains once the first run is FINISHED and a checkpoint exists (the first's is removed).
+    while not ([r for r in runs_of(uri) if r.info.status == "FINISHED"]
+               and list((tmp_path / "checkpoints").glob("*/state.npz"))):
+        if time.monotonic() > deadline or first.poll() is not None:
+            os.killpg(first.pid, signal.SIGKILL)
+            pytest.fail(f"the second job did not start training: {first.communicate(timeout=60)[1][-3000:]}")
+        time.sleep(0.2)
+    os.killpg(first.pid, signal.SIGINT)
+    first.communicate(timeout=120)
+    assert first.returncode == 130
+    interrupted, children = study_runs(uri)
+    assert interrupted.info.status == "KILLED"
+    assert sorted(r.info.status for r in children) == ["FINISHED", "KILLED"]
+    (done,) = [r for r in children if r.info.status == "FINISHED"]
+    (stopped,) = [r for r in children if r.info.status == "KILLED"]
+
+    again = subprocess.run(command, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"keeps the finished runs of its interrupted attempt {interrupted.info.run_id}" in again.stdout
+    assert f"kept run {done.info.run_id} ({done.info.run_name})" in again.stdout
+    assert f"resuming run {stopped.info.run_id}" in again.stdout
+    parents = [r for r in runs_of(uri) if r.data.tags.get("role") == "study"]
+    (study,) = [p for p in parents if p.info.run_id != interrupted.info.run_id]
+    assert study.info.status == "FINISHED"
+    now = [r for r in runs_of(uri) if r.data.tags.get("mlflow.parentRunId") == study.info.run_id]
+    assert {r.info.run_id for r in now} == {done.info.run_id, stopped.info.run_id}
+    assert all(r.info.status == "FINISHED" for r in now)
+    assert not [r for r in runs_of(uri) if r.data.tags.get("mlflow.parentRunId") == interrupted.info.run_id]
+    client = mlflow.MlflowClient(uri)
+    for run in now:
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_nll_float64")]
+        assert sorted(steps) == list(range(1, epochs + 1))  # the kept run was not trained again
+    report = json.loads((tmp_path / "reports" / "kept" / "metrics.json").read_text())
+    assert (report["runs_finished"], report["runs_failed"]) == (2, 0)
