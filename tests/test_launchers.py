@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import sqlite3
 import subprocess
 from pathlib import Path
 
@@ -67,6 +69,14 @@ def test_an_authenticated_server_takes_a_sweep_with_credentials_and_refuses_one_
     with start_mlflow_server(tmp_path, "--app-name", "basic-auth",
                              env={"MLFLOW_AUTH_CONFIG_PATH": str(ini), "MLFLOW_AUTH_ADMIN_PASSWORD": "a-long-test-secret-42",
                                   "MLFLOW_FLASK_SERVER_SECRET_KEY": "test-csrf-key"}) as (url, _):
+        # The server checks the password on every request, with werkzeug's default scrypt (0.1 s of CPU alone,
+        # 0.3-0.45 s a request in the loaded suite; a run makes dozens): the same password under a cheap
+        # hash, which werkzeug reads from the stored hash, keeps the test about the credentials' path.
+        from werkzeug.security import generate_password_hash
+
+        with contextlib.closing(sqlite3.connect(tmp_path / "auth.db")) as auth, auth:
+            cheap = generate_password_hash("a-long-test-secret-42", method="pbkdf2:sha256:1000")
+            assert auth.execute("UPDATE users SET password_hash = ? WHERE username = 'admin'", (cheap,)).rowcount == 1
         refused = run_cli("pipeline.run", "-m", "loss=logits", "seed=0", "train.epochs=1", f"data_dir={data_dir}",
                           f"hydra.sweep.dir={tmp_path / 'refused'}", env={"MLFLOW_TRACKING_URI": url})
         assert refused.returncode != 0
@@ -74,7 +84,7 @@ def test_an_authenticated_server_takes_a_sweep_with_credentials_and_refuses_one_
         credentials = {"MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": "a-long-test-secret-42"}
         os.environ.update(credentials)  # for this test's own client below
         try:
-            # One job: each request to this server checks the password (~0.4 s), and a run makes dozens.
+            # One job: a run makes dozens of requests, each checking the password.
             sweep(tmp_path, data_dir, url, "loss=logits", "seed=0", "hydra/launcher=basic", env=credentials)
             parent, children = study_runs(url)
         finally:
