@@ -281,7 +281,8 @@ class StudyCallback(Callback):
         self.started = time.monotonic()
         atexit.register(self.study.close, KeyboardInterrupt())  # a sweep that never reaches its end
         print(f"study {self.study.name}: {jobs} jobs, MLflow parent run {parent_run_id} ({self.uri})"
-              + (f"; keeps the finished runs of its interrupted attempt {resumed}" if resumed else ""), flush=True)
+              + (f"; a job whose configuration finished in its interrupted attempt {resumed} keeps that run"
+                 if resumed else ""), flush=True)
 
     def _mark_stopped(self) -> None:
         from pipeline.files import WriteError, write_text

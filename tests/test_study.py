@@ -167,7 +167,7 @@ def test_the_same_command_after_an_interruption_keeps_the_finished_runs_and_resu
 
     again = subprocess.run(command, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300, env=env)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert f"keeps the finished runs of its interrupted attempt {interrupted.info.run_id}" in again.stdout
+    assert f"a job whose configuration finished in its interrupted attempt {interrupted.info.run_id} keeps that run" in again.stdout
     assert f"kept run {done.info.run_id} ({done.info.run_name})" in again.stdout
     assert f"resuming run {stopped.info.run_id}" in again.stdout
     parents = [r for r in runs_of(uri) if r.data.tags.get("role") == "study"]
