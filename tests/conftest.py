@@ -48,10 +48,12 @@ def data_dir(tmp_path_factory) -> str:
     return str(path)
 
 
-def study_runs(uri: str, experiment: str = "fromlogits"):
-    """The store's one study parent run and its children."""
+def study_runs(uri: str, experiment: str = "fromlogits", latest: bool = False):
+    """The store's one study parent run (or, `latest`, the one started last) and its children."""
     runs = runs_of(uri, experiment)
     parents = [r for r in runs if r.data.tags.get("role") == "study"]
+    if latest:
+        parents = [max(parents, key=lambda r: r.info.start_time)]
     assert len(parents) == 1, [p.info.run_name for p in parents]
     return parents[0], [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
 

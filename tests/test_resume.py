@@ -1,9 +1,9 @@
-"""Stopping and resuming: SIGTERM, a second signal, SIGKILL, deleted and moved runs, two identical commands."""
+"""Stopping and resuming one run: SIGTERM, a second signal, SIGKILL, deleted and moved runs, two identical
+commands (sweeps: test_sweep_interruptions.py)."""
 
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import time
@@ -11,10 +11,8 @@ import time
 import mlflow
 import pytest
 
-from conftest import (all_metrics, interrupt_sweep, run_one, runs_of, start_one, start_training_sweep, study_runs,
-                      wait_for_first_epoch)
+from conftest import all_metrics, run_one, runs_of, start_one, wait_for_first_epoch
 from pipeline.config import PROJECT_ROOT
-from pipeline.tracking import process_alive
 
 pytestmark = pytest.mark.slow
 
@@ -141,89 +139,3 @@ def test_two_identical_commands_at_once_share_nothing(tmp_path, data_dir):
     assert len(written) == 2  # each its own output folder
     assert {json.loads(p.read_text())["run_id"] for p in written} == {r.info.run_id for r in runs}
     assert not [p for p in (tmp_path / "checkpoints").iterdir() if p.is_dir()]  # both cleaned up after themselves
-
-
-@pytest.mark.parametrize("whole_group", [True, False], ids=["ctrl-c", "launching-process-only"])
-def test_ctrl_c_stops_a_parallel_sweep_in_one_line_per_job(tmp_path, whole_group):
-    """Ctrl-C reaches joblib's workers too; a SIGINT to the launching process alone is relayed to them."""
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    stopped = interrupt_sweep(tmp_path, uri, "train.epochs=400", whole_group=whole_group)
-    assert stopped.returncode == 130, stopped.stderr[-3000:]
-    lines = [line for line in stopped.stderr.splitlines() if line.strip()]
-    assert "Traceback" not in stopped.stderr and len(lines) <= 1 + 2 + 1, lines  # the notice, one per job, the study
-    assert lines[-1].startswith("interrupted: the study ended KILLED")
-    parent, children = study_runs(uri)
-    assert parent.info.status == "KILLED" and children and all(r.info.status == "KILLED" for r in children)
-
-
-def latest_study(uri: str):
-    """The study parent run started last and its children."""
-    runs = runs_of(uri)
-    parent = max((r for r in runs if r.data.tags.get("role") == "study"), key=lambda r: r.info.start_time)
-    return parent, [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
-
-
-def test_a_sweep_whose_worker_then_whose_launcher_is_killed_resumes_every_epoch_exactly_once(tmp_path):
-    """A flaky machine kills a sweep twice; each time the same command picks up where it stopped.
-
-    1. The OOM killer SIGKILLs one of joblib's workers mid-run: joblib gives up on the sweep and kills the
-       other worker. The command ends in one line (exit 1), not joblib's traceback; the dead workers' runs
-       end FAILED with their checkpoints, not RUNNING; the study FAILED.
-    2. The same command resumes them; then its launching process is SIGKILLed, which gives it no chance to
-       stop its study. joblib's workers notice within a second: their runs stop at the end of the epoch and
-       end KILLED with a checkpoint, the dead study's parent run is marked FAILED, and the workers exit
-       instead of idling for minutes with TensorFlow loaded.
-    3. The same command finishes both runs, with every epoch exactly once."""
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    epochs = 150  # about 4 s of training a run here, several times the second the jobs take to notice
-    client = mlflow.MlflowClient(uri)
-    logged = lambda run_id: len(client.get_metric_history(run_id, "val_nll_float64"))  # noqa: E731
-
-    process = start_training_sweep(tmp_path, uri, epochs=epochs)
-    _, running = study_runs(uri)
-    victim = next(r for r in running if r.info.status == "RUNNING")
-    os.kill(int(victim.data.tags["pid"]), signal.SIGKILL)
-    _, stderr = process.communicate(timeout=120)
-    assert process.returncode == 1, stderr[-3000:]
-    assert "Traceback" not in stderr, stderr[-3000:]
-    last = stderr.strip().splitlines()[-1]
-    assert last.startswith("error: the study failed: its launcher reported TerminatedWorkerError: "), last
-    assert "ended FAILED; run the same command again" in last, last
-    parent, children = study_runs(uri)
-    assert parent.info.status == "FAILED" and len(children) == 2
-    assert client.get_run(victim.info.run_id).info.status == "FAILED"
-    assert "ended without closing the run" in client.get_run(victim.info.run_id).data.tags["failed_reason"]
-    assert not [r.info.run_name for r in children if r.info.status == "RUNNING"]
-    unfinished = {r.info.run_id: logged(r.info.run_id) for r in children if r.info.status != "FINISHED"}
-    assert victim.info.run_id in unfinished
-
-    again = subprocess.Popen(process.args, cwd=PROJECT_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                             env={**os.environ, "MLFLOW_TRACKING_URI": uri}, start_new_session=True)
-    deadline = time.monotonic() + 180
-    while not all(client.get_run(run_id).info.status == "RUNNING" and logged(run_id) > before
-                  for run_id, before in unfinished.items()):
-        if time.monotonic() > deadline or again.poll() is not None:
-            os.killpg(again.pid, signal.SIGKILL)
-            pytest.fail(f"the runs did not resume: {again.communicate(timeout=60)[1][-3000:]}")
-        time.sleep(0.2)
-    again.kill()
-    # The workers inherited the command's output: it closes when the last of them has exited.
-    _, stderr = again.communicate(timeout=60)
-    assert "Traceback" not in stderr, stderr[-3000:]
-    assert stderr.count("the study's launching process") == len(unfinished), stderr[-3000:]  # one line per job
-    parent, children = latest_study(uri)
-    assert parent.info.status == "FAILED"
-    resumed = [r for r in children if r.info.run_id in unfinished]
-    assert len(resumed) == len(unfinished) and all(r.info.status == "KILLED" for r in resumed)
-    assert all(0 < logged(r.info.run_id) < epochs for r in resumed)
-    assert not any(process_alive(r.data.tags["pid"], r.data.tags["pid_started"]) for r in resumed)
-    assert len(list((tmp_path / "checkpoints").glob("*/state.npz"))) == len(unfinished)
-
-    finished = subprocess.run(process.args, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300,
-                              env={**os.environ, "MLFLOW_TRACKING_URI": uri})
-    assert finished.returncode == 0, finished.stderr[-3000:]
-    assert all(f"resuming run {run_id}" in finished.stdout for run_id in unfinished)
-    for run_id in unfinished:
-        steps = [m.step for m in client.get_metric_history(run_id, "val_nll_float64")]
-        assert sorted(steps) == list(range(1, epochs + 1))  # none missing, none twice
-        assert client.get_run(run_id).info.status == "FINISHED"

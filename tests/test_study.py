@@ -170,10 +170,8 @@ def test_the_same_command_after_an_interruption_keeps_the_finished_runs_and_resu
     assert f"a job whose configuration finished in its interrupted attempt {interrupted.info.run_id} keeps that run" in again.stdout
     assert f"kept run {done.info.run_id} ({done.info.run_name})" in again.stdout
     assert f"resuming run {stopped.info.run_id}" in again.stdout
-    parents = [r for r in runs_of(uri) if r.data.tags.get("role") == "study"]
-    (study,) = [p for p in parents if p.info.run_id != interrupted.info.run_id]
-    assert study.info.status == "FINISHED"
-    now = [r for r in runs_of(uri) if r.data.tags.get("mlflow.parentRunId") == study.info.run_id]
+    study, now = study_runs(uri, latest=True)
+    assert study.info.run_id != interrupted.info.run_id and study.info.status == "FINISHED"
     assert {r.info.run_id for r in now} == {done.info.run_id, stopped.info.run_id}
     assert all(r.info.status == "FINISHED" for r in now)
     assert not [r for r in runs_of(uri) if r.data.tags.get("mlflow.parentRunId") == interrupted.info.run_id]
