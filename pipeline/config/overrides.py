@@ -71,10 +71,11 @@ def precheck_overrides(argv: list[str]) -> str | None:
     from hydra import compose, initialize_config_dir
     from hydra.errors import OverrideParseException
 
+    lines = [a for a in argv if not a.startswith("-") and "=" in a]
     try:
-        fixed, sweeps = sweep_values([a for a in argv if not a.startswith("-") and "=" in a])
+        fixed, sweeps = sweep_values(lines)
     except OverrideParseException as error:
-        return parse_error([a for a in argv if not a.startswith("-") and "=" in a], error)
+        return parse_error(lines, error)
     trials = [(line, fixed) for line in fixed] + [
         (f"{key}={value}", [*fixed, f"{key}={value}"]) for key, values in sweeps.items() for value in values
     ]

@@ -165,17 +165,31 @@ def process_alive(pid: str, started: str) -> bool:
         return False
 
 
+def _checkable_here(run) -> bool:
+    """A run whose process this host can look up: it carries this host's `process_tags`."""
+    return run.data.tags.get("host") == socket.gethostname() and "pid" in run.data.tags
+
+
+def _process_gone(run) -> bool:
+    return not process_alive(run.data.tags["pid"], run.data.tags.get("pid_started", "0"))
+
+
+def _end_orphan(client: MlflowClient, run, status: str, reason: str) -> None:
+    """Ends a run whose process is gone; a FAILED one is tagged why."""
+    if status == RunStatus.to_string(RunStatus.FAILED):
+        client.set_tag(run.info.run_id, Tag.FAILED_REASON, reason)
+    client.set_terminated(run.info.run_id, status)
+
+
 def mark_stale_runs(client: MlflowClient, experiment_id: str) -> list[str]:
     """Runs of this host still RUNNING whose process is gone (SIGKILL, power loss) end FAILED, tagged why."""
     stale = []
     for run in client.search_runs([experiment_id], "attributes.status = 'RUNNING'", max_results=1000):
-        tags = run.data.tags
-        if tags.get("host") != socket.gethostname() or "pid" not in tags:
-            continue  # another machine's run: its liveness cannot be checked from here
-        if not process_alive(tags["pid"], tags.get("pid_started", "0")):
-            client.set_tag(run.info.run_id, Tag.FAILED_REASON,
-                           f"stale: process {tags['pid']} on {tags['host']} ended without closing the run")
-            client.set_terminated(run.info.run_id, RunStatus.to_string(RunStatus.FAILED))
+        # Another machine's run is skipped: its liveness cannot be checked from here.
+        if _checkable_here(run) and _process_gone(run):
+            tags = run.data.tags
+            _end_orphan(client, run, RunStatus.to_string(RunStatus.FAILED),
+                        f"stale: process {tags['pid']} on {tags['host']} ended without closing the run")
             stale.append(run.info.run_id)
     if stale:
         print(f"marked {len(stale)} stale RUNNING run(s) FAILED: {', '.join(stale)}", flush=True)
@@ -190,25 +204,21 @@ def end_orphaned_children(uri: str, parent_run_id: str, error: BaseException, wa
     store was busy); its checkpoint is intact, so either status resumes with the same command.
     Waits up to `wait_seconds` for jobs that are still stopping; returns the runs it ended.
     """
-    from pipeline.tracking.runs import end_status
+    from pipeline.tracking.runs import end_status  # runs.py imports this module
 
     client = MlflowClient(uri)
     experiment_id = client.get_run(parent_run_id).info.experiment_id
     query = f"tags.`{Tag.PARENT}` = '{parent_run_id}' and attributes.status = 'RUNNING'"
     deadline = time.monotonic() + wait_seconds
     while True:
-        running = [r for r in client.search_runs([experiment_id], query, max_results=1000)
-                   if r.data.tags.get("host") == socket.gethostname() and "pid" in r.data.tags]
-        orphans = [r for r in running if not process_alive(r.data.tags["pid"], r.data.tags.get("pid_started", "0"))]
+        running = [r for r in client.search_runs([experiment_id], query, max_results=1000) if _checkable_here(r)]
+        orphans = [r for r in running if _process_gone(r)]
         if len(orphans) == len(running) or time.monotonic() > deadline:
             break
         time.sleep(0.3)
-    status = end_status(error)
     for run in orphans:
-        if status == RunStatus.to_string(RunStatus.FAILED):
-            client.set_tag(run.info.run_id, Tag.FAILED_REASON,
-                           f"process {run.data.tags['pid']} ended without closing the run ({first_line(error)})")
-        client.set_terminated(run.info.run_id, status)
+        _end_orphan(client, run, end_status(error),
+                    f"process {run.data.tags['pid']} ended without closing the run ({first_line(error)})")
     return [run.info.run_id for run in orphans]
 
 
