@@ -72,4 +72,6 @@ def compiled(fn: Callable) -> Callable:
         return fn  # eager, as Keras's torch trainer runs
     import tensorflow as tf
 
-    return tf.function(fn)
+    from pipeline.loops.tensorflow import AUTOGRAPH
+
+    return tf.function(fn, autograph=AUTOGRAPH)

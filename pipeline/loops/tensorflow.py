@@ -19,6 +19,12 @@ from pipeline.models import Classifier
 from pipeline.numerics import count_nonfinite, saturation_summary
 
 
+# The compiled functions write their control flow as TensorFlow ops (tf.while_loop, tf.cond), as Keras's
+# own train step does: AutoGraph would convert them from source, about a second of CPU in every process
+# that traces them (a study's every worker), for the same graph.
+AUTOGRAPH = False
+
+
 class FlatAdam:
     """Keras's Adam update (`keras.optimizers.Adam.update_step`), operation for operation, over all
     trainable variables at once: the moments travel through the epoch as one flat vector each.
@@ -113,21 +119,25 @@ def make_epoch_fn(model: keras.Model, loss_fn, optimizer, batch_size: int) -> Ca
         # Weighted by batch size, as Keras's epoch loss is: the mean over examples.
         return tf.cast(loss, tf.float32) * tf.cast(tf.shape(idx)[0], tf.float32), state
 
-    @tf.function(reduce_retracing=True)
+    @tf.function(reduce_retracing=True, autograph=AUTOGRAPH)
     def run_epoch(x, y, order):
         n = tf.shape(order)[0]
         full_batches = n // batch_size
-        total = tf.constant(0.0, tf.float32)
-        state = updater.read()
-        for i in tf.range(full_batches):
+
+        def full_batch(i, total, state):
             # A static batch shape lets Grappler fold the gradients' shape arithmetic (12% of a step);
             # the last, partial batch gets a step of its own below.
             idx = tf.reshape(order[i * batch_size : (i + 1) * batch_size], [batch_size])
             weighted_loss, state = step(x, y, idx, state)
-            total += weighted_loss
-        if n % batch_size > 0:
+            return i + 1, total + weighted_loss, state
+
+        def last_batch(total, state):
             weighted_loss, state = step(x, y, order[full_batches * batch_size :], state)
-            total += weighted_loss
+            return total + weighted_loss, state
+
+        start = (tf.constant(0), tf.constant(0.0, tf.float32), updater.read())
+        _, total, state = tf.while_loop(lambda i, total, state: i < full_batches, full_batch, start)
+        total, state = tf.cond(n % batch_size > 0, lambda: last_batch(total, state), lambda: (total, state))
         updater.write(state)
         return total / tf.cast(n, tf.float32)
 
@@ -139,7 +149,7 @@ def make_diagnostics_fn(clf: Classifier, loss_fn, x_spec: tf.TensorSpec, y_spec:
     it); evaluates a fixed set of examples at the end of an epoch."""
     form = clf.formulation
 
-    @tf.function(input_signature=(x_spec, y_spec))
+    @tf.function(input_signature=(x_spec, y_spec), autograph=AUTOGRAPH)
     def diagnose(x, y):
         outputs, logits = clf.outputs_and_logits(x)
         probs = form.probabilities(outputs)
@@ -165,7 +175,7 @@ def make_gradient_probe_fn(clf: Classifier, loss_fn) -> Callable:
     exact = make_formulation("logits", form.task).loss()
     variables = model.trainable_variables
 
-    @tf.function(reduce_retracing=True)
+    @tf.function(reduce_retracing=True, autograph=AUTOGRAPH)
     def probe(x, y):
         with tf.GradientTape(persistent=True) as tape:
             outputs, logits = clf.outputs_and_logits(x, training=True)
