@@ -6,7 +6,7 @@ the model's variables current (`sync`) for checkpoints, divergence checks and ev
 up variables assigned from outside (a restored checkpoint, a reused loop reset to a new seed's weights).
 pipeline/train.py picks the module of the backend Keras was started with:
 
-    tensorflow   one `tf.function` over the epoch's batches (tf.range loop over in-memory tensors;
+    tensorflow   one `tf.function` over the epoch's batches (a tf.while_loop over in-memory tensors;
                  Keras's Adam update, operation for operation, over one flat vector of moments)
     jax          Keras's stateless API (`stateless_call`, `stateless_apply`) under `jax.jit`, a
                  `lax.fori_loop` over contiguous slices of the epoch's permuted data
