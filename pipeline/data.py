@@ -86,8 +86,10 @@ def manual_dir(data_dir: str) -> Path:
 def fetch(dataset: DatasetConfig, data_dir: str, allow_download: bool = True) -> DatasetRef:
     """Prepares the dataset in `data_dir` (no work when it is prepared already)."""
     builder = builder_for(dataset, data_dir)
+    if builder.is_prepared():  # reading takes no lock: a prepared, read-only data_dir will do
+        return DatasetRef(dataset.name, str(builder.version), data_dir, BUNDLED.get(dataset.name))
     manual = manual_dir(data_dir)
-    if dataset.name not in BUNDLED and not builder.is_prepared():
+    if dataset.name not in BUNDLED:
         has_manual_files = dataset.name == "mnist" and all((manual / f).exists() for f in MNIST_MANUAL_FILES)
         if not has_manual_files and not (allow_download and _host_resolves(DOWNLOAD_HOST)):
             offline_hint = (
@@ -99,21 +101,21 @@ def fetch(dataset: DatasetConfig, data_dir: str, allow_download: bool = True) ->
                 f"({'downloads disabled' if not allow_download else DOWNLOAD_HOST + ' does not resolve'}). "
                 f"Offline: {offline_hint}, or use dataset=mnist_sample (bundled)."
             )
-    try:
-        # One preparer at a time: the jobs of a study prepare a dataset the study found prepared in another
-        # version only (pipeline/study.py); TFDS's own preparation fails when two processes race.
-        with exclusive(Path(data_dir) / f".{dataset.name}.lock", wait=True):
+    # One preparer at a time: the jobs of a study prepare a dataset the study found prepared in another
+    # version only (pipeline/study.py); TFDS's own preparation fails when two processes race.
+    with exclusive(Path(data_dir) / f".{dataset.name}.lock", wait=True):
+        try:
             builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=str(manual)))
-    except Exception as error:  # noqa: BLE001 - junk or partial source files: one line naming where they are
-        if dataset.name in BUNDLED:
-            raise  # the bundled builder's own errors say what to do
-        manual_files = dataset.name == "mnist" and manual.is_dir()
-        advice = (f"replace them with MNIST's original {', '.join(MNIST_MANUAL_FILES)}" if manual_files
-                  else f"delete {Path(data_dir) / dataset.name} and fetch again")
-        raise DatasetUnavailable(
-            f"cannot prepare {dataset.name} from {f'the files in {manual}' if manual_files else 'its download'} "
-            f"({error_summary(error, 200)}); "
-            f"{advice}") from None
+        except Exception as error:  # noqa: BLE001 - junk or partial source files: one line naming where they are
+            if dataset.name in BUNDLED:
+                raise  # the bundled builder's own errors say what to do
+            manual_files = dataset.name == "mnist" and manual.is_dir()
+            advice = (f"replace them with MNIST's original {', '.join(MNIST_MANUAL_FILES)}" if manual_files
+                      else f"delete {Path(data_dir) / dataset.name} and fetch again")
+            raise DatasetUnavailable(
+                f"cannot prepare {dataset.name} from {f'the files in {manual}' if manual_files else 'its download'} "
+                f"({error_summary(error, 200)}); "
+                f"{advice}") from None
     return DatasetRef(dataset.name, str(builder.version), data_dir, BUNDLED.get(dataset.name))
 
 

@@ -139,8 +139,12 @@ def staged_folder(final: Path) -> Iterator[Path]:
 def exclusive(lock_path: Path, wait: bool = False) -> Iterator[bool]:
     """Holds an exclusive lock on `lock_path` if no other process does (or, with `wait`, once none does);
     yields whether it got it. The lock goes with the process, so a killed holder never blocks the next one."""
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_path, "a") as handle:
+    try:
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(lock_path, "a")
+    except OSError as error:
+        raise WriteError(f"could not create the lock file {lock_path}: {error.strerror or error}") from error
+    with handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
         except BlockingIOError:

@@ -94,6 +94,13 @@ BAD_INPUT = [
     ("tracking.experiment=", "tracking.experiment='' is not accepted: expected 1 to 64 letters"),
     ("seed=-1", "seed=-1 is not accepted: expected a whole number in [0, 4294967296)"),
     ("seed=99999999999", "seed=99999999999 is not accepted: expected a whole number in [0, 4294967296)"),
+    # Folders the run would write into that cannot be folders: refused before anything runs.
+    ("checkpoints_dir=/dev/null/x", "checkpoints_dir='/dev/null/x' is not accepted: /dev/null is not a folder; "
+                                    "expected a folder that exists or can be created and written"),
+    ("-m reports_dir=/dev/null", "reports_dir='/dev/null' is not accepted: /dev/null is not a folder"),
+    ("data_dir=/dev/null/tfds", "data_dir='/dev/null/tfds' is not accepted: /dev/null is not a folder; "
+                                "expected a folder that exists or can be created"),
+    ("output_dir=/dev/null", "output_dir='/dev/null' is not accepted: /dev/null is not a folder"),
     # What Hydra's grammar cannot read: the override named, not only the lexer's complaint.
     ("loss=probs;rm", "loss=probs;rm is not accepted: cannot parse it (LexerNoViableAltException"),
     ("seed=0 dataset.classes=[0,1", "dataset.classes=[0,1 is not accepted: cannot parse it"),

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import enum
 import importlib.util
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,6 +82,21 @@ TFDS_VERSION = re.compile(r"\d+\.\d+\.\d+")  # also the name of a prepared versi
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 NAME_RULE = "1 to 64 letters, digits, '_', '.' or '-', starting with a letter or digit"
 SEED_LIMIT = 2**32  # numpy's and Keras's seeds are unsigned 32-bit
+
+
+def _require_folder(key: str, value: str, path: Path, writable: bool) -> None:
+    """A folder the pipeline uses: an existing folder (writable if `writable`), or one that can be created
+    (its nearest existing parent is a writable folder). Checked without creating anything."""
+    try:
+        existing = next(p for p in (path, *path.parents) if p.exists())
+        problem = (f"{existing} is not a folder" if not existing.is_dir()
+                   else f"{existing} is not writable" if (writable or existing != path)
+                   and not os.access(existing, os.W_OK | os.X_OK) else None)
+    except OSError as error:  # e.g. a parent this user may not search
+        problem = f"{error.filename} cannot be read ({error.strerror})"
+    if problem:
+        raise ConfigError(f"{key}={value!r} is not accepted: {problem}; expected a folder that exists or can be "
+                          f"created{' and written' if writable else ''}")
 
 
 def check_name(key: str, value: str) -> str:
@@ -254,10 +270,13 @@ class Config:
         _require(0 <= self.seed < SEED_LIMIT, "seed", self.seed, f"a whole number in [0, {SEED_LIMIT})")
         if self.study is not None:
             check_name("study", self.study)
-        # Relative to the project root; an absolute path stays as it is.
-        self.data_dir = str(PROJECT_ROOT / self.data_dir)
-        self.reports_dir = str(PROJECT_ROOT / self.reports_dir)
-        self.checkpoints_dir = str(PROJECT_ROOT / self.checkpoints_dir)
+        # Relative to the project root; an absolute path stays as it is. A prepared data_dir may be read-only.
+        for key, writable in (("data_dir", False), ("reports_dir", True), ("checkpoints_dir", True)):
+            typed = getattr(self, key)
+            setattr(self, key, str(PROJECT_ROOT / typed))
+            _require_folder(key, typed, Path(getattr(self, key)), writable)
+        if self.output_dir is not None:
+            _require_folder("output_dir", self.output_dir, Path(self.output_dir).absolute(), writable=True)
 
 
 def conf_digest() -> str:
