@@ -101,6 +101,8 @@ BAD_INPUT = [
     ("data_dir=/dev/null/tfds", "data_dir='/dev/null/tfds' is not accepted: /dev/null is not a folder; "
                                 "expected a folder that exists or can be created"),
     ("output_dir=/dev/null", "output_dir='/dev/null' is not accepted: /dev/null is not a folder"),
+    ("hydra.run.dir=/dev/null/run", "hydra.run.dir='/dev/null/run' is not accepted: /dev/null is not a folder"),
+    ("-m hydra.sweep.dir=/dev/null/sweep", "hydra.sweep.dir='/dev/null/sweep' is not accepted: /dev/null is not a folder"),
     # What Hydra's grammar cannot read: the override named, not only the lexer's complaint.
     ("loss=probs;rm", "loss=probs;rm is not accepted: cannot parse it (LexerNoViableAltException"),
     ("seed=0 dataset.classes=[0,1", "dataset.classes=[0,1 is not accepted: cannot parse it"),

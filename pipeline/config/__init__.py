@@ -84,7 +84,7 @@ NAME_RULE = "1 to 64 letters, digits, '_', '.' or '-', starting with a letter or
 SEED_LIMIT = 2**32  # numpy's and Keras's seeds are unsigned 32-bit
 
 
-def _require_folder(key: str, value: str, path: Path, writable: bool) -> None:
+def require_folder(key: str, value: str, path: Path, writable: bool) -> None:
     """A folder the pipeline uses: an existing folder (writable if `writable`), or one that can be created
     (its nearest existing parent is a writable folder). Checked without creating anything."""
     try:
@@ -274,9 +274,9 @@ class Config:
         for key, writable in (("data_dir", False), ("reports_dir", True), ("checkpoints_dir", True)):
             typed = getattr(self, key)
             setattr(self, key, str(PROJECT_ROOT / typed))
-            _require_folder(key, typed, Path(getattr(self, key)), writable)
+            require_folder(key, typed, Path(getattr(self, key)), writable)
         if self.output_dir is not None:
-            _require_folder("output_dir", self.output_dir, Path(self.output_dir).absolute(), writable=True)
+            require_folder("output_dir", self.output_dir, Path(self.output_dir).absolute(), writable=True)
 
 
 def conf_digest() -> str:

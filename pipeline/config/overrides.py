@@ -9,7 +9,11 @@ from __future__ import annotations
 
 import math
 
-from pipeline.config import PROJECT_ROOT, PipelineError, first_line, validate
+from pathlib import Path
+
+from pipeline.config import PROJECT_ROOT, PipelineError, first_line, require_folder, validate
+
+HYDRA_OUTPUT_DIRS = ("hydra.run.dir", "hydra.sweep.dir")  # Hydra creates them before any job runs
 
 
 def sweep_values(lines: list[str]) -> tuple[list[str], dict[str, list[str]]]:
@@ -27,6 +31,14 @@ def sweep_values(lines: list[str]) -> tuple[list[str], dict[str, list[str]]]:
             sweeps.pop(override.get_key_element(), None)
             fixed.append(override.input_line)
     return fixed, sweeps
+
+
+def hydra_output_dirs(lines: list[str]) -> dict[str, str]:
+    """The run or sweep folder a command line sets, where it is a plain path (no interpolation)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    return {o.key_or_group: str(o.value()) for o in OverridesParser.create().parse_overrides(lines)
+            if o.key_or_group in HYDRA_OUTPUT_DIRS and not o.is_sweep_override() and "${" not in str(o.value())}
 
 
 def count_jobs(sweeps: dict[str, list[str]]) -> int:
@@ -76,6 +88,11 @@ def precheck_overrides(argv: list[str]) -> str | None:
         fixed, sweeps = sweep_values(lines)
     except OverrideParseException as error:
         return parse_error(lines, error)
+    for key, value in hydra_output_dirs(lines).items():
+        try:
+            require_folder(key, value, Path(value).absolute(), writable=True)  # relative to where Hydra starts
+        except PipelineError as error:
+            return str(error)
     trials = [(line, fixed) for line in fixed] + [
         (f"{key}={value}", [*fixed, f"{key}={value}"]) for key, values in sweeps.items() for value in values
     ]
