@@ -33,10 +33,15 @@ test: setup
 
 # The MLflow UI on the local store (make ui UI_PORT=5001 for another port). Its background job workers
 # serve GenAI features this project does not use.
+# UI_PORT reaches the check through the environment, never as code: any value is named, none is run.
 UI_PORT ?= 5000
+export UI_PORT
 ui: setup
-	@$(PY) -c "import socket, sys; busy = socket.socket().connect_ex(('127.0.0.1', $(UI_PORT))) == 0; \
-		sys.exit('error: port $(UI_PORT) is in use; run make ui UI_PORT=<another port>' if busy else 0)"
+	@$(PY) -c "import os, socket, sys; port = os.environ['UI_PORT']; \
+		problem = ('is not accepted: expected a port number in 1..65535' if not (port.isdigit() and 0 < int(port) < 65536) \
+		           else 'is in use; run make ui UI_PORT=<another port>' if socket.socket().connect_ex(('127.0.0.1', int(port))) == 0 \
+		           else None); \
+		problem and print(f'error: UI_PORT={port!r} {problem}', file=sys.stderr); sys.exit(2 if problem else 0)"
 	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(PY) -m mlflow ui --backend-store-uri sqlite:///$(STORE)/mlflow.db \
 		--default-artifact-root $(STORE)/artifacts --host 127.0.0.1 --port $(UI_PORT)
 

@@ -141,3 +141,19 @@ def test_bad_input_from_the_command_line_is_one_line_and_leaves_no_run(tmp_path,
     assert "Traceback" not in result.stderr and "HYDRA_FULL_ERROR" not in result.stderr
     assert [r.info.status for r in runs_of(uri)] == []
     assert not (tmp_path / "out" / "metrics.json").exists()
+
+
+@pytest.mark.parametrize("port", ["abc", "99999", "5000'; import os"])
+def test_make_ui_refuses_a_bad_port_in_one_line_naming_it(tmp_path, port):
+    import subprocess
+    import sys
+
+    venv = tmp_path / "venv"  # stands for a set-up .venv (newer than pyproject.toml), so no install runs
+    venv.mkdir()
+    (venv / ".installed").touch()
+    result = subprocess.run(["make", "-s", "ui", f"UI_PORT={port}", f"VENV={venv}", f"PY={sys.executable}"],
+                            cwd=Path(__file__).parents[1], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.splitlines()[0] == (f"error: UI_PORT={port!r} is not accepted: expected a port number "
+                                             "in 1..65535")
+    assert "Traceback" not in result.stderr
