@@ -106,9 +106,13 @@ def fetch(dataset: DatasetConfig, data_dir: str, allow_download: bool = True) ->
     with exclusive(Path(data_dir) / f".{dataset.name}.lock", wait=True):
         try:
             builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=str(manual)))
-        except Exception as error:  # noqa: BLE001 - junk or partial source files: one line naming where they are
-            if dataset.name in BUNDLED:
-                raise  # the bundled builder's own errors say what to do
+        except PipelineError:
+            raise  # the bundled builder's own errors (a damaged source file) say what to do
+        except Exception as error:  # noqa: BLE001 - junk or partial source files, a full disk: one line
+            if dataset.name in BUNDLED:  # TFDS prepares into a temporary folder and removes it on failure
+                raise DatasetUnavailable(
+                    f"cannot prepare {dataset.name} in {data_dir} ({error_summary(error, 200)}); nothing of it was "
+                    "kept: fix that (e.g. free space there) or set data_dir= to another folder") from None
             manual_files = dataset.name == "mnist" and manual.is_dir()
             advice = (f"replace them with MNIST's original {', '.join(MNIST_MANUAL_FILES)}" if manual_files
                       else f"delete {Path(data_dir) / dataset.name} and fetch again")

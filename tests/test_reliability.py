@@ -103,6 +103,21 @@ def test_a_full_disk_under_the_store_is_one_line_and_leaves_no_run_running(tmp_p
     assert [r.info.status for r in runs_of(uri)] == ["FAILED"]  # ended, not left RUNNING
 
 
+def test_a_full_disk_under_the_data_dir_is_one_line_and_keeps_no_part_of_the_dataset(small_disk):
+    from pipeline.config import DatasetConfig
+    from pipeline.data import DatasetUnavailable, fetch
+
+    free_kib = os.statvfs(small_disk).f_bavail * os.statvfs(small_disk).f_frsize // 1024
+    (small_disk / "filler").write_bytes(b"\0" * 1024 * (free_kib - 100))  # less than the prepared sample needs
+    data_dir = small_disk / "tfds"
+    with pytest.raises(DatasetUnavailable) as error:
+        fetch(DatasetConfig(), str(data_dir))
+    message = str(error.value)
+    assert message.startswith(f"cannot prepare mnist_sample in {data_dir} (") and "No space left on device" in message
+    assert message.endswith("nothing of it was kept: fix that (e.g. free space there) or set data_dir= to another folder")
+    assert [f.name for f in data_dir.rglob("*") if f.is_file()] == [".mnist_sample.lock"]
+
+
 def test_a_full_disk_under_the_checkpoints_is_named_as_such_not_as_the_store(tmp_path, data_dir, small_disk):
     """The store has room; the checkpoint folder does not. The one line says which file could not be written."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
