@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +44,23 @@ def test_a_prepared_dataset_is_read_without_writing_to_its_folder(data_dir):
     before = {f: f.stat().st_mtime_ns for f in Path(data_dir).rglob("*")}
     fetch(DatasetConfig(), data_dir)
     assert {f: f.stat().st_mtime_ns for f in Path(data_dir).rglob("*")} == before
+
+
+def test_a_read_only_prepared_data_dir_serves_a_run(data_dir, tmp_path):
+    """A shared copy mounted read-only: the config takes it, and the data are fetched and read from it."""
+    (Path(data_dir) / ".mnist_sample.lock").unlink(missing_ok=True)
+    read_only = tmp_path / "read-only"
+    read_only.mkdir()
+    if subprocess.run(["mount", "--bind", "-o", "ro", data_dir, str(read_only)], capture_output=True).returncode:
+        pytest.skip("cannot bind-mount a folder read-only here")
+    try:
+        from pipeline.config import Config
+
+        assert Config(data_dir=str(read_only)).data_dir == str(read_only)
+        fetch(DatasetConfig(), str(read_only))
+        assert len(load(DatasetConfig(), str(read_only)).x_train) == 3600
+    finally:
+        subprocess.run(["umount", "-l", str(read_only)], capture_output=True)
 
 
 def test_a_data_dir_that_cannot_be_written_is_one_line_naming_where(tmp_path):
