@@ -103,6 +103,15 @@ BAD_INPUT = [
     ("output_dir=/dev/null", "output_dir='/dev/null' is not accepted: /dev/null is not a folder"),
     ("hydra.run.dir=/dev/null/run", "hydra.run.dir='/dev/null/run' is not accepted: /dev/null is not a folder"),
     ("-m hydra.sweep.dir=/dev/null/sweep", "hydra.sweep.dir='/dev/null/sweep' is not accepted: /dev/null is not a folder"),
+    # A config group's value is one of its files, never a path into another group's folder.
+    ("loss=../experiment/atlas", "loss=../experiment/atlas is not accepted: expected one of logits, probs, probs_naive"),
+    ("-m experiment=../config", "experiment=../config is not accepted: expected one of atlas, backends, high_lr"),
+    ("hydra/launcher=../../x", "hydra/launcher=../../x is not accepted: expected one of basic, joblib, submitit_local"),
+    # A key added with + must be one the config has (a typo would otherwise be carried along unread).
+    ("+trian.epochs=3", "+trian.epochs=3 is not accepted: Key 'trian' not in 'Config'"),
+    # The override at fault is named, wherever it stands.
+    ("seed=0 loss=prob", "loss=prob is not accepted: expected one of logits, probs, probs_naive"),
+    ("seed=0 train.epoch=3", "train.epoch=3 is not accepted: Key 'epoch' not in 'TrainConfig'"),
     # What Hydra's grammar cannot read: the override named, not only the lexer's complaint.
     ("loss=probs;rm", "loss=probs;rm is not accepted: cannot parse it (LexerNoViableAltException"),
     ("seed=0 dataset.classes=[0,1", "dataset.classes=[0,1 is not accepted: cannot parse it"),

@@ -300,7 +300,7 @@ def register_configs() -> None:
 
 def validate(cfg: DictConfig) -> Config:
     """The composed config as typed objects (Hydra's own `hydra` node aside); raises ConfigError for
-    out-of-range values."""
-    if "hydra" in cfg:
-        cfg = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]))
-    return OmegaConf.to_object(cfg)
+    out-of-range values, and OmegaConf's errors for keys the schema lacks (Hydra lets `+key=...` add one)."""
+    body = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]) if "hydra" in cfg else cfg
+    # As plain data: merged as a typed node, a key Hydra added would be carried over unchecked.
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.to_container(body)))

@@ -41,6 +41,22 @@ def hydra_output_dirs(lines: list[str]) -> dict[str, str]:
             if o.key_or_group in HYDRA_OUTPUT_DIRS and not o.is_sweep_override() and "${" not in str(o.value())}
 
 
+def unknown_group_option(lines: list[str]) -> str | None:
+    """A config group's value that is not one of its options: Hydra would read `loss=../experiment/atlas` as
+    a path into another group's folder. Needs an initialized Hydra (the pre-check's)."""
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    loader = GlobalHydra.instance().config_loader()
+    for override in OverridesParser.create().parse_overrides(lines):
+        options = loader.get_group_options(override.key_or_group)
+        values = override.sweep_string_iterator() if override.is_sweep_override() else [override.value()]
+        for value in values:
+            if options and value not in (None, "null") and str(value) not in options:
+                return f"{override.key_or_group}={value} is not accepted: expected one of {', '.join(options)}"
+    return None
+
+
 def count_jobs(sweeps: dict[str, list[str]]) -> int:
     """How many jobs the basic sweeper launches: the product of the sweeps' lengths."""
     return math.prod(len(values) for values in sweeps.values())
@@ -93,17 +109,27 @@ def precheck_overrides(argv: list[str]) -> str | None:
             require_folder(key, value, Path(value).absolute(), writable=True)  # relative to where Hydra starts
         except PipelineError as error:
             return str(error)
-    trials = [(line, fixed) for line in fixed] + [
-        (f"{key}={value}", [*fixed, f"{key}={value}"]) for key, values in sweeps.items() for value in values
-    ]
     with initialize_config_dir(config_dir=str(PROJECT_ROOT / "conf"), version_base="1.3"):
-        for override, overrides in trials or [("(defaults)", [])]:
+        problem = unknown_group_option(lines)
+        if problem:
+            return problem
+
+        def failure(overrides: list[str]) -> Exception | None:
             try:
-                cfg = compose(config_name="config", overrides=overrides)
-            except Exception as error:  # noqa: BLE001 - every composition error becomes one line
-                return composition_error(override, error)
-            try:
-                validate(cfg)
-            except PipelineError as error:
-                return str(error)
+                validate(compose(config_name="config", overrides=overrides))
+            except Exception as error:  # noqa: BLE001 - every composition or validation error becomes one line
+                return error
+            return None
+
+        trials = [(None, fixed)] + [(f"{key}={value}", [*fixed, f"{key}={value}"])
+                                    for key, values in sweeps.items() for value in values]
+        for override, overrides in trials:
+            error = failure(overrides)
+            if error is None:
+                continue
+            if isinstance(error, PipelineError):
+                return str(error)  # names its key and value itself
+            if override is None:  # the fixed overrides together: name the first that fails on its own
+                override = next((line for line in fixed if failure([line]) is not None), " ".join(fixed))
+            return composition_error(override, error)
     return None
