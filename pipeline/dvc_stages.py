@@ -19,8 +19,10 @@ import sys
 from pathlib import Path
 
 from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
-from pipeline.config import Backend, BackendConfig, Config, LossConfig, PipelineError, conf_digest, validate
+from pipeline.config import (Backend, BackendConfig, Config, LossConfig, PipelineError, conf_digest, first_line,
+                             validate)
 from pipeline.files import write_atomically, write_json
 
 PARAMS = Path("params.yaml")
@@ -40,8 +42,11 @@ CURVE_METRICS = ("train_epoch_loss", "val_nll_float64", "train_clipped_fraction"
 def load_params() -> Config:
     if not PARAMS.exists():
         raise PipelineError(f"{PARAMS} is missing: run `make params` (or `dvc exp run`, which composes it from conf/)")
-    raw = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(PARAMS))
-    cfg = validate(raw)
+    try:
+        cfg = validate(OmegaConf.load(PARAMS))
+    except OmegaConfBaseException as error:  # a key the config lacks, a value of the wrong type: edited by hand
+        raise PipelineError(f"{PARAMS} is not accepted: {first_line(error)}; compose it from conf/ with `make params` "
+                            "(or `dvc exp run -S key=value`)") from None
     if cfg.conf_digest != conf_digest():
         raise PipelineError(f"{PARAMS} was composed from another state of conf/ (conf_digest {cfg.conf_digest} != "
                             f"{conf_digest()}): run `make params` (or use `dvc exp run`) before `dvc repro`")

@@ -68,6 +68,21 @@ def test_params_yaml_is_up_to_date_with_conf(tmp_path):
         "params.yaml is out of date with conf/: run `make params`"
 
 
+@pytest.mark.parametrize("edited,expected", [
+    ("trian:\n  epochs: 3\n", "Key 'trian' not in 'Config'"),
+    ("train:\n  epochs: ten\n", "Value 'ten' of type 'str' could not be converted to Integer"),
+])
+def test_a_hand_edited_params_yaml_is_one_line_naming_what_is_wrong(tmp_path, edited, expected):
+    from conftest import run_cli
+
+    (tmp_path / "params.yaml").write_text(edited)
+    result = run_cli("pipeline.dvc_stages", "fetch", cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"error: params.yaml is not accepted: {expected}; compose it from conf/ with `make params` "
+        "(or `dvc exp run -S key=value`)"]
+
+
 def test_repro_runs_all_stages_then_nothing(repo):
     first = sh("dvc", "repro", cwd=repo)
     assert ran(first.stdout) == ["fetch", "train", "evaluate", "compare"]
