@@ -139,9 +139,20 @@ def main() -> int:
     args = parser.parse_args()
     if args.note_script:
         return note_script(*args.note_script)
+    from pipeline.config.overrides import precheck_overrides
+
+    if args.epochs < 1:
+        parser.error(f"--epochs={args.epochs} is not accepted: expected a whole number > 0")
+    problem = precheck_overrides(args.pipeline_args.split())
+    if problem:
+        parser.error(f"--pipeline-args: {problem}")
     with tempfile.TemporaryDirectory() as folder:
         store = Path(folder)
-        pipeline_seconds = {s: pipeline_study(s, args.epochs, store, args.pipeline_args.split()) for s in STUDIES}
+        try:
+            pipeline_seconds = {s: pipeline_study(s, args.epochs, store, args.pipeline_args.split()) for s in STUDIES}
+        except subprocess.CalledProcessError as error:  # the pipeline has said why, in one line
+            print(f"error: a pipeline study failed (exit {error.returncode}); its message is above", file=sys.stderr)
+            return 1
         scripts_seconds = note_scripts(args.epochs, store) if args.note_as_scripts else None
     note_seconds = note_code(args.epochs)
     total = sum(pipeline_seconds.values())

@@ -161,6 +161,14 @@ def main() -> int:
     args = parser.parse_args()
     if args.quick:
         args.examples, args.epochs, args.repetitions = 6_000, 2, 1
+    for option, value, least in (("--examples", args.examples, 1), ("--epochs", args.epochs, 2), ("--repetitions", args.repetitions, 1)):
+        if value < least:
+            parser.error(f"{option}={value} is not accepted: expected a whole number >= {least}")
+    accepted = {"--formulations": [f.value for f in FormulationName], "--backends": ["tensorflow", "jax", "torch"]}
+    for option, value in (("--formulations", args.formulations), ("--backends", args.backends)):
+        unknown = [v for v in value.split(",") if v not in accepted[option]]
+        if unknown:
+            parser.error(f"{option}={value} is not accepted: expected a comma-separated list of {', '.join(accepted[option])}")
     names = [FormulationName(f) for f in args.formulations.split(",")]
 
     configure_determinism()

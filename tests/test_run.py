@@ -166,3 +166,21 @@ def test_make_ui_refuses_a_bad_port_in_one_line_naming_it(tmp_path, port):
     assert result.stderr.splitlines()[0] == (f"error: UI_PORT={port!r} is not accepted: expected a port number "
                                              "in 1..65535")
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("script,args,expected", [
+    ("train_throughput.py", ["--formulations", "probs,bogus"],
+     "train_throughput.py: error: --formulations=probs,bogus is not accepted: expected a comma-separated list of probs, logits, probs_naive"),
+    ("study_speed.py", ["--pipeline-args", "loss=bogus"],
+     "study_speed.py: error: --pipeline-args: loss=bogus is not accepted: expected one of logits, probs, probs_naive"),
+])
+def test_the_benchmarks_refuse_bad_arguments_in_one_line(script, args, expected):
+    import subprocess
+    import sys
+
+    root = Path(__file__).parents[1]
+    result = subprocess.run([sys.executable, str(root / "benchmarks" / script), *args], cwd=root, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == expected
+    assert "Traceback" not in result.stderr
