@@ -8,7 +8,6 @@ sweep the way Hydra's basic sweeper does, for the pre-check and the study's prog
 from __future__ import annotations
 
 import math
-
 from pathlib import Path
 
 from pipeline.config import PROJECT_ROOT, PipelineError, first_line, require_folder, validate
