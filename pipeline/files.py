@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import glob
 import json
 import os
 import shutil
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from pipeline.config import PipelineError
+from pipeline.processes import process_alive, process_tags
 
 MARKER = ".fromlogits-report"  # in every report folder the pipeline writes; nothing else is replaced
 
@@ -93,20 +95,38 @@ def folder_lock(folder: Path) -> Iterator[None]:
             os.close(descriptor)  # releases the lock
 
 
+def _writer_prefix(final: Path, kind: str) -> str:
+    """The name of a folder this process makes beside `final` ("partial": being written; "previous": the
+    report it replaces): it names the writer, so that a later writer can remove it if this one was killed."""
+    me = process_tags()
+    return f".{final.name}.{kind}-{me['pid']}-{me['pid_started']}-"
+
+
+def _remove_abandoned(final: Path) -> None:
+    """Folders beside `final` that a writer killed hard (SIGKILL) left: ours (they hold MARKER), their writer gone."""
+    for kind in ("partial", "previous"):
+        for folder in final.parent.glob(f"{glob.escape(f'.{final.name}.{kind}-')}*"):
+            pid, started, *_ = folder.name.removeprefix(f".{final.name}.{kind}-").split("-") + ["", ""]
+            if (folder / MARKER).is_file() and not process_alive(pid, started):
+                shutil.rmtree(folder, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def staged_folder(final: Path) -> Iterator[Path]:
     """Yields an empty sibling folder; on success it replaces `final` whole, on failure it is removed,
     so a reader never finds half a report (a full disk leaves the previous report as it was).
 
     Refuses, before anything is written, to replace a folder that the pipeline did not make. Writers of
-    one folder at once (two identical studies ending together) take turns to check and swap it.
+    one folder at once (two identical studies ending together) take turns to check and swap it, and remove
+    what a writer killed hard left beside it.
     """
     try:
         if final.parent.is_dir():
             with folder_lock(final.parent):
                 _refuse_unless_ours(final)
+                _remove_abandoned(final)
         final.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
+        staging = Path(tempfile.mkdtemp(prefix=_writer_prefix(final, "partial"), dir=final.parent))
         os.chmod(staging, FOLDER_MODE)
     except OSError as error:
         raise WriteError(f"could not write to {final.parent}: {error.strerror or error}") from None
@@ -116,7 +136,7 @@ def staged_folder(final: Path) -> Iterator[Path]:
         for item in staging.iterdir():
             if item.is_file():
                 os.chmod(item, FILE_MODE)
-        previous = final.with_name(f".{final.name}.previous-{os.getpid()}")
+        previous = final.with_name(_writer_prefix(final, "previous").rstrip("-"))
         with folder_lock(final.parent):
             _refuse_unless_ours(final)  # it may have been made meanwhile
             if final.exists():

@@ -131,7 +131,8 @@ def stop_with_launcher(uri: str, parent_run_id: str | None) -> None:
 
 def _watch_launcher(pid: str, started: str, uri: str, parent_run_id: str | None) -> None:
     from pipeline.interrupt import stop_requested
-    from pipeline.tracking import mark_stale_runs, process_alive
+    from pipeline.processes import process_alive
+    from pipeline.tracking import mark_stale_runs
 
     while process_alive(pid, started):
         time.sleep(1.0)
@@ -273,7 +274,7 @@ class StudyCallback(Callback):
                 relay_stops(functools.partial(_stop_slurm_jobs, str(config.hydra.launcher.submitit_folder)))
             else:  # a signal to this process alone reaches the jobs too
                 relay_stops(_stop_local_jobs)
-                from pipeline.tracking import process_tags
+                from pipeline.processes import process_tags
 
                 me = process_tags()
                 os.environ[LAUNCHER_ENV] = f"{me['pid']} {me['pid_started']}"

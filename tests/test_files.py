@@ -73,3 +73,30 @@ def test_writers_of_one_report_folder_at_once_take_turns(tmp_path):
     assert sorted(p.name for p in final.iterdir()) == [MARKER, "report.md"]
     assert (final / "report.md").read_text() in ("a 149", "b 149")
     assert [p.name for p in final.parent.iterdir()] == ["study"]  # no staging or previous folder left
+
+
+def test_what_a_killed_report_writer_left_is_removed_by_the_next_and_nothing_else(tmp_path):
+    from pipeline.processes import process_tags
+
+    me = process_tags()
+    final = tmp_path / "reports" / "study"
+    final.parent.mkdir()
+
+    def left(name: str, ours: bool = True):
+        folder = final.parent / name
+        folder.mkdir()
+        if ours:
+            (folder / MARKER).write_text("")
+        return folder
+
+    killed = left(f".study.partial-{me['pid']}-1.000-abc123")  # this pid, another start time: a writer that died
+    swapping = left(f".study.previous-{me['pid']}-1.000")
+    alive = left(f".study.partial-{me['pid']}-{me['pid_started']}-def456")  # a writer still at work
+    foreign = left(f".study.partial-{me['pid']}-1.000-xyz789", ours=False)
+    other_study = left(f".study2.partial-{me['pid']}-1.000-abc123")
+    with staged_folder(final) as staging:
+        (staging / "report.md").write_text("new")
+    assert not killed.exists() and not swapping.exists()
+    assert alive.exists() and foreign.exists() and other_study.exists()
+    assert (final / "report.md").read_text() == "new"
+

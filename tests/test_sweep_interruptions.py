@@ -13,7 +13,7 @@ import pytest
 
 from conftest import interrupt_sweep, start_training_sweep, study_runs
 from pipeline.config import PROJECT_ROOT
-from pipeline.tracking import process_alive
+from pipeline.processes import process_alive
 
 pytestmark = pytest.mark.slow
 

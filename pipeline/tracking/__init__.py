@@ -6,7 +6,7 @@ reads a study back for its report.
 
 from pipeline.tracking.runs import MetricBuffer, Study, end_status, record_failed_job, tracked_run
 from pipeline.tracking.store import (TrackingUnavailable, end_orphaned_children, is_server, mark_stale_runs,
-                                     prepare_store, process_alive, process_tags, resumable, tracking_uri)
+                                     prepare_store, resumable, tracking_uri)
 
 __all__ = ["MetricBuffer", "Study", "TrackingUnavailable", "end_orphaned_children", "end_status", "is_server", "mark_stale_runs",
-           "prepare_store", "process_alive", "process_tags", "record_failed_job", "resumable", "tracked_run", "tracking_uri"]
+           "prepare_store", "record_failed_job", "resumable", "tracked_run", "tracking_uri"]

@@ -20,7 +20,8 @@ from pipeline.interrupt import Interrupted, stop_requested
 from pipeline.record import STUDY_ROLE, Tag
 from pipeline.config import first_line
 from pipeline.files import WriteError
-from pipeline.tracking.store import TrackingUnavailable, process_tags
+from pipeline.processes import process_tags
+from pipeline.tracking.store import TrackingUnavailable
 
 
 def end_status(error: BaseException | None) -> str:

@@ -1,4 +1,4 @@
-"""Where the MLflow store is and whether it can be used; who runs a run, and runs whose process died.
+"""Where the MLflow store is and whether it can be used, and runs whose process died (pipeline/processes.py).
 
 The default store is SQLite inside `mlruns/` (MLflow 3's file store raises), with artifacts beside it in
 `mlruns/artifacts`. `MLFLOW_TRACKING_URI` (or `tracking.uri`) points runs elsewhere, e.g. at a shared
@@ -17,13 +17,13 @@ import urllib.request
 from pathlib import Path
 
 import mlflow
-import psutil
 from mlflow.entities import RunStatus
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from pipeline.config import PipelineError, TrackingConfig, first_line, shared_project_root
 from pipeline.files import folder_lock
+from pipeline.processes import process_alive
 from pipeline.record import Tag
 
 
@@ -146,23 +146,7 @@ def _experiment_id(client: MlflowClient, uri: str, experiment: str) -> str:
         return client.get_experiment_by_name(experiment).experiment_id  # another process created it first
 
 
-# --- who runs a run, and runs whose process died ------------------------------------------------------
-
-
-def process_tags() -> dict[str, str]:
-    """Who runs a run: lets a later invocation tell a live run from one whose process was killed."""
-    me = psutil.Process()
-    return {"host": socket.gethostname(), "pid": str(me.pid), "pid_started": f"{me.create_time():.3f}"}
-
-
-def process_alive(pid: str, started: str) -> bool:
-    """Whether process `pid`, started at `started` (`process_tags`), still runs on this host."""
-    try:
-        process = psutil.Process(int(pid))
-        # Same pid, same process, and not a zombie (killed, not yet reaped by a parent that died too).
-        return abs(process.create_time() - float(started)) < 1.0 and process.status() != psutil.STATUS_ZOMBIE
-    except (psutil.Error, ValueError):
-        return False
+# --- runs whose process died ------------------------------------------------------------------------
 
 
 def _checkable_here(run) -> bool:
