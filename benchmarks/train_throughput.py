@@ -37,7 +37,8 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import psutil  # noqa: E402
 
-from pipeline.config import Config, DatasetConfig, FormulationName, LossConfig, TrainConfig  # noqa: E402
+from pipeline.config import (Backend, BackendConfig, Config, ConfigError, DatasetConfig, FormulationName,  # noqa: E402
+                             LossConfig, TrainConfig)
 from pipeline.data import Splits, fetch, load  # noqa: E402
 from pipeline.formulations import formulation  # noqa: E402
 from pipeline.loops.equivalence import against_fit  # noqa: E402
@@ -164,11 +165,16 @@ def main() -> int:
     for option, value, least in (("--examples", args.examples, 1), ("--epochs", args.epochs, 2), ("--repetitions", args.repetitions, 1)):
         if value < least:
             parser.error(f"{option}={value} is not accepted: expected a whole number >= {least}")
-    accepted = {"--formulations": [f.value for f in FormulationName], "--backends": ["tensorflow", "jax", "torch"]}
+    accepted = {"--formulations": [f.value for f in FormulationName], "--backends": [b.value for b in Backend]}
     for option, value in (("--formulations", args.formulations), ("--backends", args.backends)):
         unknown = [v for v in value.split(",") if v not in accepted[option]]
         if unknown:
             parser.error(f"{option}={value} is not accepted: expected a comma-separated list of {', '.join(accepted[option])}")
+    for backend in args.backends.split(","):
+        try:
+            BackendConfig(Backend(backend))  # torch only where PyTorch is installed
+        except ConfigError as error:
+            parser.error(f"--backends: {error}")
     names = [FormulationName(f) for f in args.formulations.split(",")]
 
     configure_determinism()
