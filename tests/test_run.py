@@ -112,6 +112,9 @@ BAD_INPUT = [
     # The override at fault is named, wherever it stands.
     ("seed=0 loss=prob", "loss=prob is not accepted: expected one of logits, probs, probs_naive"),
     ("seed=0 train.epoch=3", "train.epoch=3 is not accepted: Key 'epoch' not in 'TrainConfig'"),
+    # A sweep of nothing, or of one value twice (its runs would be counted twice).
+    ("-m seed=range(0)", "seed=range(0) is not accepted: it sweeps no values; expected distinct values, at least one"),
+    ("-m loss=probs,logits,probs", "loss=probs,logits,probs is not accepted: probs appears more than once"),
     # What Hydra's grammar cannot read: the override named, not only the lexer's complaint.
     ("loss=probs;rm", "loss=probs;rm is not accepted: cannot parse it (LexerNoViableAltException"),
     ("seed=0 dataset.classes=[0,1", "dataset.classes=[0,1 is not accepted: cannot parse it"),

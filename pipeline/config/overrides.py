@@ -103,6 +103,12 @@ def precheck_overrides(argv: list[str]) -> str | None:
         fixed, sweeps = sweep_values(lines)
     except OverrideParseException as error:
         return parse_error(lines, error)
+    for key, values in sweeps.items():
+        repeated = sorted({v for v in values if values.count(v) > 1})
+        if not values or repeated:
+            problem = f"{', '.join(repeated)} appears more than once" if repeated else "it sweeps no values"
+            typed = next((line for line in reversed(lines) if line.partition("=")[0].lstrip("+~") == key), key)
+            return f"{typed} is not accepted: {problem}; expected distinct values, at least one"
     for key, value in hydra_output_dirs(lines).items():
         try:
             require_folder(key, value, Path(value).absolute(), writable=True)  # relative to where Hydra starts
