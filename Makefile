@@ -14,6 +14,9 @@ EXTRAS ?= test$(if $(wildcard /opt/wheels/torch-2.13.0+cpu-*.whl),$(comma)torch)
 
 setup: $(VENV)/.installed
 
+# Two commands at once on a fresh clone (make study and make test in two terminals) take turns to set up:
+# pip installing into one venv twice at once breaks it. The one that waited finds it set up and goes on.
+ifdef SETUP_LOCKED
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	@# -qq: errors only (a machine's pip configuration can add a warning per package, e.g. for index folders
@@ -22,6 +25,11 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -qq --upgrade pip
 	PYTHONWARNINGS="ignore:Editable installation" $(PY) -m pip install -qq -e ".[$(EXTRAS)]"
 	touch $@
+else
+$(VENV)/.installed: pyproject.toml
+	@$(PYTHON) -c "import fcntl, subprocess, sys; lock = open('$(VENV).lock', 'a'); fcntl.flock(lock, fcntl.LOCK_EX); \
+		sys.exit(subprocess.call(['$(MAKE)', '--no-print-directory', 'SETUP_LOCKED=1', '$@']))"
+endif
 
 # The default study: the course note's two examples, three formulations x 5 seeds each, then the report.
 study: setup

@@ -187,3 +187,36 @@ def test_the_benchmarks_refuse_bad_arguments_in_one_line(script, args, expected)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == expected
     assert "Traceback" not in result.stderr
+
+
+FAKE_PYTHON = """#!/bin/sh
+# A stand-in for python3 that makes a venv in no time and whose pip records when it runs.
+if [ "$1" = "-m" ] && [ "$2" = "venv" ]; then mkdir -p "$3/bin" && cp "$0" "$3/bin/python" && exit 0; fi
+if [ "$1" = "-m" ] && [ "$2" = "pip" ]; then
+    echo "start $$" >> "{log}"; sleep 1; echo "end $$" >> "{log}"; exit 0
+fi
+exec "{python}" "$@"
+"""
+
+
+def test_two_makes_at_once_on_a_fresh_clone_take_turns_to_set_up(tmp_path):
+    """make study and make test started together must not run pip into one venv at once; the second
+    finds the venv set up and installs nothing."""
+    import subprocess
+    import sys
+
+    log = tmp_path / "pip.log"
+    fake = tmp_path / "python3"
+    fake.write_text(FAKE_PYTHON.format(log=log, python=sys.executable))
+    fake.chmod(0o755)
+    venv = tmp_path / "venv"
+    command = ["make", "-s", "setup", f"PYTHON={fake}", f"VENV={venv}"]
+    makes = [subprocess.Popen(command, cwd=Path(__file__).parents[1], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for _ in range(2)]
+    for make in makes:
+        make.communicate(timeout=120)
+        assert make.returncode == 0
+    # One setup's two pip commands (upgrade pip, install the project), one after the other, never side by side.
+    events = log.read_text().split()
+    assert events[0::2] == ["start", "end", "start", "end"]
+    assert (venv / ".installed").exists()
