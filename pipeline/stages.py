@@ -24,7 +24,7 @@ from pipeline.data import Splits, fetch, load
 from pipeline.files import exclusive, write_json
 from pipeline.models import Classifier
 from pipeline.progress import EpochProgress
-from pipeline.record import DatasetRef, RunRecord, Tag, config_digest, run_record
+from pipeline.record import DatasetRef, RunRecord, Tag, run_record
 from pipeline.tracking import MetricBuffer, prepare_store, resumable, tracked_run, tracking_uri
 from pipeline.interrupt import interruptible, stop_requested
 from pipeline.train import Checkpoint, TrainResult, configure_determinism, train
@@ -32,9 +32,9 @@ from pipeline.train import Checkpoint, TrainResult, configure_determinism, train
 # --- one configuration, end to end ----------------------------------------------------------------------
 
 
-def checkpoint_folder(cfg: Config) -> Path:
+def checkpoint_folder(cfg: Config, record: RunRecord) -> Path:
     """Where a configuration's checkpoint lives: keyed by what is trained and where it is recorded."""
-    return Path(cfg.checkpoints_dir) / config_digest(cfg)[:16]
+    return Path(cfg.checkpoints_dir) / record.tags[Tag.CONFIG_DIGEST][:16]
 
 
 def previous_attempt(uri: str, folder: Path) -> str | None:
@@ -50,11 +50,12 @@ def previous_attempt(uri: str, folder: Path) -> str | None:
     return None
 
 
-def finished_in_attempt(uri: str, experiment_id: str, attempt_run_id: str, cfg: Config):
+def finished_in_attempt(uri: str, experiment_id: str, attempt_run_id: str, record: RunRecord):
     """The FINISHED run of this configuration among the children of a study's earlier attempt, if any."""
     from mlflow.tracking import MlflowClient
 
-    query = (f"tags.`{Tag.PARENT}` = '{attempt_run_id}' and tags.{Tag.CONFIG_DIGEST} = '{config_digest(cfg)}' "
+    digest = record.tags[Tag.CONFIG_DIGEST]
+    query = (f"tags.`{Tag.PARENT}` = '{attempt_run_id}' and tags.{Tag.CONFIG_DIGEST} = '{digest}' "
              "and attributes.status = 'FINISHED'")
     found = MlflowClient(uri).search_runs([experiment_id], query, max_results=1)
     return found[0] if found else None
@@ -81,12 +82,12 @@ def run_configuration(cfg: Config, output_dir: Path, parent_run_id: str | None =
     configure_determinism()
     record = run_record(cfg, dataset)
 
-    folder = checkpoint_folder(cfg)
+    folder = checkpoint_folder(cfg, record)
     with exclusive(folder.with_name(f"{folder.name}.lock")) as owned:
         if not owned:
             folder = folder.with_name(f"{folder.name}-pid{os.getpid()}")
             print(f"another process is running this configuration; this one trains on its own ({folder})", flush=True)
-        kept = (finished_in_attempt(uri, experiment_id, interrupted_attempt, cfg)
+        kept = (finished_in_attempt(uri, experiment_id, interrupted_attempt, record)
                 if interrupted_attempt and parent_run_id and cfg.resume and owned else None)
         if kept:  # moved under this attempt while this process holds the configuration: no one else moves it
             mlflow.MlflowClient(uri).set_tag(kept.info.run_id, Tag.PARENT, parent_run_id)
