@@ -26,3 +26,13 @@ def process_alive(pid: str, started: str) -> bool:
         return abs(process.create_time() - float(started)) < 1.0 and process.status() != psutil.STATUS_ZOMBIE
     except (psutil.Error, ValueError):
         return False
+
+
+def named_on_this_host(tags: dict[str, str]) -> bool:
+    """Whether `tags` (a run's) carry the `process_tags` of a process on this host, which it can look up."""
+    return tags.get("host") == socket.gethostname() and "pid" in tags
+
+
+def process_gone(tags: dict[str, str]) -> bool:
+    """Whether the process these `process_tags` name has ended (killed, or exited without closing its run)."""
+    return not process_alive(tags["pid"], tags.get("pid_started", "0"))

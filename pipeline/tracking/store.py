@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
 import time
 import urllib.error
 import urllib.request
@@ -23,7 +22,7 @@ from mlflow.tracking import MlflowClient
 
 from pipeline.config import PipelineError, TrackingConfig, first_line, shared_project_root
 from pipeline.files import folder_lock
-from pipeline.processes import process_alive
+from pipeline.processes import named_on_this_host, process_gone
 from pipeline.record import Tag
 
 
@@ -149,15 +148,6 @@ def _experiment_id(client: MlflowClient, uri: str, experiment: str) -> str:
 # --- runs whose process died ------------------------------------------------------------------------
 
 
-def _checkable_here(run) -> bool:
-    """A run whose process this host can look up: it carries this host's `process_tags`."""
-    return run.data.tags.get("host") == socket.gethostname() and "pid" in run.data.tags
-
-
-def _process_gone(run) -> bool:
-    return not process_alive(run.data.tags["pid"], run.data.tags.get("pid_started", "0"))
-
-
 def _end_orphan(client: MlflowClient, run, status: str, reason: str) -> None:
     """Ends a run whose process is gone; a FAILED one is tagged why."""
     if status == RunStatus.to_string(RunStatus.FAILED):
@@ -170,7 +160,7 @@ def mark_stale_runs(client: MlflowClient, experiment_id: str) -> list[str]:
     stale = []
     for run in client.search_runs([experiment_id], "attributes.status = 'RUNNING'", max_results=1000):
         # Another machine's run is skipped: its liveness cannot be checked from here.
-        if _checkable_here(run) and _process_gone(run):
+        if named_on_this_host(run.data.tags) and process_gone(run.data.tags):
             tags = run.data.tags
             _end_orphan(client, run, RunStatus.to_string(RunStatus.FAILED),
                         f"stale: process {tags['pid']} on {tags['host']} ended without closing the run")
@@ -195,8 +185,9 @@ def end_orphaned_children(uri: str, parent_run_id: str, error: BaseException, wa
     query = f"tags.`{Tag.PARENT}` = '{parent_run_id}' and attributes.status = 'RUNNING'"
     deadline = time.monotonic() + wait_seconds
     while True:
-        running = [r for r in client.search_runs([experiment_id], query, max_results=1000) if _checkable_here(r)]
-        orphans = [r for r in running if _process_gone(r)]
+        running = [r for r in client.search_runs([experiment_id], query, max_results=1000)
+                   if named_on_this_host(r.data.tags)]
+        orphans = [r for r in running if process_gone(r.data.tags)]
         if len(orphans) == len(running) or time.monotonic() > deadline:
             break
         time.sleep(0.3)
