@@ -32,22 +32,19 @@ def sweep_values(lines: list[str]) -> tuple[list[str], dict[str, list[str]]]:
     return fixed, sweeps
 
 
-def hydra_output_dirs(lines: list[str]) -> dict[str, str]:
-    """The run or sweep folder a command line sets, where it is a plain path (no interpolation)."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    return {o.key_or_group: str(o.value()) for o in OverridesParser.create().parse_overrides(lines)
+def hydra_output_dirs(overrides: list) -> dict[str, str]:
+    """The run or sweep folder parsed overrides set, where it is a plain path (no interpolation)."""
+    return {o.key_or_group: str(o.value()) for o in overrides
             if o.key_or_group in HYDRA_OUTPUT_DIRS and not o.is_sweep_override() and "${" not in str(o.value())}
 
 
-def unknown_group_option(lines: list[str]) -> str | None:
-    """A config group's value that is not one of its options: Hydra would read `loss=../experiment/atlas` as
-    a path into another group's folder. Needs an initialized Hydra (the pre-check's)."""
+def unknown_group_option(overrides: list) -> str | None:
+    """Among parsed overrides, a config group's value that is not one of its options: Hydra would read
+    `loss=../experiment/atlas` as a path into another group's folder. Needs an initialized Hydra."""
     from hydra.core.global_hydra import GlobalHydra
-    from hydra.core.override_parser.overrides_parser import OverridesParser
 
     loader = GlobalHydra.instance().config_loader()
-    for override in OverridesParser.create().parse_overrides(lines):
+    for override in overrides:
         options = loader.get_group_options(override.key_or_group)
         values = override.sweep_string_iterator() if override.is_sweep_override() else [override.value()]
         for value in values:
@@ -96,6 +93,7 @@ def precheck_overrides(argv: list[str]) -> str | None:
     (each with the fixed overrides), so a typo in the fifth value fails before the first job starts.
     """
     from hydra import compose, initialize_config_dir
+    from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import OverrideParseException
 
     lines = [a for a in argv if not a.startswith("-") and "=" in a]
@@ -103,19 +101,20 @@ def precheck_overrides(argv: list[str]) -> str | None:
         fixed, sweeps = sweep_values(lines)
     except OverrideParseException as error:
         return parse_error(lines, error)
+    parsed = OverridesParser.create().parse_overrides(lines)
     for key, values in sweeps.items():
         repeated = sorted({v for v in values if values.count(v) > 1})
         if not values or repeated:
             problem = f"{', '.join(repeated)} appears more than once" if repeated else "it sweeps no values"
             typed = next((line for line in reversed(lines) if line.partition("=")[0].lstrip("+~") == key), key)
             return f"{typed} is not accepted: {problem}; expected distinct values, at least one"
-    for key, value in hydra_output_dirs(lines).items():
+    for key, value in hydra_output_dirs(parsed).items():
         try:
             require_folder(key, value, Path(value).absolute(), writable=True)  # relative to where Hydra starts
         except PipelineError as error:
             return str(error)
     with initialize_config_dir(config_dir=str(PROJECT_ROOT / "conf"), version_base="1.3"):
-        problem = unknown_group_option(lines)
+        problem = unknown_group_option(parsed)
         if problem:
             return problem
 
