@@ -215,8 +215,12 @@ def params(overrides: list[str]) -> None:
     from dvc.utils.hydra import compose_and_dump
 
     from pipeline.config import PROJECT_ROOT, register_configs
+    from pipeline.config.overrides import precheck_overrides
 
     register_configs()
+    problem = precheck_overrides(overrides)  # as the command line's own: nothing is written for a bad one
+    if problem:
+        raise PipelineError(problem)
     compose_and_dump(PARAMS, str(PROJECT_ROOT / "conf"), None, "config", str(PROJECT_ROOT), overrides)
     print(f"params: wrote {PARAMS} from conf/ {' '.join(overrides)}".rstrip())
 

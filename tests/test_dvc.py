@@ -83,6 +83,16 @@ def test_a_hand_edited_params_yaml_is_one_line_naming_what_is_wrong(tmp_path, ed
         "(or `dvc exp run -S key=value`)"]
 
 
+def test_params_refuses_a_bad_override_in_one_line_and_writes_nothing(tmp_path):
+    from conftest import run_cli
+
+    result = run_cli("pipeline.dvc_stages", "params", "loss=../experiment/atlas", cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: loss=../experiment/atlas is not accepted: expected one of logits, probs, probs_naive"]
+    assert not (tmp_path / "params.yaml").exists()
+
+
 def test_repro_runs_all_stages_then_nothing(repo):
     first = sh("dvc", "repro", cwd=repo)
     assert ran(first.stdout) == ["fetch", "train", "evaluate", "compare"]
