@@ -95,18 +95,20 @@ def folder_lock(folder: Path) -> Iterator[None]:
             os.close(descriptor)  # releases the lock
 
 
-def _writer_prefix(final: Path, kind: str) -> str:
+def _writer_name(final: Path, kind: str) -> str:
     """The name of a folder this process makes beside `final` ("partial": being written; "previous": the
     report it replaces): it names the writer, so that a later writer can remove it if this one was killed."""
     me = process_tags()
-    return f".{final.name}.{kind}-{me['pid']}-{me['pid_started']}-"
+    return f".{final.name}.{kind}-{me['pid']}-{me['pid_started']}"
 
 
 def _remove_abandoned(final: Path) -> None:
     """Folders beside `final` that a writer killed hard (SIGKILL) left: ours (they hold MARKER), their writer gone."""
     for kind in ("partial", "previous"):
-        for folder in final.parent.glob(f"{glob.escape(f'.{final.name}.{kind}-')}*"):
-            pid, started, *_ = folder.name.removeprefix(f".{final.name}.{kind}-").split("-") + ["", ""]
+        prefix = f".{final.name}.{kind}-"
+        for folder in final.parent.glob(glob.escape(prefix) + "*"):
+            pid, _, rest = folder.name.removeprefix(prefix).partition("-")
+            started = rest.partition("-")[0]  # a staging folder's name goes on with mkdtemp's suffix
             if (folder / MARKER).is_file() and not process_alive(pid, started):
                 shutil.rmtree(folder, ignore_errors=True)
 
@@ -126,7 +128,7 @@ def staged_folder(final: Path) -> Iterator[Path]:
                 _refuse_unless_ours(final)
                 _remove_abandoned(final)
         final.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=_writer_prefix(final, "partial"), dir=final.parent))
+        staging = Path(tempfile.mkdtemp(prefix=_writer_name(final, "partial") + "-", dir=final.parent))
         os.chmod(staging, FOLDER_MODE)
     except OSError as error:
         raise WriteError(f"could not write to {final.parent}: {error.strerror or error}") from None
@@ -136,7 +138,7 @@ def staged_folder(final: Path) -> Iterator[Path]:
         for item in staging.iterdir():
             if item.is_file():
                 os.chmod(item, FILE_MODE)
-        previous = final.with_name(_writer_prefix(final, "previous").rstrip("-"))
+        previous = final.with_name(_writer_name(final, "previous"))
         with folder_lock(final.parent):
             _refuse_unless_ours(final)  # it may have been made meanwhile
             if final.exists():
