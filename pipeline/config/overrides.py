@@ -106,7 +106,7 @@ def precheck_overrides(argv: list[str]) -> str | None:
         repeated = sorted({v for v in values if values.count(v) > 1})
         if not values or repeated:
             problem = f"{', '.join(repeated)} appears more than once" if repeated else "it sweeps no values"
-            typed = next((line for line in reversed(lines) if line.partition("=")[0].lstrip("+~") == key), key)
+            typed = next(o.input_line for o in reversed(parsed) if o.get_key_element() == key)
             return f"{typed} is not accepted: {problem}; expected distinct values, at least one"
     for key, value in hydra_output_dirs(parsed).items():
         try:
