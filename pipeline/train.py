@@ -119,10 +119,6 @@ def _fixed_subset(x, y, limit: int):
     return x[keep], y[keep]
 
 
-def weights_finite(model: keras.Model) -> bool:
-    return all(np.isfinite(keras.ops.convert_to_numpy(w)).all() for w in model.weights)
-
-
 class Checkpoint:
     """The state after a finished epoch — weights, optimizer slots and step count, epoch — in one file.
 
@@ -247,7 +243,6 @@ def train(
         if checkpoint and checkpoint.exists():
             start_epoch = checkpoint.restore(clf.model, optimizer)
             loop.refresh()
-        has_val = len(splits.x_val) > 0
 
         result.epochs_completed = start_epoch
         for epoch in range(start_epoch + 1, cfg.train.epochs + 1):
@@ -255,11 +250,8 @@ def train(
             epoch_loss = loop.epoch(batch_order(cfg.seed, epoch, len(splits.x_train)))
             train_seconds = time.perf_counter() - started
             loop.sync()
-            metrics = {"train_epoch_loss": epoch_loss}
-            metrics.update({f"train_{k}": v for k, v in loop.diagnose("train_subset").items()})
-            if has_val:
-                metrics.update({f"val_{k}": v for k, v in loop.diagnose("val").items()})
-            metrics.update(loop.gradient_probe())
+            diagnostics, finite = loop.end_of_epoch()
+            metrics = {"train_epoch_loss": epoch_loss, **diagnostics}
             if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
                 metrics["loss_scale"] = float(optimizer.dynamic_scale)  # falls when float16 gradients overflow
             metrics["epoch_seconds"] = time.perf_counter() - started
@@ -270,7 +262,7 @@ def train(
                 checkpoint.save(clf.model, optimizer, epoch)
             if stop_requested.is_set():
                 raise Interrupted(f"stopped after epoch {epoch}")
-            if not math.isfinite(epoch_loss) or not weights_finite(clf.model):
+            if not math.isfinite(epoch_loss) or not finite:
                 result.diverged = True
                 break
         return result

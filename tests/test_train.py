@@ -73,7 +73,36 @@ def test_train_reports_per_epoch_diagnostics(data_dir):
 
     loop = next(reversed(training._TRAINERS.values())).loop
     assert len(loop.data["train_subset"][0]) != len(loop.data["val"][0])
-    assert loop._diagnose.experimental_get_tracing_count() == 1  # both sizes, one compiled function
+    # Both sets' diagnostics, the probe and the finiteness check: one compiled function, traced once.
+    assert loop.end_of_epoch.compiled.experimental_get_tracing_count() == 1
+
+
+def test_the_one_end_of_epoch_call_gives_what_separate_calls_give(data_dir):
+    """The diagnostics, probe and finiteness check run as one compiled call; every value must be the number
+    the separately compiled functions give. The binary logits arm is where it can fail: inlined into one
+    graph, the probe's two gradients were optimised together and grad_norm_ratio moved by a float32 ulp."""
+    import tensorflow as tf
+
+    from pipeline import train as training
+    from pipeline.formulations import formulation
+    from pipeline.loops.tensorflow import AUTOGRAPH, diagnostics_graph, gradient_probe_graph
+
+    cfg = validate(compose_config("task=logistic", "loss=logits", f"data_dir={data_dir}"))
+    splits = load(cfg.dataset, data_dir)
+    form = formulation(cfg.loss.formulation, cfg.dataset.task)
+    trainer = training.Trainer(cfg, form, splits, None)
+    loop = trainer.loop
+    diagnose = tf.function(diagnostics_graph(trainer.clf, form.loss()), autograph=AUTOGRAPH)
+    probe = tf.function(gradient_probe_graph(trainer.clf, form.loss()), autograph=AUTOGRAPH)
+    for epoch in range(1, 21):
+        loop.epoch(batch_order(cfg.seed, epoch, len(splits.x_train)))
+        values, finite = loop.end_of_epoch()
+        separate = {f"train_{k}": float(v) for k, v in diagnose(*loop.data["train_subset"]).items()}
+        separate |= {f"val_{k}": float(v) for k, v in diagnose(*loop.data["val"]).items()}
+        separate |= {k: float(v) for k, v in probe(*loop.data["probe"]).items()}
+        assert values == separate and finite, epoch
+    trainer.clf.model.trainable_variables[0].assign(tf.fill(trainer.clf.model.trainable_variables[0].shape, np.nan))
+    assert loop.end_of_epoch()[1] is False
 
 
 def test_huge_learning_rate_diverges_and_stops_early(data_dir):

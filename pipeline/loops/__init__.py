@@ -1,7 +1,8 @@
 """The training loop, one module per Keras backend, with one interface (`Loop`).
 
 A Loop runs a whole epoch — compiled on TensorFlow and JAX, eagerly on torch — with the same loss object,
-optimizer and batches as `model.fit`, computes the per-epoch diagnostics and the gradient probe, and keeps
+optimizer and batches as `model.fit`, computes the per-epoch diagnostics, the gradient probe and whether
+every weight is still finite (`end_of_epoch`; one compiled call on TensorFlow), and keeps
 the model's variables current (`sync`) for checkpoints, divergence checks and evaluation; `refresh` takes
 up variables assigned from outside (a restored checkpoint, a reused loop reset to a new seed's weights).
 pipeline/train.py picks the module of the backend Keras was started with:
@@ -24,10 +25,12 @@ from pipeline.formulations import Task
 from pipeline.numerics import saturation_summary
 
 
+DIAGNOSED = {"train_subset": "train_", "val": "val_"}  # the sets diagnosed after each epoch: their metrics' prefix
+
+
 class Loop(Protocol):
     def epoch(self, order) -> float: ...
-    def diagnose(self, which: str) -> dict[str, float]: ...
-    def gradient_probe(self) -> dict[str, float]: ...
+    def end_of_epoch(self) -> tuple[dict[str, float], bool]: ...  # (diagnostics and probe, weights all finite)
     def sync(self) -> None: ...
     def refresh(self) -> None: ...
 
@@ -45,6 +48,21 @@ def diagnostics_on_host(logits, probabilities, labels, loss, form) -> dict[str, 
     stats["loss"] = float(loss)
     stats["accuracy"] = float(np.mean(predicted == labels.reshape(-1)))
     return stats
+
+
+def weights_finite(model: keras.Model) -> bool:
+    return all(np.isfinite(keras.ops.convert_to_numpy(w)).all() for w in model.weights)
+
+
+def end_of_epoch_in_parts(loop, model: keras.Model) -> tuple[dict[str, float], bool]:
+    """`Loop.end_of_epoch` for the loops that compute its parts one after another (JAX, torch): each
+    diagnosed set's diagnostics, the gradient probe, then the weights (current after `sync`)."""
+    values = {}
+    for name, prefix in DIAGNOSED.items():
+        if name in loop.data:
+            values.update({prefix + k: v for k, v in loop.diagnose(name).items()})
+    values.update(loop.gradient_probe())
+    return values, weights_finite(model)
 
 
 def make_loop(clf, loss_fn, optimizer, batch_size: int, data: dict) -> Loop:

@@ -18,7 +18,7 @@ import numpy as np
 
 from pipeline.config import PROJECT_ROOT
 from pipeline.formulations import formulation as make_formulation
-from pipeline.loops import diagnostics_on_host
+from pipeline.loops import diagnostics_on_host, end_of_epoch_in_parts
 from pipeline.models import Classifier
 
 # Every run of a study builds a new model, so jax.jit traces and compiles its functions again (seconds a
@@ -111,6 +111,9 @@ class JaxLoop:
         outputs, logits, loss = self._forward(self.state, x, y)
         form = self.clf.formulation
         return diagnostics_on_host(logits, form.probabilities(np.asarray(outputs)), labels, loss, form)
+
+    def end_of_epoch(self) -> tuple[dict[str, float], bool]:
+        return end_of_epoch_in_parts(self, self.model)
 
     def gradient_probe(self) -> dict[str, float]:
         x, y, _ = self.data["probe"]

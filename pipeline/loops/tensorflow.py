@@ -3,7 +3,7 @@
 The same loss object, optimizer and batches as `model.fit` (tests/test_train.py pins equal weights and
 optimizer state). Two things make a step cheaper than Keras's own, neither changing a bit: full batches
 have a static shape, and a plain Adam's update runs over one flat vector of moments (`FlatAdam`).
-Diagnostics and the gradient probe are compiled once and run once per epoch.
+The diagnostics, the gradient probe and the finiteness check are one compiled call per epoch.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import numpy as np
 import tensorflow as tf
 
 from pipeline.formulations import Task, formulation as make_formulation
+from pipeline.loops import DIAGNOSED
 from pipeline.models import Classifier
 from pipeline.numerics import count_nonfinite, saturation_summary
 
@@ -144,12 +145,10 @@ def make_epoch_fn(model: keras.Model, loss_fn, optimizer, batch_size: int) -> Ca
     return run_epoch
 
 
-def make_diagnostics_fn(clf: Classifier, loss_fn, x_spec: tf.TensorSpec, y_spec: tf.TensorSpec) -> Callable:
-    """Compiled once, for any number of examples (the training subset and the validation split share
-    it); evaluates a fixed set of examples at the end of an epoch."""
+def diagnostics_graph(clf: Classifier, loss_fn) -> Callable:
+    """The diagnostics of a fixed set of examples, as graph ops (traced inside `EndOfEpoch`)."""
     form = clf.formulation
 
-    @tf.function(input_signature=(x_spec, y_spec), autograph=AUTOGRAPH)
     def diagnose(x, y):
         outputs, logits = clf.outputs_and_logits(x)
         probs = form.probabilities(outputs)
@@ -165,8 +164,8 @@ def make_diagnostics_fn(clf: Classifier, loss_fn, x_spec: tf.TensorSpec, y_spec:
     return diagnose
 
 
-def make_gradient_probe_fn(clf: Classifier, loss_fn) -> Callable:
-    """Ratio of the gradient norm of the loss as trained to that of the exact logits loss.
+def gradient_probe_graph(clf: Classifier, loss_fn) -> Callable:
+    """Ratio of the gradient norm of the loss as trained to that of the exact logits loss, as graph ops.
 
     1.0 when the trained loss reads logits; far below 1 when clipping has zeroed the gradient of
     confidently wrong examples.
@@ -175,7 +174,6 @@ def make_gradient_probe_fn(clf: Classifier, loss_fn) -> Callable:
     exact = make_formulation("logits", form.task).loss()
     variables = model.trainable_variables
 
-    @tf.function(reduce_retracing=True, autograph=AUTOGRAPH)
     def probe(x, y):
         with tf.GradientTape(persistent=True) as tape:
             outputs, logits = clf.outputs_and_logits(x, training=True)
@@ -191,26 +189,60 @@ def make_gradient_probe_fn(clf: Classifier, loss_fn) -> Callable:
     return probe
 
 
+class EndOfEpoch:
+    """One compiled call after each epoch: the diagnostics of every diagnosed set ("train_subset", and "val"
+    when there is one), the gradient probe and whether every weight is finite, as one float64 vector.
+
+    One call and one transfer instead of four calls and a conversion per value: on this model an epoch's
+    extras cost TensorFlow's per-call overhead more than arithmetic. Every value is cast to float64, which
+    is exact, so each is the number separate functions give (tests/test_train.py pins the histories).
+    """
+
+    def __init__(self, clf: Classifier, loss_fn, data: dict):
+        diagnosed = [name for name in DIAGNOSED if name in data]
+        self.inputs = [t for name in (*diagnosed, "probe") for t in data[name]]
+        self.names: list[str] = []  # of the vector's entries, in order; set when the function is traced
+        # The diagnostics and the probe stay functions of their own inside the graph, as they were when
+        # called one by one: the diagnostics are traced once for both sets (any number of examples), and
+        # Grappler optimises each body as before, so every value is what separate calls gave. (Inlined,
+        # the probe's two gradients were optimised together and grad_norm_ratio moved by float32 round-off:
+        # 1.0 exactly instead of 1 +- 1 ulp where the trained loss is the logits loss.)
+        own_function = dict(autograph=AUTOGRAPH, experimental_attributes={"_noinline": True})
+        any_count = lambda t: tf.TensorSpec([None, *t.shape[1:]], t.dtype)  # noqa: E731
+        diagnose = tf.function(diagnostics_graph(clf, loss_fn), input_signature=[any_count(t) for t in data["train"]],
+                               **own_function)
+        probe = tf.function(gradient_probe_graph(clf, loss_fn), **own_function)
+        signature = [tf.TensorSpec(t.shape, t.dtype) for t in self.inputs]
+
+        @tf.function(input_signature=signature, autograph=AUTOGRAPH)
+        def end_of_epoch(*tensors):
+            values = {}
+            for i, name in enumerate(diagnosed):
+                stats = diagnose(tensors[2 * i], tensors[2 * i + 1])
+                values.update({DIAGNOSED[name] + k: v for k, v in stats.items()})
+            values.update(probe(*tensors[-2:]))
+            values["weights_finite"] = tf.reduce_all([tf.reduce_all(tf.math.is_finite(w)) for w in clf.model.weights])
+            self.names[:] = list(values)
+            return tf.stack([tf.cast(v, tf.float64) for v in values.values()])
+
+        self.compiled = end_of_epoch
+
+    def __call__(self) -> tuple[dict[str, float], bool]:
+        values = dict(zip(self.names, self.compiled(*self.inputs).numpy().tolist()))
+        return values, values.pop("weights_finite") == 1.0
+
+
 class TensorFlowLoop:
     """pipeline.loops.Loop for the TensorFlow backend (the model's variables are always current)."""
 
     def __init__(self, clf: Classifier, loss_fn, optimizer, batch_size: int, data: dict):
         self.data = {name: (tf.constant(x), tf.constant(y)) for name, (x, y) in data.items()}
         self._epoch = make_epoch_fn(clf.model, loss_fn, optimizer, batch_size)
-        x, y = self.data["train"]
-        any_count = lambda t: tf.TensorSpec([None, *t.shape[1:]], t.dtype)  # noqa: E731
-        self._diagnose = make_diagnostics_fn(clf, loss_fn, any_count(x), any_count(y))
-        self._probe = make_gradient_probe_fn(clf, loss_fn)
+        self.end_of_epoch = EndOfEpoch(clf, loss_fn, self.data)
 
     def epoch(self, order) -> float:
         x, y = self.data["train"]
         return float(self._epoch(x, y, tf.constant(order)))
-
-    def diagnose(self, which: str) -> dict[str, float]:
-        return {k: float(v) for k, v in self._diagnose(*self.data[which]).items()}
-
-    def gradient_probe(self) -> dict[str, float]:
-        return {k: float(v) for k, v in self._probe(*self.data["probe"]).items()}
 
     def sync(self) -> None:
         pass  # tf.Variables are updated in place

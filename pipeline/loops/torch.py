@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from pipeline.formulations import formulation as make_formulation
-from pipeline.loops import diagnostics_on_host
+from pipeline.loops import diagnostics_on_host, end_of_epoch_in_parts
 from pipeline.models import Classifier
 
 # One thread, as TensorFlow gets (pipeline/__init__.py): a model this small only waits on threads, and a
@@ -66,6 +66,9 @@ class TorchLoop:
             logits, loss = self._logits(x).numpy(), float(self.loss_fn(y, outputs))
             probabilities = keras.ops.convert_to_numpy(form.probabilities(outputs))
         return diagnostics_on_host(logits, probabilities, labels, loss, form)
+
+    def end_of_epoch(self) -> tuple[dict[str, float], bool]:
+        return end_of_epoch_in_parts(self, self.model)
 
     def gradient_probe(self) -> dict[str, float]:
         x, y, _ = self.data["probe"]
