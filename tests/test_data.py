@@ -178,3 +178,37 @@ def test_a_study_reads_from_the_files_whether_its_dataset_is_prepared(tmp_path):
     (complete / "dataset_info.json").write_text("{}")
     assert looks_prepared("mnist_sample", None, str(tmp_path)) and looks_prepared("mnist_sample", "1.0.0", str(tmp_path))
     assert not looks_prepared("mnist_sample", "2.0.0", str(tmp_path))
+
+
+def test_a_decoded_split_is_kept_for_the_next_process_until_the_data_are_prepared_again(data_dir, tmp_path, monkeypatch):
+    """Decoding example by example costs every process seconds; the next one reads the decoded copy, and
+    a new preparation of the same dataset is decoded again, its old copy removed."""
+    from pipeline import data
+
+    copy = tmp_path / "tfds"
+    shutil.copytree(data_dir, copy, ignore=shutil.ignore_patterns(".decoded"))
+    builder = builder_for(DatasetConfig(), str(copy))
+    decoded = split_arrays(builder, "train")
+    kept = list((copy / ".decoded").iterdir())
+    assert [p.name.startswith("mnist_sample-1.0.0-train-") for p in kept] == [True]
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("decoded again")
+
+    monkeypatch.setattr(data, "_DECODED", {})  # as in a new process
+    monkeypatch.setattr(type(builder), "as_data_source", no_decoding)
+    again = split_arrays(builder, "train")
+    assert all(np.array_equal(a, b) and a.dtype == b.dtype for a, b in zip(decoded, again))
+
+    monkeypatch.undo()
+    monkeypatch.setattr(data, "_DECODED", {})
+    (kept[0]).write_bytes(b"damaged")  # damaged: decoded again, and rewritten
+    assert all(np.array_equal(a, b) for a, b in zip(decoded, split_arrays(builder, "train")))
+    assert data._read_decoded(kept[0]) is not None
+
+    prepared = next(Path(builder.data_dir).glob("*.json"))
+    prepared.touch()  # what a new preparation does to the prepared files' state
+    monkeypatch.setattr(data, "_DECODED", {})
+    split_arrays(builder, "train")
+    now = list((copy / ".decoded").iterdir())
+    assert len(now) == 1 and now != kept
