@@ -214,6 +214,19 @@ def looks_prepared(name: str, version: str | None, data_dir: str) -> bool:
     return any((path / "dataset_info.json").is_file() for path in versions)  # not TFDS's *.incomplete* folders
 
 
+def _import_report_meanwhile() -> None:
+    """Imports the report's modules (matplotlib, SciPy, Markdown: about 2 s) while the jobs run, instead
+    of after the last one, when this process works alone. A failure is left to the report's own import."""
+    import importlib
+    import threading
+
+    def load() -> None:
+        with contextlib.suppress(Exception):
+            importlib.import_module("pipeline.report.render")
+
+    threading.Thread(target=load, name="report-import", daemon=True).start()
+
+
 class StudyCallback(Callback):
     def __init__(self) -> None:
         self.study = None
@@ -281,6 +294,7 @@ class StudyCallback(Callback):
         os.environ[STUDY_STARTED_ENV] = f"{time.time():.3f}"
         self.started = time.monotonic()
         atexit.register(self.study.close, KeyboardInterrupt())  # a sweep that never reaches its end
+        _import_report_meanwhile()
         print(f"study {self.study.name}: {jobs} jobs, MLflow parent run {parent_run_id} ({self.uri})"
               + (f"; a job whose configuration finished in its interrupted attempt {resumed} keeps that run"
                  if resumed else ""), flush=True)
