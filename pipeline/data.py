@@ -145,15 +145,16 @@ class Splits:
 _DECODED: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
 # Decoding a split example by example (TFDS's data source, PIL for each PNG) costs every new process about
 # 0.6 ms an example, 3 s for the bundled digits: a study's workers, and every study, paid it again. The
-# decoded arrays are kept beside the prepared data, named after the prepared files' state, so any change
-# to those files (a new preparation) is a new name and a stale copy is never read.
+# decoded arrays are kept beside the prepared data, named after the prepared files' state (and TFDS's
+# version), so any change to those files (a new preparation) is a new name and a stale copy is never read.
 DECODED_FOLDER = ".decoded"  # in data_dir, outside every dataset's folder (DVC's fetch output among them)
 
 
 def _decoded_path(builder, split: str, stamp: tuple) -> Path:
     import hashlib
 
-    digest = hashlib.blake2b(repr(stamp).encode(), digest_size=12).hexdigest()
+    # TFDS's version too: a copy decoded by another TFDS is decoded again rather than trusted.
+    digest = hashlib.blake2b(repr((stamp, tfds.__version__)).encode(), digest_size=12).hexdigest()
     return Path(builder.data_dir_root) / DECODED_FOLDER / f"{_decoded_prefix(builder, split)}{digest}.npz"
 
 
