@@ -150,12 +150,12 @@ _DECODED: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
 DECODED_FOLDER = ".decoded"  # in data_dir, outside every dataset's folder (DVC's fetch output among them)
 
 
-def _decoded_path(builder, split: str, stamp: tuple) -> Path:
+def _decoded_path(builder, prefix: str, stamp: tuple) -> Path:
     import hashlib
 
     # TFDS's version too: a copy decoded by another TFDS is decoded again rather than trusted.
     digest = hashlib.blake2b(repr((stamp, tfds.__version__)).encode(), digest_size=12).hexdigest()
-    return Path(builder.data_dir_root) / DECODED_FOLDER / f"{_decoded_prefix(builder, split)}{digest}.npz"
+    return Path(builder.data_dir_root) / DECODED_FOLDER / f"{prefix}{digest}.npz"
 
 
 def _decoded_prefix(builder, split: str) -> str:
@@ -201,7 +201,8 @@ def split_arrays(builder, split: str) -> tuple[np.ndarray, np.ndarray]:
     stamp = tuple(sorted((name, st.st_size, st.st_mtime_ns) for name, st in stats.items()))
     key = (str(folder), split, stamp)
     if key not in _DECODED:
-        kept = _decoded_path(builder, split, stamp)
+        prefix = _decoded_prefix(builder, split)
+        kept = _decoded_path(builder, prefix, stamp)
         arrays = _read_decoded(kept)
         if arrays is None:
             try:
@@ -212,7 +213,7 @@ def split_arrays(builder, split: str) -> tuple[np.ndarray, np.ndarray]:
                     f"the prepared {builder.name} in {folder} cannot be read ({error_summary(error, 200)}); "
                     f"delete {folder.parent} to rebuild it") from None
             arrays = np.stack([e["image"] for e in examples]), np.array([e["label"] for e in examples])
-            _keep_decoded(kept, _decoded_prefix(builder, split), *arrays)
+            _keep_decoded(kept, prefix, *arrays)
         for array in arrays:
             array.setflags(write=False)
         _DECODED[key] = arrays
