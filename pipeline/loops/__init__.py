@@ -54,7 +54,7 @@ def weights_finite(model: keras.Model) -> bool:
     return all(np.isfinite(keras.ops.convert_to_numpy(w)).all() for w in model.weights)
 
 
-def end_of_epoch_in_parts(loop, model: keras.Model) -> tuple[dict[str, float], bool]:
+def end_of_epoch_in_parts(loop) -> tuple[dict[str, float], bool]:
     """`Loop.end_of_epoch` for the loops that compute its parts one after another (JAX, torch): each
     diagnosed set's diagnostics, the gradient probe, then the weights (current after `sync`)."""
     values = {}
@@ -62,7 +62,7 @@ def end_of_epoch_in_parts(loop, model: keras.Model) -> tuple[dict[str, float], b
         if name in loop.data:
             values.update({prefix + k: v for k, v in loop.diagnose(name).items()})
     values.update(loop.gradient_probe())
-    return values, weights_finite(model)
+    return values, weights_finite(loop.model)
 
 
 def make_loop(clf, loss_fn, optimizer, batch_size: int, data: dict) -> Loop:

@@ -113,7 +113,7 @@ class JaxLoop:
         return diagnostics_on_host(logits, form.probabilities(np.asarray(outputs)), labels, loss, form)
 
     def end_of_epoch(self) -> tuple[dict[str, float], bool]:
-        return end_of_epoch_in_parts(self, self.model)
+        return end_of_epoch_in_parts(self)
 
     def gradient_probe(self) -> dict[str, float]:
         x, y, _ = self.data["probe"]

@@ -68,7 +68,7 @@ class TorchLoop:
         return diagnostics_on_host(logits, probabilities, labels, loss, form)
 
     def end_of_epoch(self) -> tuple[dict[str, float], bool]:
-        return end_of_epoch_in_parts(self, self.model)
+        return end_of_epoch_in_parts(self)
 
     def gradient_probe(self) -> dict[str, float]:
         x, y, _ = self.data["probe"]
