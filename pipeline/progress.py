@@ -26,7 +26,7 @@ def clock(seconds: float) -> str:
 
 @dataclass
 class EpochProgress:
-    """Call with (epoch, metrics) after every epoch (it is `train`'s `on_epoch_end`)."""
+    """Call with (epoch, metrics) after every epoch (the run's `on_epoch_end` does)."""
 
     name: str
     epochs: int

@@ -25,8 +25,8 @@ from pipeline.files import exclusive, write_json
 from pipeline.models import Classifier
 from pipeline.progress import EpochProgress
 from pipeline.record import DatasetRef, RunRecord, Tag, run_record
-from pipeline.tracking import MetricBuffer, prepare_store, resumable, tracked_run, tracking_uri
-from pipeline.interrupt import interruptible, stop_requested
+from pipeline.tracking import MetricBuffer, last_logged_steps, prepare_store, resumable, tracked_run, tracking_uri
+from pipeline.interrupt import interruptible
 from pipeline.train import Checkpoint, TrainResult, configure_determinism, train
 
 # --- one configuration, end to end ----------------------------------------------------------------------
@@ -112,7 +112,8 @@ def run_configuration(cfg: Config, output_dir: Path, parent_run_id: str | None =
             first_epoch = checkpoint.epoch() + 1 if resume_id else 1
             progress = EpochProgress(record.name, cfg.train.epochs, first_epoch=first_epoch, job=job)
             with clock("train"):
-                result = interruptible(lambda: train_into_run(cfg, run_id, splits, checkpoint, progress))
+                result = interruptible(lambda: train_into_run(cfg, run_id, splits, checkpoint, progress,
+                                                              resumed=bool(resume_id)))
             metrics = evaluate_into_run(result.classifier, splits, clock)
             if model_path:
                 model_path.parent.mkdir(parents=True, exist_ok=True)
@@ -157,17 +158,20 @@ def log_inputs(cfg: Config, record: RunRecord, dataset: DatasetRef, splits: Spli
 
 
 def train_into_run(cfg: Config, run_id: str, splits: Splits, checkpoint: Checkpoint | None = None,
-                   progress: Callable[[int, dict], None] | None = None) -> TrainResult:
+                   progress: Callable[[int, dict], None] | None = None, resumed: bool = False) -> TrainResult:
     """Trains, sending per-epoch metrics to run `run_id` in batches; a checkpoint is saved only after a
-    batch is persisted, so a resumed run logs every epoch exactly once."""
-    metrics_log = MetricBuffer(mlflow.MlflowClient(), run_id, flush_seconds=cfg.tracking.flush_seconds,
-                               give_up_seconds=cfg.tracking.give_up_seconds)
+    batch is persisted. A `resumed` run sends only the steps its store lacks, so each epoch is logged
+    exactly once even when the store got further than the checkpoint."""
+    client = mlflow.MlflowClient()
+    logged = last_logged_steps(client, run_id) if resumed else {}
+    metrics_log = MetricBuffer(client, run_id, flush_seconds=cfg.tracking.flush_seconds,
+                               give_up_seconds=cfg.tracking.give_up_seconds, logged=logged)
 
-    def on_epoch_end(epoch: int, metrics: dict) -> bool:
+    def on_epoch_end(epoch: int, metrics: dict, stopping: bool) -> bool:
         metrics_log.log(metrics, step=epoch)
         if progress:
             progress(epoch, metrics)
-        if metrics_log.due() or stop_requested.is_set() or epoch == cfg.train.epochs:
+        if metrics_log.due() or stopping or epoch == cfg.train.epochs:
             metrics_log.flush()
             return True
         return False
@@ -178,10 +182,11 @@ def train_into_run(cfg: Config, run_id: str, splits: Splits, checkpoint: Checkpo
         with contextlib.suppress(Exception):
             metrics_log.flush()  # a diverged or failed run keeps the epochs it finished
     now = int(time.time() * 1000)
-    mlflow.MlflowClient().log_batch(
+    client.log_batch(
         run_id,
-        metrics=[Metric("probe_loss", result.probe_loss, now, 0),
-                 Metric("epochs_completed", float(result.epochs_completed), now, 0)],
+        metrics=[m for m in (Metric("probe_loss", result.probe_loss, now, 0),
+                             Metric("epochs_completed", float(result.epochs_completed), now, 0))
+                 if m.key not in logged],  # an attempt that died while evaluating logged them
         tags=[RunTag(Tag.EFFECTIVE_FROM_LOGITS, str(result.effective_from_logits).lower()),
               RunTag(Tag.OUTPUT_DTYPE, result.output_dtype), RunTag(Tag.DIVERGED, str(result.diverged).lower())],
     )

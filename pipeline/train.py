@@ -122,9 +122,10 @@ def _fixed_subset(x, y, limit: int):
 class Checkpoint:
     """The state after a finished epoch — weights, optimizer slots and step count, epoch — in one file.
 
-    Written atomically, and only once every metric up to that epoch is persisted, so a resumed run logs
-    each epoch exactly once; with the same seed the batch order of later epochs is the same, so a
-    resumed run ends where an uninterrupted one would.
+    Written atomically, and only once every metric up to that epoch is persisted (the store may hold
+    later ones too, when the process died between the two writes: a resumed run sends only what the
+    store lacks); with the same seed the batch order of later epochs is the same, so a resumed run ends
+    where an uninterrupted one would.
     """
 
     def __init__(self, path: Path):
@@ -223,13 +224,14 @@ def trainer_for(cfg: Config, form: Formulation, splits: Splits, output_dtype: st
 def train(
     cfg: Config,
     splits: Splits,
-    on_epoch_end: Callable[[int, dict], bool] = lambda epoch, metrics: True,
+    on_epoch_end: Callable[[int, dict, bool], bool] = lambda epoch, metrics, stopping: True,
     checkpoint: Checkpoint | None = None,
 ) -> TrainResult:
-    """Fits the configured model; calls `on_epoch_end(epoch, metrics)` after every epoch (1-based).
+    """Fits the configured model; calls `on_epoch_end(epoch, metrics, stopping)` after every epoch (1-based).
 
     `on_epoch_end` returns whether every epoch's metrics so far are persisted; only then is the
-    `checkpoint` saved (when given; training resumes from it when it exists).
+    `checkpoint` saved (when given; training resumes from it when it exists). `stopping`: a stop was
+    requested, so this epoch is the last; it must then persist them.
     """
     form = make_formulation(cfg.loss.formulation, cfg.dataset.task)
     keras.mixed_precision.set_global_policy(cfg.precision.policy.value)
@@ -258,9 +260,11 @@ def train(
             metrics["epoch_train_seconds"] = train_seconds
             result.history.append(metrics)
             result.epochs_completed = epoch
-            if on_epoch_end(epoch, metrics) and checkpoint:
+            # Read once: a stop requested between two reads would end the run past its checkpoint.
+            stopping = stop_requested.is_set()
+            if on_epoch_end(epoch, metrics, stopping) and checkpoint:
                 checkpoint.save(clf.model, optimizer, epoch)
-            if stop_requested.is_set():
+            if stopping:
                 raise Interrupted(f"stopped after epoch {epoch}")
             if not math.isfinite(epoch_loss) or not finite:
                 result.diverged = True

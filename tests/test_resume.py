@@ -4,8 +4,10 @@ commands (sweeps: test_sweep_interruptions.py)."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
+import sys
 import time
 
 import mlflow
@@ -101,6 +103,47 @@ def test_after_sigkill_the_next_invocation_marks_the_run_failed_and_resumes_ever
     steps = [m.step for m in mlflow.MlflowClient(uri).get_metric_history(run.info.run_id, "val_nll_float64")]
     assert sorted(steps) == list(range(1, 151))  # none missing, none twice
     assert run.info.status == "FINISHED" and "failed_reason" not in run.data.tags
+
+
+# `pipeline.run` whose 6th checkpoint save SIGKILLs the process first: epoch 6's metrics are in the store,
+# its checkpoint is not (the OOM killer can strike in that moment between the two writes).
+KILLED_BEFORE_SIXTH_CHECKPOINT = """
+import os, runpy, signal, sys
+from pipeline.train import Checkpoint
+saves, save = [], Checkpoint.save
+def killing_save(self, model, optimizer, epoch):
+    saves.append(epoch)
+    if len(saves) == 6:
+        os.kill(os.getpid(), signal.SIGKILL)
+    save(self, model, optimizer, epoch)
+Checkpoint.save = killing_save
+sys.argv[0] = "pipeline/run.py"
+runpy.run_module("pipeline.run", run_name="__main__", alter_sys=True)
+"""
+
+
+def test_a_run_killed_between_storing_metrics_and_its_checkpoint_resumes_every_epoch_exactly_once(tmp_path, data_dir):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    config = ["train.epochs=20", "seed=7", "tracking.flush_seconds=0"]  # every epoch: send, then checkpoint
+    killed = subprocess.run(
+        [sys.executable, "-c", KILLED_BEFORE_SIXTH_CHECKPOINT, f"data_dir={data_dir}", f"hydra.run.dir={tmp_path / 'killed'}",
+         f"checkpoints_dir={tmp_path / 'checkpoints'}", *config],
+        cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "MLFLOW_TRACKING_URI": uri})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    (orphan,) = runs_of(uri)
+    client = mlflow.MlflowClient(uri)
+    assert max(m.step for m in client.get_metric_history(orphan.info.run_id, "val_nll_float64")) == 6
+
+    resumed = run_one(tmp_path, data_dir, uri, *config, name="resumed")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"resuming run {orphan.info.run_id}" in resumed.stdout
+    (run,) = runs_of(uri)
+    assert run.info.status == "FINISHED"
+    per_epoch = [key for key in run.data.metrics if client.get_metric_history(run.info.run_id, key)[-1].step > 0]
+    assert len(per_epoch) > 10
+    for key in per_epoch:
+        steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, key))
+        assert steps == list(range(1, 21)), key  # none missing, none twice
 
 
 def test_a_second_signal_stops_at_once_inside_a_long_compiled_epoch(tmp_path, data_dir):

@@ -11,7 +11,8 @@ from pipeline.config import validate
 from pipeline.data import load
 from pipeline.formulations import FormulationName, Task
 from pipeline.loops.equivalence import compare_with_fit
-from pipeline.train import batch_order, train
+from pipeline.interrupt import Interrupted, stop_requested
+from pipeline.train import Checkpoint, batch_order, train
 
 # Largest |w_fast - w_fit| after 3 epochs of 1,000 examples measured 0.0 on TF 2.21 / Keras 3.15;
 # the bound leaves room for float32 reassociation on other CPUs.
@@ -56,10 +57,33 @@ def test_batch_order_depends_on_seed_and_epoch_only():
     assert sorted(batch_order(1, 2, 100).tolist()) == list(range(100))
 
 
+def test_a_stop_requested_after_an_epoch_was_reported_ends_training_one_epoch_later_persisted(data_dir, tmp_path):
+    """The stop request is read once per epoch: the epoch that ends training is the one told so (and made
+    to persist its metrics), and its checkpoint is saved. Read twice, a request arriving in between ended
+    training without a checkpoint of metrics sent afterwards: the resumed run logged them twice."""
+    cfg = validate(compose_config("train.epochs=6", f"data_dir={data_dir}"))
+    told = []
+
+    def on_epoch_end(epoch, metrics, stopping):
+        told.append((epoch, stopping))
+        if epoch == 2:
+            stop_requested.set()  # arrives after this epoch's report: the next epoch is the last
+        return stopping
+
+    checkpoint = Checkpoint(tmp_path / "state.npz")
+    try:
+        with pytest.raises(Interrupted):
+            train(cfg, load(cfg.dataset, data_dir), on_epoch_end=on_epoch_end, checkpoint=checkpoint)
+    finally:
+        stop_requested.clear()
+    assert told == [(1, False), (2, False), (3, True)]
+    assert checkpoint.epoch() == 3
+
+
 def test_train_reports_per_epoch_diagnostics(data_dir):
     cfg = validate(compose_config("train.epochs=2", "loss=probs_naive", f"data_dir={data_dir}"))
     seen = []
-    result = train(cfg, load(cfg.dataset, data_dir), on_epoch_end=lambda epoch, m: seen.append(epoch))
+    result = train(cfg, load(cfg.dataset, data_dir), on_epoch_end=lambda epoch, m, stopping: seen.append(epoch))
     assert seen == [1, 2] and result.epochs_completed == 2 and not result.diverged
     assert result.effective_from_logits is False and result.output_dtype == "float32"
     last = result.history[-1]

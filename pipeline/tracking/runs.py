@@ -125,23 +125,37 @@ class Study:
 # --- metrics, batched ----------------------------------------------------------------------------------
 
 
+def last_logged_steps(client: MlflowClient, run_id: str) -> dict[str, int]:
+    """The last step of each metric the store holds for run `run_id`."""
+    keys = client.get_run(run_id).data.metrics
+    return {key: max(m.step for m in client.get_metric_history(run_id, key)) for key in keys}
+
+
 class MetricBuffer:
     """Collects per-epoch metrics and sends them in batches (SQLite logging costs ~65 ms a call).
 
     A failed send keeps the metrics and is retried at the next flush; once the store has failed for
     `give_up_seconds` in a row, `flush` raises TrackingUnavailable.
+
+    `logged`: the last step of each metric already in the store (`last_logged_steps`), for a resumed run;
+    those steps are not sent again. A process can die after a batch is stored and before the checkpoint of
+    its last epoch is written; the resumed run trains those epochs again from the checkpoint before, and
+    the store keeps each step once.
     """
 
-    def __init__(self, client: MlflowClient, run_id: str, flush_seconds: float = 5.0, give_up_seconds: float = 45.0):
+    def __init__(self, client: MlflowClient, run_id: str, flush_seconds: float = 5.0, give_up_seconds: float = 45.0,
+                 logged: dict[str, int] | None = None):
         self.client, self.run_id = client, run_id
         self.flush_seconds, self.give_up_seconds = flush_seconds, give_up_seconds
+        self.logged = logged or {}
         self.pending: list[Metric] = []
         self.last_flush = time.monotonic()
         self.failing_since: float | None = None
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         now = int(time.time() * 1000)
-        self.pending += [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        self.pending += [Metric(k, float(v), now, step) for k, v in metrics.items()
+                         if k not in self.logged or step > self.logged[k]]
 
     def due(self) -> bool:
         return time.monotonic() - self.last_flush >= self.flush_seconds
