@@ -25,7 +25,7 @@ def mixed_sweep(tmp_path_factory, data_dir):
     # The default launcher (joblib, one worker per core): each worker runs jobs of either backend. Parallel
     # first writers into a fresh store also race on SQLite's schema and the dataset's row (the study creates
     # the store first; a job that loses the dataset race finds the row on its next try).
-    result = run_cli("pipeline.run", "-m", "backend=tensorflow,jax", "loss=probs,logits,probs_naive", "seed=0",
+    result = run_cli("pipeline.run", "-m", "backend=tensorflow,jax", "loss=probs,probs_naive", "seed=0",
                      "train.epochs=2", f"data_dir={data_dir}", "study=mixed", f"hydra.sweep.dir={root / 'sweep'}",
                      f"reports_dir={root / 'reports'}", env={"MLFLOW_TRACKING_URI": uri})
     assert result.returncode == 0, result.stderr[-3000:]
@@ -35,13 +35,12 @@ def mixed_sweep(tmp_path_factory, data_dir):
 def test_a_parallel_sweep_mixing_backends_runs_each_job_on_its_backend_and_loses_no_run(mixed_sweep):
     uri, root, _ = mixed_sweep
     parent, children = study_runs(uri)
-    assert len(children) == 6 and parent.info.status == "FINISHED"
+    assert len(children) == 4 and parent.info.status == "FINISHED"
     assert all(r.info.status == "FINISHED" and "test_nll" in r.data.metrics for r in children)
     effective = {(r.data.tags["backend"], r.data.tags["formulation"]): r.data.tags["effective_from_logits"] for r in children}
-    # Probed per run: Keras rescues the note's original code on TensorFlow only.
-    assert effective == {("tensorflow", "probs"): "true", ("tensorflow", "logits"): "true",
-                         ("tensorflow", "probs_naive"): "false", ("jax", "probs"): "false",
-                         ("jax", "logits"): "true", ("jax", "probs_naive"): "false"}
+    # Probed per run: Keras rescues the note's original code on TensorFlow only (logits: test_launchers.py).
+    assert effective == {("tensorflow", "probs"): "true", ("tensorflow", "probs_naive"): "false",
+                         ("jax", "probs"): "false", ("jax", "probs_naive"): "false"}
     jax_runs = [r for r in children if r.data.tags["backend"] == "jax"]
     assert all("jax==" in r.data.tags["versions"] for r in jax_runs)
     by_arm = {r.data.tags["formulation"]: r.data.metrics["test_nll"] for r in jax_runs}
@@ -55,7 +54,7 @@ def test_a_jax_trained_model_loads_back_and_predicts_as_evaluated(mixed_sweep, d
     from pipeline.config import DatasetConfig
     from pipeline.data import load
 
-    (run,) = [r for r in runs_of(uri) if r.data.tags.get("backend") == "jax" and r.data.tags.get("formulation") == "logits"]
+    (run,) = [r for r in runs_of(uri) if r.data.tags.get("backend") == "jax" and r.data.tags.get("formulation") == "probs"]
     mlflow.set_tracking_uri(uri)
     model = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model")
     splits = load(DatasetConfig(), data_dir)
