@@ -26,7 +26,15 @@ def clock(seconds: float) -> str:
 
 @dataclass
 class EpochProgress:
-    """Call with (epoch, metrics) after every epoch (the run's `on_epoch_end` does)."""
+    """Call with (epoch, metrics) after every epoch (the run's `on_epoch_end` does).
+
+    The estimates extrapolate the epochs after the first one this process trained: the first also pays
+    for building and tracing, so until a second epoch is done a line gives no estimate. A job's time left
+    is its remaining epochs at that rate. A study's adds, for each job not yet started, one job's duration
+    (the first epoch as this one took it, the others at the rate) shared among the launcher's workers;
+    with w workers, jobs up to about this one's number + w have started. Processes' start-up and the
+    study's report are not counted.
+    """
 
     name: str
     epochs: int
@@ -39,36 +47,40 @@ class EpochProgress:
         if self.interactive is None:
             self.interactive = self.stream.isatty()
         self.started = time.monotonic()
+        self.first_epoch_done: float | None = None  # when this process's first epoch ended
         self.every = max(1, self.epochs // 10)
         jobs = os.environ.get(STUDY_JOBS_ENV)
         self.study_jobs = int(jobs) if jobs and self.job is not None else None
         self.study_started = float(os.environ.get(STUDY_STARTED_ENV, time.time()))
         self.workers = max(1, int(os.environ.get(STUDY_WORKERS_ENV, "1")))
 
-    def line(self, epoch: int, metrics: dict) -> str:
-        elapsed = time.monotonic() - self.started
-        done = epoch - self.first_epoch + 1
-        left = elapsed / done * (self.epochs - epoch) if done > 0 else 0.0
+    def line(self, epoch: int, metrics: dict, now: float) -> str:
+        elapsed = now - self.started
+        since_first = epoch - self.first_epoch
+        rate = (now - self.first_epoch_done) / since_first if since_first > 0 else None  # seconds an epoch
         parts = []
         if self.study_jobs:
-            study_elapsed = time.time() - self.study_started
-            # With w workers, job j starts after about j / w job-durations: the study lasts jobs / w of them.
-            job_durations = self.job // self.workers + done / max(1, self.epochs - self.first_epoch + 1)
-            per_job = study_elapsed / job_durations if job_durations > 0 else 0.0
-            study_left = max(0.0, per_job * self.study_jobs / self.workers - study_elapsed)
-            parts.append(f"job {self.job + 1}/{self.study_jobs} (study {clock(study_elapsed)}, ~{clock(study_left)} left)")
+            study = f"study {clock(time.time() - self.study_started)}"
+            if rate is not None:
+                job_seconds = (self.first_epoch_done - self.started) + rate * (self.epochs - 1)
+                not_started = max(0, self.study_jobs - self.job - self.workers)
+                study += f", ~{clock(rate * (self.epochs - epoch) + job_seconds * not_started / self.workers)} left"
+            parts.append(f"job {self.job + 1}/{self.study_jobs} ({study})")
         parts.append(f"{self.name} epoch {epoch}/{self.epochs}")
         parts.append(f"loss {metrics.get('train_epoch_loss', float('nan')):.4g}")
         if "val_nll_float64" in metrics:
             parts.append(f"val_nll {metrics['val_nll_float64']:.4g}")
         if metrics.get("val_clipped_fraction"):
             parts.append(f"clipped {metrics['val_clipped_fraction']:.1%}")
-        parts.append(f"{clock(elapsed)} elapsed, ~{clock(left)} left")
+        parts.append(f"{clock(elapsed)} elapsed" + (f", ~{clock(rate * (self.epochs - epoch))} left" if rate is not None else ""))
         return "  ".join(parts)
 
     def __call__(self, epoch: int, metrics: dict) -> None:
+        now = time.monotonic()
+        if self.first_epoch_done is None:
+            self.first_epoch_done = now
         if self.interactive:
             end = "\n" if epoch == self.epochs else ""
-            print(f"\r\033[K{self.line(epoch, metrics)}", end=end, file=self.stream, flush=True)
+            print(f"\r\033[K{self.line(epoch, metrics, now)}", end=end, file=self.stream, flush=True)
         elif epoch == self.first_epoch or epoch == self.epochs or epoch % self.every == 0:
-            print(self.line(epoch, metrics), file=self.stream, flush=True)
+            print(self.line(epoch, metrics, now), file=self.stream, flush=True)

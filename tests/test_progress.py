@@ -39,14 +39,18 @@ def test_in_a_study_each_line_says_which_job_of_how_many(monkeypatch):
     assert out.getvalue().startswith("job 4/15 (study ")
 
 
-def test_a_resumed_run_estimates_from_its_remaining_epochs_only(monkeypatch):
-    times = iter([0.0, 10.0])  # started at 0 s; epoch 61 (its first) done at 10 s
+def test_the_estimate_starts_after_the_first_epoch_which_also_pays_for_tracing(monkeypatch):
+    """A resumed run: created at 0 s, its first epoch (61) done at 10 s (building and tracing too), the next
+    at 11 s: 1 s an epoch, 38 left. The first line gives no estimate: one epoch with the tracing in it
+    would have said 6:30 (a fresh run's first line said 3 hours for a 1-minute study)."""
+    times = iter([0.0, 10.0, 11.0])
     monkeypatch.setattr("pipeline.progress.time.monotonic", lambda: next(times))
     out = io.StringIO()
-    progress = EpochProgress("logits-seed0", epochs=100, first_epoch=61, stream=out, interactive=False)
+    progress = EpochProgress("logits-seed0", epochs=100, first_epoch=61, stream=out, interactive=True)
     progress(61, METRICS)
-    # One epoch in 10 s, 39 left: 6:30, not the 0:06 that counting the 60 resumed epochs as done would give.
-    assert "epoch 61/100" in out.getvalue() and "~6:30 left" in out.getvalue()
+    assert "epoch 61/100" in out.getvalue() and "0:10 elapsed" in out.getvalue() and "left" not in out.getvalue()
+    progress(62, METRICS)
+    assert out.getvalue().split("\r")[-1].endswith("0:11 elapsed, ~0:38 left")
 
 
 def sweep_size(lines: list[str]) -> int:
@@ -67,12 +71,20 @@ def test_clock_format():
 
 
 def test_the_study_estimate_counts_parallel_workers(monkeypatch):
-    """Job 5 of 20 (0-based 4) on 2 workers, half done, 25 s into the study: 2.5 job-durations of 10 s each
-    have passed; the study lasts 20 / 2 = 10 of them, so 75 s are left (not the 325 s a serial count gives)."""
+    """Job 5 of 20 (0-based 4) on 2 workers: its first epoch took 3 s, then 1 s an epoch, so a job lasts
+    3 + 9 = 12 s. At its epoch 5: 5 s of this job left; jobs 0-5 have started, the 14 others take 14 x 12 / 2
+    = 84 s on the 2 workers: 89 s left in all."""
     monkeypatch.setenv(STUDY_JOBS_ENV, "20")
     monkeypatch.setenv(STUDY_WORKERS_ENV, "2")
     monkeypatch.setenv(STUDY_STARTED_ENV, "1000")
     monkeypatch.setattr("pipeline.progress.time.time", lambda: 1025.0)
+    times = iter([0.0, 3.0, 7.0])
+    monkeypatch.setattr("pipeline.progress.time.monotonic", lambda: next(times))
     out = io.StringIO()
-    EpochProgress("probs-seed4", epochs=10, job=4, stream=out, interactive=False)(5, METRICS)
-    assert out.getvalue().startswith("job 5/20 (study 0:25, ~1:15 left)")
+    progress = EpochProgress("probs-seed4", epochs=10, job=4, stream=out, interactive=False)
+    progress(1, METRICS)
+    progress(5, METRICS)
+    first, fifth = out.getvalue().splitlines()
+    assert first.startswith("job 5/20 (study 0:25)  probs-seed4 epoch 1/10")
+    assert fifth.startswith("job 5/20 (study 0:25, ~1:29 left)  probs-seed4 epoch 5/10")
+    assert fifth.endswith("0:07 elapsed, ~0:05 left")
