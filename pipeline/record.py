@@ -45,6 +45,7 @@ class Tag:
 
 
 STUDY_ROLE = "study"
+MODEL_NAME = "model"  # the name each run logs its model under: runs:/<run id>/model
 
 # The two keys that make a run one arm of one pair inside a setting.
 ARM_KEYS = ("loss.formulation", "seed")

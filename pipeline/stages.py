@@ -24,8 +24,9 @@ from pipeline.data import Splits, fetch, load
 from pipeline.files import exclusive, write_json
 from pipeline.models import Classifier
 from pipeline.progress import EpochProgress
-from pipeline.record import DatasetRef, RunRecord, Tag, run_record
-from pipeline.tracking import MetricBuffer, last_logged_steps, prepare_store, resumable, tracked_run, tracking_uri
+from pipeline.record import MODEL_NAME, DatasetRef, RunRecord, Tag, run_record
+from pipeline.tracking import (MetricBuffer, has_logged_model, last_logged_steps, prepare_store, resumable, tracked_run,
+                               tracking_uri)
 from pipeline.interrupt import interruptible
 from pipeline.train import Checkpoint, TrainResult, configure_determinism, train
 
@@ -110,16 +111,18 @@ def run_configuration(cfg: Config, output_dir: Path, parent_run_id: str | None =
                 with clock("logging"):
                     log_inputs(cfg, record, dataset, splits)
             first_epoch = checkpoint.epoch() + 1 if resume_id else 1
+            # What an earlier attempt stored: its process may have died after a write its checkpoint
+            # does not know of (an epoch's metrics, the evaluation, the model); none is written twice.
+            logged = last_logged_steps(mlflow.MlflowClient(), run_id) if resume_id else {}
             progress = EpochProgress(record.name, cfg.train.epochs, first_epoch=first_epoch, job=job)
             with clock("train"):
-                result = interruptible(lambda: train_into_run(cfg, run_id, splits, checkpoint, progress,
-                                                              resumed=bool(resume_id)))
-            metrics = evaluate_into_run(result.classifier, splits, clock)
+                result = interruptible(lambda: train_into_run(cfg, run_id, splits, checkpoint, progress, logged))
+            metrics = evaluate_into_run(result.classifier, splits, clock, logged)
             if model_path:
                 model_path.parent.mkdir(parents=True, exist_ok=True)
                 result.classifier.model.save(model_path)
             write_json(output_dir / "metrics.json", {"run_id": run_id, **metrics})
-            clock.log()
+            clock.log(logged)
         shutil.rmtree(folder, ignore_errors=True)  # finished: nothing to resume
     print(summary_line(run_id, record.name, result, metrics), flush=True)
     return {"run_id": run_id, **metrics}
@@ -158,12 +161,13 @@ def log_inputs(cfg: Config, record: RunRecord, dataset: DatasetRef, splits: Spli
 
 
 def train_into_run(cfg: Config, run_id: str, splits: Splits, checkpoint: Checkpoint | None = None,
-                   progress: Callable[[int, dict], None] | None = None, resumed: bool = False) -> TrainResult:
+                   progress: Callable[[int, dict], None] | None = None, logged: dict[str, int] | None = None
+                   ) -> TrainResult:
     """Trains, sending per-epoch metrics to run `run_id` in batches; a checkpoint is saved only after a
-    batch is persisted. A `resumed` run sends only the steps its store lacks, so each epoch is logged
-    exactly once even when the store got further than the checkpoint."""
+    batch is persisted. Steps already `logged` (`last_logged_steps`: a resumed run's store may have got
+    further than its checkpoint) are not sent again, so each epoch is logged exactly once."""
     client = mlflow.MlflowClient()
-    logged = last_logged_steps(client, run_id) if resumed else {}
+    logged = logged or {}
     metrics_log = MetricBuffer(client, run_id, flush_seconds=cfg.tracking.flush_seconds,
                                give_up_seconds=cfg.tracking.give_up_seconds, logged=logged)
 
@@ -208,7 +212,7 @@ def log_model(clf: Classifier, x_example) -> str:
         from importlib.metadata import version
 
         requirements.append(f"{'jax[cpu]' if backend == 'jax' else backend}=={version(backend)}")
-    return mlflow.tensorflow.log_model(served, name="model", signature=signature, pip_requirements=requirements).model_uri
+    return mlflow.tensorflow.log_model(served, name=MODEL_NAME, signature=signature, pip_requirements=requirements).model_uri
 
 
 class StageClock:
@@ -225,20 +229,28 @@ class StageClock:
         finally:
             self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - started
 
-    def log(self) -> None:
-        mlflow.log_metrics({f"seconds_{stage}": value for stage, value in self.seconds.items()})
+    def log(self, logged: dict[str, int] | None = None) -> None:
+        """Logs the times, but those an earlier attempt of the run already `logged`."""
+        times = {f"seconds_{stage}": value for stage, value in self.seconds.items()}
+        mlflow.log_metrics({key: value for key, value in times.items() if key not in (logged or {})})
 
 
-def evaluate_into_run(clf: Classifier, splits: Splits, clock: StageClock | None = None) -> dict[str, float]:
+def evaluate_into_run(clf: Classifier, splits: Splits, clock: StageClock | None = None,
+                      logged: dict[str, int] | None = None) -> dict[str, float]:
+    """Evaluates on the test split and logs the metrics, the reliability table and the model into the
+    active run, but what an earlier attempt of the run already `logged`."""
     from pipeline.evaluate import evaluate
 
     clock = clock or StageClock()
+    logged = logged or {}
     with clock("evaluate"):
         metrics, reliability = evaluate(clf, splits.x_test, splits.y_test)
     with clock("logging"):
-        mlflow.log_metrics(metrics)
-        mlflow.log_dict(reliability, "reliability.json")
-        log_model(clf, splits.x_test[:5])
+        mlflow.log_metrics({key: value for key, value in metrics.items() if key not in logged})
+        mlflow.log_dict(reliability, "reliability.json")  # the same file again, if it was there
+        # The model is logged after the test metrics: only an attempt that stored those may have logged it.
+        if "test_nll" not in logged or not has_logged_model(mlflow.active_run().info.run_id, MODEL_NAME):
+            log_model(clf, splits.x_test[:5])
     return metrics
 
 

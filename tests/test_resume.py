@@ -85,37 +85,48 @@ def test_a_checkpoint_resumes_only_where_it_belongs_and_a_deleted_run_does_not_b
     assert fresh.info.run_id != killed.info.run_id and fresh.info.status == "FINISHED"
 
 
-# `pipeline.run` whose 6th checkpoint save SIGKILLs the process first: epoch 6's metrics are in the store,
-# its checkpoint is not (the OOM killer can strike in that moment between the two writes).
-KILLED_BEFORE_SIXTH_CHECKPOINT = """
+# `pipeline.run` SIGKILLed where the OOM killer can strike between two writes: "checkpoint" kills it as it
+# is about to save its 6th checkpoint (epoch 6's metrics are in the store, its checkpoint is not);
+# "model" kills it once its model is logged (its test metrics and model are in the store, the run is open).
+KILLED_BETWEEN_WRITES = """
 import os, runpy, signal, sys
-from pipeline.train import Checkpoint
-saves, save = [], Checkpoint.save
-def killing_save(self, model, optimizer, epoch):
-    saves.append(epoch)
-    if len(saves) == 6:
-        os.kill(os.getpid(), signal.SIGKILL)
-    save(self, model, optimizer, epoch)
-Checkpoint.save = killing_save
-sys.argv[0] = "pipeline/run.py"
+kill = lambda: os.kill(os.getpid(), signal.SIGKILL)
+if sys.argv[1] == "checkpoint":
+    from pipeline.train import Checkpoint
+    saves, save = [], Checkpoint.save
+    def killing_save(self, model, optimizer, epoch):
+        saves.append(epoch)
+        if len(saves) == 6:
+            kill()
+        save(self, model, optimizer, epoch)
+    Checkpoint.save = killing_save
+else:
+    import pipeline.stages
+    log_model = pipeline.stages.log_model
+    pipeline.stages.log_model = lambda *args: (log_model(*args), kill())
+sys.argv[0:2] = ["pipeline/run.py"]
 runpy.run_module("pipeline.run", run_name="__main__", alter_sys=True)
 """
 
 
-def test_after_sigkill_between_storing_metrics_and_the_checkpoint_the_run_resumes_every_epoch_exactly_once(tmp_path, data_dir):
-    """The next invocation marks the orphaned RUNNING run FAILED and continues it from its checkpoint; the
-    epochs trained again are not logged again."""
+def test_after_sigkill_between_two_writes_the_run_resumes_with_every_epoch_and_its_model_once(tmp_path, data_dir):
+    """Killed between storing an epoch's metrics and its checkpoint, then between logging its model and
+    closing the run: each next invocation marks the orphaned RUNNING run FAILED and continues it; the
+    epochs trained again are not logged again, nor the evaluation and the model."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     config = ["train.epochs=20", "seed=7", "tracking.flush_seconds=0"]  # every epoch: send, then checkpoint
-    killed = subprocess.run(
-        [sys.executable, "-c", KILLED_BEFORE_SIXTH_CHECKPOINT, f"data_dir={data_dir}", f"hydra.run.dir={tmp_path / 'killed'}",
-         f"checkpoints_dir={tmp_path / 'checkpoints'}", *config],
-        cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "MLFLOW_TRACKING_URI": uri})
-    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
-    (orphan,) = runs_of(uri)
-    assert orphan.info.status == "RUNNING"  # nobody could close it
     client = mlflow.MlflowClient(uri)
-    assert max(m.step for m in client.get_metric_history(orphan.info.run_id, "val_nll_float64")) == 6
+    for attempt, where in enumerate(["checkpoint", "model"]):
+        killed = subprocess.run(
+            [sys.executable, "-c", KILLED_BETWEEN_WRITES, where, f"data_dir={data_dir}",
+             f"hydra.run.dir={tmp_path / where}", f"checkpoints_dir={tmp_path / 'checkpoints'}", *config],
+            cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "MLFLOW_TRACKING_URI": uri})
+        assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+        (orphan,) = runs_of(uri)
+        assert orphan.info.status == "RUNNING"  # nobody could close it
+        assert attempt == 0 or "marked 1 stale RUNNING run(s) FAILED" in killed.stdout
+    history = lambda key: client.get_metric_history(orphan.info.run_id, key)  # noqa: E731
+    assert len(history("test_nll")) == 1 and max(m.step for m in history("val_nll_float64")) == 20
 
     resumed = run_one(tmp_path, data_dir, uri, *config, name="resumed")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
@@ -123,11 +134,14 @@ def test_after_sigkill_between_storing_metrics_and_the_checkpoint_the_run_resume
     assert f"resuming run {orphan.info.run_id}" in resumed.stdout
     (run,) = runs_of(uri)
     assert run.info.status == "FINISHED" and "failed_reason" not in run.data.tags
-    per_epoch = [key for key in run.data.metrics if client.get_metric_history(run.info.run_id, key)[-1].step > 0]
+    per_epoch = [key for key in run.data.metrics if history(key)[-1].step > 0]
     assert len(per_epoch) > 10
     for key in per_epoch:
-        steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, key))
-        assert steps == list(range(1, 21)), key  # none missing, none twice
+        assert sorted(m.step for m in history(key)) == list(range(1, 21)), key  # none missing, none twice
+    for key in set(run.data.metrics) - set(per_epoch):
+        assert len(history(key)) == 1, key  # the evaluation's and the run's totals: once
+    models = client.search_logged_models([run.info.experiment_id], filter_string=f"source_run_id = '{run.info.run_id}'")
+    assert len(models) == 1
 
 
 def test_a_second_signal_stops_at_once_inside_a_long_compiled_epoch(tmp_path, data_dir):

@@ -131,6 +131,17 @@ def last_logged_steps(client: MlflowClient, run_id: str) -> dict[str, int]:
     return {key: max(m.step for m in client.get_metric_history(run_id, key)) for key in keys}
 
 
+def has_logged_model(run_id: str, name: str) -> bool:
+    """Whether run `run_id` has a model `name` whose logging finished (READY; a writer that died midway
+    leaves it PENDING)."""
+    from mlflow.entities import LoggedModelStatus
+
+    client = MlflowClient()
+    experiment_id = client.get_run(run_id).info.experiment_id
+    found = client.search_logged_models([experiment_id], filter_string=f"source_run_id = '{run_id}' AND name = '{name}'")
+    return any(model.status == LoggedModelStatus.READY for model in found)
+
+
 class MetricBuffer:
     """Collects per-epoch metrics and sends them in batches (SQLite logging costs ~65 ms a call).
 
