@@ -176,14 +176,10 @@ def _read_decoded(path: Path) -> tuple[np.ndarray, np.ndarray] | None:
 def _keep_decoded(path: Path, prefix: str, images: np.ndarray, labels: np.ndarray) -> None:
     """Writes the decoded arrays (atomically) and removes this split's copies of earlier preparations; a
     read-only data_dir or a full disk only means the next process decodes again."""
-    from pipeline.files import WriteError, write_atomically
-
-    def write(tmp: Path) -> None:
-        with open(tmp, "wb") as f:  # a file object: np.savez would add ".npz" to a path
-            np.savez(f, images=images, labels=labels)
+    from pipeline.files import WriteError, write_arrays
 
     try:
-        write_atomically(path, write)
+        write_arrays(path, images=images, labels=labels)
     except WriteError:
         return
     for stale in path.parent.iterdir():

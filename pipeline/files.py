@@ -1,7 +1,7 @@
 """Writing files so that readers never see half of one, and so that colleagues can read them.
 
 Every file and folder the pipeline writes for others (metrics.json, run.json, DVC outputs, reports,
-checkpoints) goes through here: written beside its target and renamed into place, with the modes the
+checkpoints, decoded data) goes through here: written beside its target and renamed into place, with the modes the
 user's umask gives (temporary files and folders are created 0600/0700, which would hide results from a
 shared group); a refusal of the file system names the file. A report folder is replaced only if the
 pipeline made it (it carries MARKER). The locks live here too: `exclusive` (a file's, e.g. a checkpoint
@@ -68,6 +68,17 @@ def write_json(path: Path, payload: dict) -> None:
 
 def write_text(path: Path, text: str) -> None:
     write_atomically(path, lambda tmp: tmp.write_text(text))
+
+
+def write_arrays(path: Path, **arrays) -> None:
+    """NumPy arrays as one .npz file (np.load reads them back by name)."""
+    import numpy as np
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:  # a file object: np.savez would add ".npz" to a path
+            np.savez(f, **arrays)
+
+    write_atomically(path, write)
 
 
 def _refuse_unless_ours(folder: Path) -> None:

@@ -26,7 +26,7 @@ import numpy as np
 
 from pipeline.config import Config, Precision
 from pipeline.data import Splits
-from pipeline.files import write_atomically
+from pipeline.files import write_arrays
 from pipeline.formulations import Formulation, Task, formulation as make_formulation
 from pipeline.interrupt import Interrupted, stop_requested
 from pipeline.loops import compiled, make_loop
@@ -137,12 +137,7 @@ class Checkpoint:
     def save(self, model: keras.Model, optimizer, epoch: int) -> None:
         arrays = {f"w{i}": np.asarray(w) for i, w in enumerate(model.get_weights())}
         arrays |= {f"o{i}": keras.ops.convert_to_numpy(v) for i, v in enumerate(optimizer.variables)}
-
-        def write(tmp: Path) -> None:
-            with open(tmp, "wb") as f:  # a file object: np.savez would add ".npz" to a path
-                np.savez(f, epoch=epoch, **arrays)
-
-        write_atomically(self.path, write)
+        write_arrays(self.path, epoch=epoch, **arrays)
 
     def restore(self, model: keras.Model, optimizer) -> int:
         with np.load(self.path) as saved:
