@@ -26,7 +26,7 @@ from pipeline.models import Classifier
 from pipeline.progress import EpochProgress
 from pipeline.record import MODEL_NAME, DatasetRef, RunRecord, Tag, run_record
 from pipeline.tracking import (MetricBuffer, has_logged_model, last_logged_steps, prepare_store, resumable, tracked_run,
-                               tracking_uri)
+                               tracking_uri, unlogged)
 from pipeline.interrupt import interruptible
 from pipeline.train import Checkpoint, TrainResult, configure_determinism, train
 
@@ -167,7 +167,6 @@ def train_into_run(cfg: Config, run_id: str, splits: Splits, checkpoint: Checkpo
     batch is persisted. Steps already `logged` (`last_logged_steps`: a resumed run's store may have got
     further than its checkpoint) are not sent again, so each epoch is logged exactly once."""
     client = mlflow.MlflowClient()
-    logged = logged or {}
     metrics_log = MetricBuffer(client, run_id, flush_seconds=cfg.tracking.flush_seconds,
                                give_up_seconds=cfg.tracking.give_up_seconds, logged=logged)
 
@@ -186,11 +185,10 @@ def train_into_run(cfg: Config, run_id: str, splits: Splits, checkpoint: Checkpo
         with contextlib.suppress(Exception):
             metrics_log.flush()  # a diverged or failed run keeps the epochs it finished
     now = int(time.time() * 1000)
+    totals = {"probe_loss": result.probe_loss, "epochs_completed": float(result.epochs_completed)}
     client.log_batch(
         run_id,
-        metrics=[m for m in (Metric("probe_loss", result.probe_loss, now, 0),
-                             Metric("epochs_completed", float(result.epochs_completed), now, 0))
-                 if m.key not in logged],  # an attempt that died while evaluating logged them
+        metrics=[Metric(key, value, now, 0) for key, value in unlogged(totals, 0, logged).items()],
         tags=[RunTag(Tag.EFFECTIVE_FROM_LOGITS, str(result.effective_from_logits).lower()),
               RunTag(Tag.OUTPUT_DTYPE, result.output_dtype), RunTag(Tag.DIVERGED, str(result.diverged).lower())],
     )
@@ -231,8 +229,7 @@ class StageClock:
 
     def log(self, logged: dict[str, int] | None = None) -> None:
         """Logs the times, but those an earlier attempt of the run already `logged`."""
-        times = {f"seconds_{stage}": value for stage, value in self.seconds.items()}
-        mlflow.log_metrics({key: value for key, value in times.items() if key not in (logged or {})})
+        mlflow.log_metrics(unlogged({f"seconds_{stage}": value for stage, value in self.seconds.items()}, 0, logged))
 
 
 def evaluate_into_run(clf: Classifier, splits: Splits, clock: StageClock | None = None,
@@ -242,14 +239,14 @@ def evaluate_into_run(clf: Classifier, splits: Splits, clock: StageClock | None 
     from pipeline.evaluate import evaluate
 
     clock = clock or StageClock()
-    logged = logged or {}
     with clock("evaluate"):
         metrics, reliability = evaluate(clf, splits.x_test, splits.y_test)
     with clock("logging"):
-        mlflow.log_metrics({key: value for key, value in metrics.items() if key not in logged})
+        new = unlogged(metrics, 0, logged)
+        mlflow.log_metrics(new)
         mlflow.log_dict(reliability, "reliability.json")  # the same file again, if it was there
         # The model is logged after the test metrics: only an attempt that stored those may have logged it.
-        if "test_nll" not in logged or not has_logged_model(mlflow.active_run().info.run_id, MODEL_NAME):
+        if "test_nll" in new or not has_logged_model(mlflow.MlflowClient(), mlflow.active_run(), MODEL_NAME):
             log_model(clf, splits.x_test[:5])
     return metrics
 

@@ -12,7 +12,7 @@ import time
 from typing import Iterator
 
 import mlflow
-from mlflow.entities import Metric, RunStatus
+from mlflow.entities import Metric, Run, RunStatus
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
@@ -126,19 +126,24 @@ class Study:
 
 
 def last_logged_steps(client: MlflowClient, run_id: str) -> dict[str, int]:
-    """The last step of each metric the store holds for run `run_id`."""
+    """The last step of each metric the store holds for run `run_id` (what an earlier attempt logged)."""
     keys = client.get_run(run_id).data.metrics
     return {key: max(m.step for m in client.get_metric_history(run_id, key)) for key in keys}
 
 
-def has_logged_model(run_id: str, name: str) -> bool:
-    """Whether run `run_id` has a model `name` whose logging finished (READY; a writer that died midway
-    leaves it PENDING)."""
+def unlogged(metrics: dict[str, float], step: int, logged: dict[str, int] | None) -> dict[str, float]:
+    """The `metrics` of `step` that the store lacks, given its `last_logged_steps` (None: a new run)."""
+    logged = logged or {}
+    return {key: value for key, value in metrics.items() if key not in logged or step > logged[key]}
+
+
+def has_logged_model(client: MlflowClient, run: Run, name: str) -> bool:
+    """Whether `run` has a model `name` whose logging finished (READY; a writer that died midway leaves
+    it PENDING)."""
     from mlflow.entities import LoggedModelStatus
 
-    client = MlflowClient()
-    experiment_id = client.get_run(run_id).info.experiment_id
-    found = client.search_logged_models([experiment_id], filter_string=f"source_run_id = '{run_id}' AND name = '{name}'")
+    found = client.search_logged_models([run.info.experiment_id],
+                                        filter_string=f"source_run_id = '{run.info.run_id}' AND name = '{name}'")
     return any(model.status == LoggedModelStatus.READY for model in found)
 
 
@@ -158,15 +163,14 @@ class MetricBuffer:
                  logged: dict[str, int] | None = None):
         self.client, self.run_id = client, run_id
         self.flush_seconds, self.give_up_seconds = flush_seconds, give_up_seconds
-        self.logged = logged or {}
+        self.logged = logged
         self.pending: list[Metric] = []
         self.last_flush = time.monotonic()
         self.failing_since: float | None = None
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         now = int(time.time() * 1000)
-        self.pending += [Metric(k, float(v), now, step) for k, v in metrics.items()
-                         if k not in self.logged or step > self.logged[k]]
+        self.pending += [Metric(k, float(v), now, step) for k, v in unlogged(metrics, step, self.logged).items()]
 
     def due(self) -> bool:
         return time.monotonic() - self.last_flush >= self.flush_seconds
