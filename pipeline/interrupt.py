@@ -44,6 +44,11 @@ def relay_stops(relay: Callable[[], None]) -> None:
     _relays.append(relay)
 
 
+def forget_relays() -> None:
+    """Drops the relays registered so far (an earlier study's, in a command that runs several)."""
+    _relays.clear()
+
+
 class Interrupted(KeyboardInterrupt):
     """Training stopped on request at an epoch boundary; the checkpoint holds that epoch."""
 

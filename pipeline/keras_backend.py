@@ -62,8 +62,12 @@ def run_elsewhere(backend: str, overrides: list[str], output_dir: Path, parent_r
         os.close(write_end)
         _workers[backend] = (process, os.fdopen(read_end))
         atexit.register(_stop_worker, backend)
+    from pipeline.study import study_environment
+
     process, replies = _workers[backend]
-    request = {"overrides": overrides, "output_dir": str(output_dir), "parent_run_id": parent_run_id, "job": job}
+    # The worker may have started in an earlier study of this command: it takes this one's variables.
+    request = {"overrides": overrides, "output_dir": str(output_dir), "parent_run_id": parent_run_id, "job": job,
+               "environment": study_environment()}
     try:
         process.stdin.write(json.dumps(request) + "\n")
         process.stdin.flush()
@@ -105,6 +109,7 @@ def serve() -> int:
     with initialize_config_dir(config_dir=str(PROJECT_ROOT / "conf"), version_base="1.3"):
         for line in sys.stdin:
             request = json.loads(line)
+            os.environ.update(request["environment"])
             dcfg = compose(config_name="config", overrides=request["overrides"])
             try:
                 cfg = validate(dcfg)

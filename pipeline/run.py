@@ -1,4 +1,6 @@
-"""`python -m pipeline.run [overrides]`: the Hydra entry point — one configuration, or with `-m` a study.
+"""`python -m pipeline.run [overrides]`: the Hydra entry point — one configuration, or with `-m` a study
+(with `-m experiment=a,b`, the studies a and b in turn, in this process: the second reuses the first's
+launcher workers, their imports done).
 
 This module only parses, dispatches and maps outcomes to exit codes: 0 done, 2 bad input (one line,
 nothing run), 130 interrupted, 1 a sweep in which a job failed (after its report) or whose launcher
@@ -84,26 +86,55 @@ def run_job(dcfg: DictConfig) -> float | None:
     return metrics["test_nll"]
 
 
+def launch(argv: list[str]) -> int:
+    """One Hydra invocation in this process (a run, or one study) with command-line arguments `argv`;
+    returns its exit code."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    from pipeline import study
+    from pipeline.interrupt import stop_requested
+
+    sys.argv[1:] = argv
+    try:
+        main()
+    except SystemExit as exit_:  # Hydra's, or the study's own (bad input, interrupted, failed)
+        return exit_.code if isinstance(exit_.code, int) else int(exit_.code is not None)
+    except Exception as error:
+        if stop_requested.is_set():
+            study.end_interrupted_study()
+        study.end_failed_study(error)  # e.g. joblib's TerminatedWorkerError when the OS killed a worker
+        raise
+    finally:
+        GlobalHydra.instance().clear()  # the next study of the command initializes it again
+    return study.sweep_exit_code()
+
+
 if __name__ == "__main__":
-    from pipeline.interrupt import RUN_NOTICE, STUDY_NOTICE, install_stop_handlers, stop_requested
+    from pipeline.config.overrides import studies_of
+    from pipeline.interrupt import RUN_NOTICE, STUDY_NOTICE, install_stop_handlers
 
     multirun = "-m" in sys.argv or "--multirun" in sys.argv
     install_stop_handlers(STUDY_NOTICE if multirun else RUN_NOTICE)
-    problem = precheck_overrides(sys.argv[1:])
+    problem = precheck_overrides(sys.argv[1:])  # with experiment=a,b, each preset with the other overrides
+    studies: dict = {None: sys.argv[1:]}
+    if multirun and not problem:
+        try:
+            studies = studies_of(sys.argv[1:])
+        except PipelineError as error:
+            problem = str(error)
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         sys.exit(EXIT_BAD_INPUT)
     if multirun:  # a launcher's error (e.g. submitit's jobs interrupted) reaches the handler below, not Hydra's report
         os.environ.setdefault("HYDRA_FULL_ERROR", "1")
-    try:
-        main()
-    except Exception as error:
-        from pipeline import study
-
-        if stop_requested.is_set():
-            study.end_interrupted_study()
-        study.end_failed_study(error)  # e.g. joblib's TerminatedWorkerError when the OS killed a worker
-        raise
-    from pipeline.study import sweep_exit_code
-
-    sys.exit(sweep_exit_code())
+    names = list(studies)
+    for done, name in enumerate(names, start=1):
+        try:
+            code = launch(studies[name])
+        except SystemExit as exit_:  # the study's own end after its launcher failed
+            code = exit_.code
+        if code:
+            if done < len(names):
+                print(f"not started: {', '.join(names[done:])}, as study {name} ended with exit code {code}; the same "
+                      f"command runs {'it' if done + 1 == len(names) else 'them'} after {name}", file=sys.stderr, flush=True)
+            sys.exit(code)

@@ -30,6 +30,9 @@ from pipeline.progress import STUDY_JOBS_ENV, STUDY_STARTED_ENV, STUDY_WORKERS_E
 PARENT_RUN_ENV = "FROMLOGITS_PARENT_RUN_ID"
 INTERRUPTED_ATTEMPT_ENV = "FROMLOGITS_INTERRUPTED_ATTEMPT"  # the parent run whose finished runs this study keeps
 LAUNCHER_ENV = "FROMLOGITS_LAUNCHER"  # "<pid> <start time>" of the launching process, for jobs on its machine
+# What a study tells its jobs (`share_with_jobs`), and a job the process it hands its work to (keras_backend).
+STUDY_ENVIRONMENT = (PARENT_RUN_ENV, INTERRUPTED_ATTEMPT_ENV, STUDY_JOBS_ENV, STUDY_WORKERS_ENV, STUDY_STARTED_ENV,
+                     LAUNCHER_ENV)
 
 _active: "StudyCallback | None" = None  # the study this process launched, if any
 _failed_jobs = 0
@@ -105,6 +108,7 @@ def stop_requested_for(parent_run_id: str | None, sweep_dir: str | Path) -> bool
 
 _job_running = threading.Lock()  # held by a job process while it runs a job
 _watching = False  # whether this process watches its launching process
+_watched_study: str | None = None  # the parent run of the study whose job this process runs (or ran last)
 
 
 @contextlib.contextmanager
@@ -120,16 +124,16 @@ def stop_with_launcher(uri: str, parent_run_id: str | None) -> None:
     of its epoch as after Ctrl-C (its run ends KILLED with a checkpoint: the same command resumes it), the
     study's parent run is marked FAILED as stale, and the process exits. Otherwise joblib's workers would
     finish their jobs for nobody and then idle for minutes with TensorFlow loaded. Watches once a second."""
-    global _watching
+    global _watching, _watched_study
+    _watched_study = parent_run_id  # a worker reused by the command's next study watches for that one
     launcher = os.environ.get(LAUNCHER_ENV, "").split()
     if _watching or len(launcher) != 2:
         return
     _watching = True
-    threading.Thread(target=_watch_launcher, args=(*launcher, uri, parent_run_id), name="launcher-watch",
-                     daemon=True).start()
+    threading.Thread(target=_watch_launcher, args=(*launcher, uri), name="launcher-watch", daemon=True).start()
 
 
-def _watch_launcher(pid: str, started: str, uri: str, parent_run_id: str | None) -> None:
+def _watch_launcher(pid: str, started: str, uri: str) -> None:
     from pipeline.interrupt import stop_requested
     from pipeline.processes import process_alive
     from pipeline.tracking import mark_stale_runs
@@ -145,7 +149,7 @@ def _watch_launcher(pid: str, started: str, uri: str, parent_run_id: str | None)
             from mlflow.tracking import MlflowClient
 
             client = MlflowClient(uri)
-            mark_stale_runs(client, client.get_run(parent_run_id).info.experiment_id)
+            mark_stale_runs(client, client.get_run(_watched_study).info.experiment_id)
         sys.stdout.flush()
         os._exit(130)
 
@@ -227,6 +231,23 @@ def _import_report_meanwhile() -> None:
     threading.Thread(target=load, name="report-import", daemon=True).start()
 
 
+def study_environment() -> dict[str, str]:
+    """The study's variables as this job process sees them."""
+    return {key: os.environ[key] for key in STUDY_ENVIRONMENT if key in os.environ}
+
+
+def share_with_jobs(config: DictConfig, environment: dict[str, str]) -> None:
+    """Sets the study's `environment` in this process and, as Hydra's `hydra.job.env_set`, around every job's
+    task, whatever the launcher: a worker process that a launcher reuses from an earlier study of the same
+    command (`experiment=a,b`) reads this study's values, not those it inherited when it started."""
+    from omegaconf import read_write
+
+    os.environ.update(environment)
+    with read_write(config.hydra.overrides):  # the overrides every job's config is composed with
+        # Quoted: Hydra would read a run id such as 12e45 as a number. The values are ids, numbers and spaces.
+        config.hydra.overrides.hydra.extend([f"++hydra.job.env_set.{key}='{value}'" for key, value in environment.items()])
+
+
 class StudyCallback(Callback):
     def __init__(self) -> None:
         self.study = None
@@ -249,9 +270,12 @@ class StudyCallback(Callback):
             sys.exit(1)
 
     def _start(self, config: DictConfig) -> None:
-        global _active
+        global _active, _failed_jobs
+        from pipeline.interrupt import forget_relays
         from pipeline.tracking import Study, prepare_store, tracking_uri
 
+        forget_relays()  # an earlier study's, in a command that runs several
+        _failed_jobs = 0
         cfg = validate(config)
         self.uri = tracking_uri(cfg.tracking.uri)
         experiment_id = prepare_store(self.uri, cfg.tracking.experiment, cfg.tracking)
@@ -270,12 +294,10 @@ class StudyCallback(Callback):
         from mlflow.tracking import MlflowClient
 
         MlflowClient(self.uri).log_param(parent_run_id, "sweep", str({**preset, "overrides": overrides}))
-        os.environ[PARENT_RUN_ENV] = parent_run_id
         resumed = find_interrupted_attempt(self.uri, experiment_id, self.study.name, parent_run_id) if cfg.resume else None
-        os.environ[INTERRUPTED_ATTEMPT_ENV] = resumed or ""
-        os.environ[STUDY_JOBS_ENV] = str(jobs)
         workers = parallel_workers(config, jobs)
-        os.environ[STUDY_WORKERS_ENV] = str(workers)
+        environment = {PARENT_RUN_ENV: parent_run_id, INTERRUPTED_ATTEMPT_ENV: resumed or "",
+                       STUDY_JOBS_ENV: str(jobs), STUDY_WORKERS_ENV: str(workers), LAUNCHER_ENV: ""}
         self.sweep_dir = str(config.hydra.sweep.dir)
         launcher = str(OmegaConf.select(config, "hydra.launcher._target_", default=""))
         if "submitit" in launcher or "Joblib" in launcher:  # jobs in processes of their own
@@ -290,8 +312,9 @@ class StudyCallback(Callback):
                 from pipeline.processes import process_tags
 
                 me = process_tags()
-                os.environ[LAUNCHER_ENV] = f"{me['pid']} {me['pid_started']}"
-        os.environ[STUDY_STARTED_ENV] = f"{time.time():.3f}"
+                environment[LAUNCHER_ENV] = f"{me['pid']} {me['pid_started']}"
+        environment[STUDY_STARTED_ENV] = f"{time.time():.3f}"
+        share_with_jobs(config, environment)
         self.started = time.monotonic()
         atexit.register(self.study.close, KeyboardInterrupt())  # a sweep that never reaches its end
         _import_report_meanwhile()

@@ -67,6 +67,50 @@ def test_report_states_the_rescue_and_the_numbers(study):
     assert "paired comparison against logits" in result.stdout  # the console table
 
 
+def test_two_presets_in_one_command_run_as_two_studies_the_second_in_the_first_ones_workers(tmp_path, data_dir):
+    """`make study`'s form: experiment=a,b runs study a, then study b, each with its parent run, children and
+    report; b's jobs run in a's joblib workers (their imports done), yet each job logs under its own study."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    result = run_cli("pipeline.run", "-m", "experiment=seed_mnist,seed_logistic", "loss=probs,logits", "seed=0",
+                     "train.epochs=1", f"data_dir={data_dir}", f"hydra.sweep.dir={tmp_path / 'sweep'}/${{study}}",
+                     f"reports_dir={tmp_path / 'reports'}", env={"MLFLOW_TRACKING_URI": uri})
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = runs_of(uri)
+    parents = {r.data.tags["study"]: r for r in runs if r.data.tags.get("role") == "study"}
+    assert sorted(parents) == ["seed_logistic", "seed_mnist"]
+    workers = {}
+    for name, parent in parents.items():
+        children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+        assert parent.info.status == "FINISHED" and all(r.info.status == "FINISHED" for r in children)
+        assert sorted((r.data.tags["study"], r.data.tags["formulation"]) for r in children) == [
+            (name, "logits"), (name, "probs")]
+        assert (tmp_path / "reports" / name / "report.html").is_file()
+        assert (tmp_path / "sweep" / name / "multirun.yaml").is_file()
+        workers[name] = {r.data.tags["pid"] for r in children}
+    assert workers["seed_logistic"] <= workers["seed_mnist"] and parents["seed_mnist"].data.tags["pid"] not in workers["seed_mnist"]
+    assert result.stdout.index("study seed_mnist:") < result.stdout.index("study seed_logistic:")
+
+
+@pytest.mark.parametrize("shared, expected", [
+    ("study=tiny", "study=tiny is not accepted with experiment=seed_mnist,seed_logistic: every study would share it; "
+                   "expected each study's own name (leave study out)"),
+    ("hydra.sweep.dir=out", "hydra.sweep.dir=out is not accepted with experiment=seed_mnist,seed_logistic: every study "
+                            "would share it; expected a sweep folder that differs by study, e.g. "
+                            "hydra.sweep.dir='<folder>/${study}'"),
+])
+def test_two_presets_refuse_what_their_studies_would_share(shared, expected):
+    from pipeline.config import PipelineError
+    from pipeline.config.overrides import studies_of
+
+    with pytest.raises(PipelineError) as refused:
+        studies_of(["-m", "experiment=seed_mnist,seed_logistic", shared])
+    assert str(refused.value) == expected
+    assert studies_of(["-m", "experiment=seed_mnist,seed_logistic", "hydra.sweep.dir=out/${study}", "seed=0,1"]) == {
+        "seed_mnist": ["-m", "experiment=seed_mnist", "hydra.sweep.dir=out/${study}", "seed=0,1"],
+        "seed_logistic": ["-m", "experiment=seed_logistic", "hydra.sweep.dir=out/${study}", "seed=0,1"]}
+    assert studies_of(["-m", "experiment=seed_mnist", shared]) == {None: ["-m", "experiment=seed_mnist", shared]}
+
+
 def test_a_bad_value_in_a_sweep_fails_before_any_job_runs(tmp_path, data_dir):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     result = run_cli("pipeline.run", "-m", "train.epochs=2,0", f"data_dir={data_dir}", f"hydra.sweep.dir={tmp_path / 's'}",

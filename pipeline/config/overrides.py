@@ -53,6 +53,32 @@ def unknown_group_option(overrides: list) -> str | None:
     return None
 
 
+def studies_of(argv: list[str]) -> dict[str | None, list[str]]:
+    """A multirun's command line as one command line per study, by study preset: with `experiment=a,b`,
+    {a: ..., b: ...}, run in turn by one process whose launcher's workers serve them all; any other command
+    line is one study, {None: argv}. Raises PipelineError where the studies would share what each must own.
+    Expects overrides Hydra can parse (after `precheck_overrides`)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    lines = [a for a in argv if not a.startswith("-") and "=" in a]
+    parsed = OverridesParser.create().parse_overrides(lines)
+    presets = [o for o in parsed if o.key_or_group == "experiment"]
+    if not presets or not presets[-1].is_sweep_override():
+        return {None: argv}
+    swept = presets[-1]
+    names = list(swept.sweep_string_iterator())
+    for override in parsed:
+        shared = override.key_or_group == "study" or (
+            override.key_or_group == "hydra.sweep.dir" and "${" not in override.input_line)
+        if shared:
+            raise PipelineError(
+                f"{override.input_line} is not accepted with {swept.input_line}: every study would share it; "
+                + ("expected a sweep folder that differs by study, e.g. hydra.sweep.dir='<folder>/${study}'"
+                   if override.key_or_group == "hydra.sweep.dir" else "expected each study's own name (leave study out)"))
+    key = swept.input_line.split("=", 1)[0]
+    return {name: [f"{key}={name}" if arg == swept.input_line else arg for arg in argv] for name in names}
+
+
 def count_jobs(sweeps: dict[str, list[str]]) -> int:
     """How many jobs the basic sweeper launches: the product of the sweeps' lengths."""
     return math.prod(len(values) for values in sweeps.values())
