@@ -141,6 +141,8 @@ def test_good_overrides_pass_the_precheck():
         BAD_INPUT[6],  # wrong type
         ("dataset.name=no_such_digits", "dataset.name='no_such_digits' is not accepted: expected a TFDS dataset name"),
         ("dataset=mnist_sample_binary dataset.classes=[0,12]", "dataset.classes=[0, 12] is not accepted: class(es) [12] are absent"),
+        ("-m experiment=seed_mnist,seed_logistic study=tiny",  # two studies of one name (tests/test_study.py)
+         "study=tiny is not accepted with experiment=seed_mnist,seed_logistic: every study would share it"),
     ],
 )
 def test_bad_input_from_the_command_line_is_one_line_and_leaves_no_run(tmp_path, data_dir, overrides, expected):
