@@ -228,3 +228,24 @@ def test_the_same_command_after_an_interruption_keeps_the_finished_runs_and_resu
         assert sorted(steps) == list(range(1, epochs + 1))  # the kept run was not trained again
     report = json.loads((tmp_path / "reports" / "kept" / "metrics.json").read_text())
     assert (report["runs_finished"], report["runs_failed"]) == (2, 0)
+
+
+def test_a_job_handed_to_another_backends_worker_hands_on_its_studys_variables(monkeypatch):
+    """That worker may have started in an earlier study of the command (experiment=a,b) and inherited its
+    variables; each job's request carries the current study's, which the worker sets before running it."""
+    import io
+    import json
+
+    from pipeline import keras_backend
+    from pipeline.study import INTERRUPTED_ATTEMPT_ENV, PARENT_RUN_ENV
+
+    class Worker:  # a worker already started: what run_elsewhere writes to it, and its answer
+        stdin = io.StringIO()
+
+    monkeypatch.setitem(keras_backend._workers, "jax", (Worker, io.StringIO('{"run_id": "r", "test_nll": 0.5}\n')))
+    monkeypatch.setenv(PARENT_RUN_ENV, "second-study")
+    monkeypatch.setenv(INTERRUPTED_ATTEMPT_ENV, "")
+    answer = keras_backend.run_elsewhere("jax", ["loss=probs"], Path("out"), "second-study", 3)
+    assert answer == {"run_id": "r", "test_nll": 0.5}
+    request = json.loads(Worker.stdin.getvalue())
+    assert request["environment"][PARENT_RUN_ENV] == "second-study" and request["environment"][INTERRUPTED_ATTEMPT_ENV] == ""
