@@ -109,6 +109,9 @@ def test_two_presets_refuse_what_their_studies_would_share(shared, expected):
         "seed_mnist": ["-m", "experiment=seed_mnist", "hydra.sweep.dir=out/${study}", "seed=0,1"],
         "seed_logistic": ["-m", "experiment=seed_logistic", "hydra.sweep.dir=out/${study}", "seed=0,1"]}
     assert studies_of(["-m", "experiment=seed_mnist", shared]) == {None: ["-m", "experiment=seed_mnist", shared]}
+    with pytest.raises(PipelineError):  # an interpolation, but one the studies share within the hour
+        studies_of(["-m", "experiment=seed_mnist,seed_logistic", "hydra.sweep.dir=out/${now:%H}"])
+    assert len(studies_of(["-m", "experiment=seed_mnist,seed_logistic", "hydra.sweep.dir=o/${oc.select:study,x}"])) == 2
 
 
 def test_a_bad_value_in_a_sweep_fails_before_any_job_runs(tmp_path, data_dir):

@@ -8,6 +8,7 @@ sweep the way Hydra's basic sweeper does, for the pre-check and the study's prog
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 from pipeline.config import PROJECT_ROOT, PipelineError, first_line, require_folder, validate
@@ -68,8 +69,8 @@ def studies_of(argv: list[str]) -> dict[str | None, list[str]]:
     swept = presets[-1]
     names = list(swept.sweep_string_iterator())
     for override in parsed:
-        shared = override.key_or_group == "study" or (
-            override.key_or_group == "hydra.sweep.dir" and "${" not in override.input_line)
+        shared = override.key_or_group == "study" or (  # a sweep folder must name the study: ${study}, ${oc.select:study,…}
+            override.key_or_group == "hydra.sweep.dir" and not re.search(r"\$\{[^}]*\bstudy\b", override.input_line))
         if shared:
             raise PipelineError(
                 f"{override.input_line} is not accepted with {swept.input_line}: every study would share it; "
