@@ -88,7 +88,8 @@ def run_job(dcfg: DictConfig) -> float | None:
 
 def launch(argv: list[str]) -> int:
     """One Hydra invocation in this process (a run, or one study) with command-line arguments `argv`;
-    returns its exit code."""
+    returns its exit code, unless it ends with SystemExit (Hydra's, or the study's own: bad input,
+    interrupted, failed)."""
     from hydra.core.global_hydra import GlobalHydra
 
     from pipeline import study
@@ -97,8 +98,6 @@ def launch(argv: list[str]) -> int:
     sys.argv[1:] = argv
     try:
         main()
-    except SystemExit as exit_:  # Hydra's, or the study's own (bad input, interrupted, failed)
-        return exit_.code if isinstance(exit_.code, int) else int(exit_.code is not None)
     except Exception as error:
         if stop_requested.is_set():
             study.end_interrupted_study()
@@ -131,7 +130,7 @@ if __name__ == "__main__":
     for done, name in enumerate(names, start=1):
         try:
             code = launch(studies[name])
-        except SystemExit as exit_:  # the study's own end after its launcher failed
+        except SystemExit as exit_:
             code = exit_.code
         if code:
             if done < len(names):

@@ -16,6 +16,11 @@ from pipeline.config import PROJECT_ROOT, PipelineError, first_line, require_fol
 HYDRA_OUTPUT_DIRS = ("hydra.run.dir", "hydra.sweep.dir")  # Hydra creates them before any job runs
 
 
+def override_lines(argv: list[str]) -> list[str]:
+    """A command line's config overrides (key=value), without Hydra's own flags (-m, --cfg …)."""
+    return [a for a in argv if not a.startswith("-") and "=" in a]
+
+
 def sweep_values(lines: list[str]) -> tuple[list[str], dict[str, list[str]]]:
     """Hydra override lines as (fixed overrides, {swept key: its values}); a later override of a key, swept
     or fixed, replaces an earlier sweep of it, as Hydra's basic sweeper does. Raises OverrideParseException."""
@@ -61,7 +66,7 @@ def studies_of(argv: list[str]) -> dict[str | None, list[str]]:
     Expects overrides Hydra can parse (after `precheck_overrides`)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    lines = [a for a in argv if not a.startswith("-") and "=" in a]
+    lines = override_lines(argv)
     parsed = OverridesParser.create().parse_overrides(lines)
     presets = [o for o in parsed if o.key_or_group == "experiment"]
     if not presets or not presets[-1].is_sweep_override():
@@ -123,7 +128,7 @@ def precheck_overrides(argv: list[str]) -> str | None:
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import OverrideParseException
 
-    lines = [a for a in argv if not a.startswith("-") and "=" in a]
+    lines = override_lines(argv)
     try:
         fixed, sweeps = sweep_values(lines)
     except OverrideParseException as error:
