@@ -56,6 +56,21 @@ def test_a_default_run_prints_nothing_that_reads_as_an_error(finished_run):
     assert noise == [], noise
 
 
+def test_a_process_leaves_out_what_tensorflow_and_keras_import_for_features_it_never_uses():
+    """TFLite's jax, Keras's scikit-learn and matplotlib are held back from those importers only (3 s of every
+    process's start); imported by anything else they load as usual, and Keras goes on without its wrappers."""
+    import subprocess
+    import sys
+
+    script = ("import sys, pipeline, pipeline.stages; "
+              "held = sorted(m for m in ('jax', 'matplotlib', 'sklearn') if m not in sys.modules); "
+              "import jax, matplotlib.pyplot, sklearn; from keras.src.wrappers import fixes; "
+              "print(held, fixes.sklearn is None, jax.numpy.ones(2).sum())")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split() == ["['jax',", "'matplotlib',", "'sklearn']", "True", "2.0"]
+
+
 def test_logged_model_loads_back_and_predicts_probabilities(finished_run, data_dir):
     uri, run, _, _ = finished_run
     from pipeline.config import DatasetConfig
