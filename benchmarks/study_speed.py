@@ -13,7 +13,8 @@ same training and test digits, no tracking, in one process (it is charged one im
 the pipeline's TensorFlow settings (one thread: pipeline/__init__.py); with TensorFlow's defaults its
 probs_naive epochs measured slower (3.0 s vs 2.2 s, train_throughput.py). With `--note-as-scripts` the
 note's code is also timed as the issue measured it and a researcher runs it: one process per training, each
-paying its own imports, as each of the pipeline's studies does.
+paying its own imports (TensorFlow's and Keras's whole import: not the pipeline's shorter one), as each of
+the pipeline's studies does.
 Prints both wall times and their ratio, then per-epoch throughput for every arm on both backends
 (benchmarks/train_throughput.py; `--no-throughput` leaves it out).
 """
@@ -117,15 +118,22 @@ def note_scripts(epochs: int, folder: Path) -> float:
         for arm in ARMS:
             for seed in SEEDS:
                 started = time.perf_counter()
-                subprocess.run([sys.executable, __file__, "--note-script", str(data), json.dumps(
-                    {**spec, "arm": arm, "seed": seed, "epochs": epochs})], cwd=ROOT, check=True)
+                # Its output held back (TensorFlow's import notices, unfiltered there), shown if it fails.
+                done = subprocess.run([sys.executable, __file__, "--note-script", str(data), json.dumps(
+                    {**spec, "arm": arm, "seed": seed, "epochs": epochs})], cwd=ROOT, capture_output=True, text=True)
                 total += time.perf_counter() - started
+                if done.returncode != 0:
+                    sys.stderr.write(done.stderr[-3000:])
+                    raise subprocess.CalledProcessError(done.returncode, done.args)
     return total
 
 
 def note_script(data: str, spec: str) -> int:
-    """One of note_scripts' processes."""
-    import pipeline  # noqa: F401  (the pipeline's thread settings, as in the one-process variant)
+    """One of note_scripts' processes. Keras first, before anything of the pipeline's: a script of the note's
+    pays TensorFlow's and Keras's whole import, the optional packages the pipeline holds back included
+    (pipeline/__init__.py). The pipeline's thread settings reach it through the environment, as this
+    benchmark's process set them when it imported the pipeline."""
+    import keras  # noqa: F401
     import numpy as np
 
     with np.load(data) as arrays:
