@@ -80,8 +80,8 @@ if "tensorflow" not in sys.modules and os.environ["TF_CPP_MIN_LOG_LEVEL"] != "0"
 
 # Optional packages that TensorFlow and Keras import while they load, for features the pipeline never uses
 # (importing module: package). Each is imported inside `try: ... except ImportError` there, so holding it back
-# only turns that feature off. Together 2.5-3 s of the 9-10 s a process spent importing TensorFlow (python
-# -X importtime; SciPy's statistics came with scikit-learn), paid by every process that trains or evaluates.
+# only turns that feature off. `import pipeline.stages` took 8.4-8.5 s with them held back against 11.1-13.0 s
+# (alternating; python -X importtime: SciPy's statistics came with scikit-learn), in every process that trains.
 # The same packages load as usual for any other importer (the reports' matplotlib, a JAX backend's jax).
 _UNUSED_OPTIONAL_IMPORTS = {
     "tensorflow.lite.python.util": "jax",  # TFLite's converter from JAX functions
@@ -92,6 +92,7 @@ _UNUSED_OPTIONAL_IMPORTS = {
     "keras.src.visualization.plot_image_gallery": "matplotlib",  # Keras's image galleries
     "keras.src.visualization.plot_bounding_box_gallery": "matplotlib",
 }
+_HELD_BACK_PACKAGES = frozenset(_UNUSED_OPTIONAL_IMPORTS.values())  # looked up on every import of a new module
 
 
 class _UnusedOptionalImports(importlib.abc.MetaPathFinder):
@@ -99,7 +100,7 @@ class _UnusedOptionalImports(importlib.abc.MetaPathFinder):
 
     def find_spec(self, name, path, target=None):
         package = name.partition(".")[0]
-        if package not in _UNUSED_OPTIONAL_IMPORTS.values():
+        if package not in _HELD_BACK_PACKAGES:
             return None
         frame = sys._getframe(1)
         while frame is not None and frame.f_globals.get("__name__", "").startswith("importlib"):

@@ -57,7 +57,7 @@ def test_a_default_run_prints_nothing_that_reads_as_an_error(finished_run):
 
 
 def test_a_process_leaves_out_what_tensorflow_and_keras_import_for_features_it_never_uses():
-    """TFLite's jax, Keras's scikit-learn and matplotlib are held back from those importers only (3 s of every
+    """TFLite's jax, Keras's scikit-learn and matplotlib are held back from those importers only (about 3 s of every
     process's start); imported by anything else they load as usual, and Keras goes on without its wrappers."""
     import subprocess
     import sys
