@@ -11,7 +11,8 @@ from scipy import stats as scipy_stats
 
 from pipeline.report import BASELINE, adjust_per_metric, analyse
 from pipeline.report.plots import by_epoch
-from pipeline.report.render import sentence
+from pipeline.report import render
+from pipeline.report.render import effect_cell, sentence
 from pipeline.report.runs import RunData, Setting, group_settings
 from pipeline.report.stats import compare_arm, holm, sign_test, t_interval
 
@@ -120,6 +121,20 @@ def test_a_diverged_seed_is_left_out_and_said():
     assert c.n == 4 and c.nonfinite == 1
     assert "(1 pair(s) with a non-finite value left out)" in nll_sentence(results)
     assert any("1 of 5 `probs_naive` run(s) diverged" in note for note in results[0].notes)
+
+
+def test_one_seed_gives_an_estimate_without_an_interval_or_a_test():
+    """A one-seed study (DVC's tiny default, a quick try): no t-interval or p-value exists, and the
+    report says so in words, never as `nan`."""
+    results = study([2.0], [1.0])
+    c = results[0].comparison("probs_naive", "test_nll")
+    assert effect_cell(c) == "×2 (no interval from 1 pair)"
+    assert render.test_cell(c) == "1↑ 0↓ of 1; sign p=1; Holm p=n/a"
+    assert nll_sentence(results).endswith("1 finite pair(s): too few to decide.")
+    accuracy = results[0].comparison("probs_naive", "test_accuracy")
+    assert accuracy.identical  # the helper gives every run accuracy 0.9
+    logits_only = study([1.5, 2.0], [1.0, 1.0])
+    assert "[" in effect_cell(logits_only[0].comparison("probs_naive", "test_nll"))  # two pairs: an interval
 
 
 def test_a_study_without_the_baseline_says_so():

@@ -17,7 +17,7 @@ from pipeline.report.stats import DECISION_RULE, LEVEL, Comparison
 
 
 def fmt(value: float, digits: int = 4) -> str:
-    return "nan" if not math.isfinite(value) else f"{value:.{digits}g}"
+    return "n/a" if not math.isfinite(value) else f"{value:.{digits}g}"  # not computable (e.g. one seed)
 
 
 def effect_cell(c: Comparison | None) -> str:
@@ -29,14 +29,16 @@ def effect_cell(c: Comparison | None) -> str:
     if c.difference is None:
         return f"no finite pairs ({c.nonfinite} left out)"
     accuracy = c.metric == "test_accuracy"
+    no_interval = not math.isfinite(c.difference.low)  # fewer than two finite pairs
     if c.ratio is not None:
-        cell = f"×{fmt(c.ratio.estimate, 3)} [×{fmt(c.ratio.low, 3)}, ×{fmt(c.ratio.high, 3)}]"
+        cell = f"×{fmt(c.ratio.estimate, 3)}" + ("" if no_interval else f" [×{fmt(c.ratio.low, 3)}, ×{fmt(c.ratio.high, 3)}]")
     elif accuracy:
         d = c.difference
-        cell = f"{100 * d.estimate:+.3g} pp [{100 * d.low:+.3g}, {100 * d.high:+.3g}]"
+        cell = f"{100 * d.estimate:+.3g} pp" + ("" if no_interval else f" [{100 * d.low:+.3g}, {100 * d.high:+.3g}]")
     else:
-        cell = f"{c.difference.estimate:+.4g} [{c.difference.low:+.3g}, {c.difference.high:+.3g}]"
-    return cell + (" *" if c.shown else "")
+        d = c.difference
+        cell = f"{d.estimate:+.4g}" + ("" if no_interval else f" [{d.low:+.3g}, {d.high:+.3g}]")
+    return cell + (f" (no interval from {c.n} pair)" if no_interval else "") + (" *" if c.shown else "")
 
 
 def test_cell(c: Comparison | None) -> str:
