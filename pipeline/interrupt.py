@@ -3,10 +3,12 @@ second one stops at once. Both entry points (pipeline.run, pipeline.dvc_stages) 
 
 from __future__ import annotations
 
+import _thread
+import contextlib
 import signal
 import sys
 import threading
-from typing import Callable, TypeVar
+from typing import Callable, Iterator, TypeVar
 
 T = TypeVar("T")
 
@@ -29,14 +31,47 @@ def request_stop(signum, frame) -> None:
     """SIGINT/SIGTERM: stop at the end of the current epoch (its checkpoint saved, the run KILLED);
     a second signal stops at once (the entry points wait for training in a helper thread, so the
     main thread, where Python runs this, is always free to)."""
+    global _redelivering
     if stop_requested.is_set():
-        print(f"\n{signal.Signals(signum).name} again: stopping now", file=sys.stderr, flush=True)
-        raise KeyboardInterrupt
+        if _notice and not _redelivering:  # a launcher's worker leaves it to its launching process, as below
+            print(f"\n{signal.Signals(signum).name} again: stopping now", file=sys.stderr, flush=True)
+        _redelivering = False
+        if not _ending.locked():
+            raise KeyboardInterrupt
+        return
     stop_requested.set()
     if _notice:
         print(f"\n{signal.Signals(signum).name}: {_notice}", file=sys.stderr, flush=True)
     for relay in _relays:
         relay()
+
+
+_redelivering = False  # request_stop is called again for a stop that a finalizer swallowed: say it once
+
+
+def redeliver_swallowed_stop(unraisable) -> None:
+    """sys.unraisablehook: the KeyboardInterrupt of a second signal can land in a finalizer (a weakref
+    callback of SQLAlchemy's, a __del__), where Python prints "Exception ignored" and goes on as if nothing
+    happened. It is raised again in the main thread's own code instead."""
+    global _redelivering
+    if issubclass(unraisable.exc_type, KeyboardInterrupt) and stop_requested.is_set():
+        _redelivering = True
+        # From a helper thread a moment later: request_stop then runs in the main thread's code, not in
+        # this hook (where it would be swallowed again); if it lands in a finalizer again, it comes back here.
+        threading.Timer(0.05, _thread.interrupt_main).start()
+        return
+    sys.__unraisablehook__(unraisable)
+
+
+_ending = threading.Lock()  # held while this process ends its study: a second stop waits for that
+
+
+@contextlib.contextmanager
+def ending() -> Iterator[None]:
+    """Around the few seconds in which a stopping process closes its study and runs in MLflow: a second
+    signal then does not interrupt them (it would land inside a store transaction and leave runs open)."""
+    with _ending:
+        yield
 
 
 def relay_stops(relay: Callable[[], None]) -> None:
@@ -63,6 +98,7 @@ def install_stop_handlers(notice: str | None = RUN_NOTICE) -> None:
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
     signal.signal(RELAYED_STOP, lambda signum, frame: stop_requested.set())
+    sys.unraisablehook = redeliver_swallowed_stop
     # A launcher's job may start with these blocked (see `shield_started_processes`); a stop that came
     # meanwhile is pending and arrives now.
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, RELAYED_STOP})

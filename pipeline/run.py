@@ -98,6 +98,9 @@ def launch(argv: list[str]) -> int:
     sys.argv[1:] = argv
     try:
         main()
+    except KeyboardInterrupt:  # a second Ctrl-C: joblib has killed its workers, whose runs are left open
+        study.end_interrupted_study()
+        raise
     except Exception as error:
         if stop_requested.is_set():
             study.end_interrupted_study()
@@ -132,6 +135,9 @@ if __name__ == "__main__":
             code = launch(studies[name])
         except SystemExit as exit_:
             code = exit_.code
+        except KeyboardInterrupt:  # stopped at once before or after a study, none open
+            print("interrupted", file=sys.stderr, flush=True)
+            code = EXIT_INTERRUPTED
         if code:
             if done < len(names):
                 print(f"not started: {', '.join(names[done:])}, as study {name} ended with exit code {code}; the same "

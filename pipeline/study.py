@@ -331,11 +331,13 @@ class StudyCallback(Callback):
     def end_interrupted(self) -> None:
         """The jobs got the signal too; runs their launcher killed before they could close end KILLED
         (resumable), then the study; one line, exit 130."""
+        from pipeline.interrupt import ending
         from pipeline.tracking import end_orphaned_children
 
-        with contextlib.suppress(Exception):  # the store may be what failed; the study still ends
-            end_orphaned_children(self.uri, self.study.run_id, KeyboardInterrupt())
-        self.study.close(KeyboardInterrupt())
+        with ending():
+            with contextlib.suppress(Exception):  # the store may be what failed; the study still ends
+                end_orphaned_children(self.uri, self.study.run_id, KeyboardInterrupt())
+            self.study.close(KeyboardInterrupt())
         print("interrupted: the study ended KILLED; run the same command again to resume its runs",
               file=sys.stderr, flush=True)
         sys.exit(130)
@@ -344,12 +346,14 @@ class StudyCallback(Callback):
         """The launcher failed (the OS killed a worker, a scheduler lost a job): the runs whose process died
         end FAILED with their checkpoints, then the study; one line, exit 1."""
         from pipeline.config import error_summary
+        from pipeline.interrupt import ending
         from pipeline.tracking import end_orphaned_children
 
         ended: list[str] = []
-        with contextlib.suppress(Exception):  # the store may be what failed; the study still ends
-            ended = end_orphaned_children(self.uri, self.study.run_id, error)
-        self.study.close(error)
+        with ending():
+            with contextlib.suppress(Exception):  # the store may be what failed; the study still ends
+                ended = end_orphaned_children(self.uri, self.study.run_id, error)
+            self.study.close(error)
         then = (f"{len(ended)} run(s) whose process died ended FAILED; run the same command again to resume them"
                 if ended else "run the same command again once that is fixed")
         print(f"error: the study failed: its launcher reported {error_summary(error).rstrip('.')}; {then}",

@@ -165,6 +165,35 @@ def test_a_second_signal_stops_at_once_inside_a_long_compiled_epoch(tmp_path, da
     assert run.info.status == "KILLED"
 
 
+def test_a_second_signal_that_lands_in_a_finalizer_is_not_lost():
+    """Python swallows an exception raised in a finalizer (a SQLAlchemy weakref callback, a __del__) and prints
+    "Exception ignored"; the second signal's stop is raised again in the main thread's own code instead."""
+    script = """if True:
+        import gc, os, signal, sys, time
+        from pipeline.interrupt import install_stop_handlers
+        install_stop_handlers()
+
+        class Finalized:
+            def __del__(self):  # the second SIGINT arrives while this runs
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.2)  # the handler runs here, inside the finalizer
+
+        os.kill(os.getpid(), signal.SIGINT)  # the first: stop after this epoch
+        time.sleep(0.2)
+        try:
+            Finalized()
+            for _ in range(50):
+                time.sleep(0.1)
+        except KeyboardInterrupt:
+            sys.exit(130)
+        sys.exit(0)
+    """
+    result = subprocess.run([sys.executable, "-c", script], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 130, result.stderr
+    assert "Exception ignored" not in result.stderr and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.count("SIGINT again: stopping now") == 1, result.stderr
+
+
 def test_two_identical_commands_at_once_share_nothing(tmp_path, data_dir):
     """The second finds the configuration's checkpoint folder taken and trains in one of its own."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"

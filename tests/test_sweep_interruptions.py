@@ -31,6 +31,22 @@ def test_ctrl_c_stops_a_parallel_sweep_in_one_line_per_job(tmp_path, whole_group
     assert parent.info.status == "KILLED" and children and all(r.info.status == "KILLED" for r in children)
 
 
+@pytest.mark.parametrize("whole_group", [True, False], ids=["ctrl-c", "launching-process-only"])
+def test_a_second_ctrl_c_stops_a_parallel_sweep_at_once_and_leaves_every_run_resumable(tmp_path, whole_group):
+    """Ctrl-C twice ("again to stop now"): joblib gives up on its workers, whose runs would stay RUNNING;
+    the command still ends in one line (exit 130, no traceback), every run KILLED with its checkpoint."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    stopped = interrupt_sweep(tmp_path, uri, "train.epochs=400", whole_group=whole_group, times=2)
+    assert stopped.returncode == 130, stopped.stderr[-3000:]
+    assert "Traceback" not in stopped.stderr, stopped.stderr[-3000:]
+    assert stopped.stderr.strip().splitlines()[-1].startswith("interrupted: the study ended KILLED"), stopped.stderr[-3000:]
+    parent, children = study_runs(uri)
+    assert parent.info.status == "KILLED"
+    assert len(children) == 2 and all(r.info.status == "KILLED" for r in children), \
+        [(r.info.run_name, r.info.status) for r in children]
+    assert len(list((tmp_path / "checkpoints").glob("*/state.npz"))) == 2
+
+
 def test_a_sweep_whose_worker_then_whose_launcher_is_killed_resumes_every_epoch_exactly_once(tmp_path):
     """A flaky machine kills a sweep twice; each time the same command picks up where it stopped.
 
