@@ -25,6 +25,8 @@ _notice: str | None = RUN_NOTICE
 # also got the terminal's Ctrl-C is not stopped twice.
 RELAYED_STOP = signal.SIGUSR1
 _relays: list[Callable[[], None]] = []
+_redelivering = False  # request_stop is called again for a stop that a finalizer swallowed: say it once
+_ending = threading.Lock()  # held while this process ends its study: a second stop waits for that
 
 
 def request_stop(signum, frame) -> None:
@@ -46,9 +48,6 @@ def request_stop(signum, frame) -> None:
         relay()
 
 
-_redelivering = False  # request_stop is called again for a stop that a finalizer swallowed: say it once
-
-
 def redeliver_swallowed_stop(unraisable) -> None:
     """sys.unraisablehook: the KeyboardInterrupt of a second signal can land in a finalizer (a weakref
     callback of SQLAlchemy's, a __del__), where Python prints "Exception ignored" and goes on as if nothing
@@ -61,9 +60,6 @@ def redeliver_swallowed_stop(unraisable) -> None:
         threading.Timer(0.05, _thread.interrupt_main).start()
         return
     sys.__unraisablehook__(unraisable)
-
-
-_ending = threading.Lock()  # held while this process ends its study: a second stop waits for that
 
 
 @contextlib.contextmanager

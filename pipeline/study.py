@@ -328,24 +328,9 @@ class StudyCallback(Callback):
         with contextlib.suppress(WriteError):  # the jobs already running get the signal anyway
             write_text(stop_marker(self.sweep_dir, self.study.run_id), "")
 
-    def end_interrupted(self) -> None:
-        """The jobs got the signal too; runs their launcher killed before they could close end KILLED
-        (resumable), then the study; one line, exit 130."""
-        from pipeline.interrupt import ending
-        from pipeline.tracking import end_orphaned_children
-
-        with ending():
-            with contextlib.suppress(Exception):  # the store may be what failed; the study still ends
-                end_orphaned_children(self.uri, self.study.run_id, KeyboardInterrupt())
-            self.study.close(KeyboardInterrupt())
-        print("interrupted: the study ended KILLED; run the same command again to resume its runs",
-              file=sys.stderr, flush=True)
-        sys.exit(130)
-
-    def end_failed(self, error: Exception) -> None:
-        """The launcher failed (the OS killed a worker, a scheduler lost a job): the runs whose process died
-        end FAILED with their checkpoints, then the study; one line, exit 1."""
-        from pipeline.config import error_summary
+    def _close_with_orphans(self, error: BaseException) -> list[str]:
+        """Ends the runs whose process died before closing them (as `end_status(error)` says), then the
+        study; not interrupted by a second signal. Returns the runs it ended."""
         from pipeline.interrupt import ending
         from pipeline.tracking import end_orphaned_children
 
@@ -354,6 +339,22 @@ class StudyCallback(Callback):
             with contextlib.suppress(Exception):  # the store may be what failed; the study still ends
                 ended = end_orphaned_children(self.uri, self.study.run_id, error)
             self.study.close(error)
+        return ended
+
+    def end_interrupted(self) -> None:
+        """The jobs got the signal too; runs their launcher killed before they could close end KILLED
+        (resumable), then the study; one line, exit 130."""
+        self._close_with_orphans(KeyboardInterrupt())
+        print("interrupted: the study ended KILLED; run the same command again to resume its runs",
+              file=sys.stderr, flush=True)
+        sys.exit(130)
+
+    def end_failed(self, error: Exception) -> None:
+        """The launcher failed (the OS killed a worker, a scheduler lost a job): the runs whose process died
+        end FAILED with their checkpoints, then the study; one line, exit 1."""
+        from pipeline.config import error_summary
+
+        ended = self._close_with_orphans(error)
         then = (f"{len(ended)} run(s) whose process died ended FAILED; run the same command again to resume them"
                 if ended else "run the same command again once that is fixed")
         print(f"error: the study failed: its launcher reported {error_summary(error).rstrip('.')}; {then}",

@@ -9,9 +9,8 @@ import numpy as np
 import pytest
 from scipy import stats as scipy_stats
 
-from pipeline.report import BASELINE, adjust_per_metric, analyse
+from pipeline.report import BASELINE, adjust_per_metric, analyse, render
 from pipeline.report.plots import by_epoch
-from pipeline.report import render
 from pipeline.report.render import effect_cell, sentence
 from pipeline.report.runs import RunData, Setting, group_settings
 from pipeline.report.stats import compare_arm, holm, sign_test, t_interval

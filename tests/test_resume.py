@@ -169,7 +169,7 @@ def test_a_second_signal_that_lands_in_a_finalizer_is_not_lost():
     """Python swallows an exception raised in a finalizer (a SQLAlchemy weakref callback, a __del__) and prints
     "Exception ignored"; the second signal's stop is raised again in the main thread's own code instead."""
     script = """if True:
-        import gc, os, signal, sys, time
+        import os, signal, sys, time
         from pipeline.interrupt import install_stop_handlers
         install_stop_handlers()
 

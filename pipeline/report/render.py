@@ -28,17 +28,16 @@ def effect_cell(c: Comparison | None) -> str:
         return "identical"
     if c.difference is None:
         return f"no finite pairs ({c.nonfinite} left out)"
-    accuracy = c.metric == "test_accuracy"
-    no_interval = not math.isfinite(c.difference.low)  # fewer than two finite pairs
-    if c.ratio is not None:
-        cell = f"×{fmt(c.ratio.estimate, 3)}" + ("" if no_interval else f" [×{fmt(c.ratio.low, 3)}, ×{fmt(c.ratio.high, 3)}]")
-    elif accuracy:
-        d = c.difference
-        cell = f"{100 * d.estimate:+.3g} pp" + ("" if no_interval else f" [{100 * d.low:+.3g}, {100 * d.high:+.3g}]")
+    d, r = c.difference, c.ratio
+    if r is not None:
+        estimate, interval = f"×{fmt(r.estimate, 3)}", f"[×{fmt(r.low, 3)}, ×{fmt(r.high, 3)}]"
+    elif c.metric == "test_accuracy":
+        estimate, interval = f"{100 * d.estimate:+.3g} pp", f"[{100 * d.low:+.3g}, {100 * d.high:+.3g}]"
     else:
-        d = c.difference
-        cell = f"{d.estimate:+.4g}" + ("" if no_interval else f" [{d.low:+.3g}, {d.high:+.3g}]")
-    return cell + (f" (no interval from {c.n} pair)" if no_interval else "") + (" *" if c.shown else "")
+        estimate, interval = f"{d.estimate:+.4g}", f"[{d.low:+.3g}, {d.high:+.3g}]"
+    if not math.isfinite(d.low):  # fewer than two finite pairs: no t-interval
+        interval = f"(no interval from {c.n} pair)"
+    return f"{estimate} {interval}" + (" *" if c.shown else "")
 
 
 def test_cell(c: Comparison | None) -> str:
