@@ -10,9 +10,12 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import os
+import platform
 import subprocess
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 
 from omegaconf import OmegaConf
 
@@ -33,6 +36,7 @@ class Tag:
     PRECISION = "precision"
     BACKEND = "backend"
     VERSIONS = "versions"
+    CPU = "cpu"  # the processor and its vector instructions: they decide the math kernels, hence round-off
     GIT_COMMIT = "git_commit"
     GIT_DIRTY = "git_dirty"
     EFFECTIVE_FROM_LOGITS = "effective_from_logits"
@@ -123,7 +127,7 @@ def identity_tags(cfg: Config) -> dict[str, str]:
 def run_record(cfg: Config, dataset: DatasetRef) -> RunRecord:
     """The name, tags and params of the run that trains `cfg` on `dataset`."""
     tags = {**identity_tags(cfg), Tag.DATASET_VERSION: dataset.version, Tag.VERSIONS: package_versions(),
-            **git_state()}
+            Tag.CPU: cpu_description(), **git_state()}
     if dataset.checksum:
         tags[Tag.DATASET_SHA256] = dataset.checksum
     return RunRecord(run_name(cfg), tags, config_params(cfg))
@@ -141,6 +145,30 @@ def package_versions() -> str:
         except PackageNotFoundError:
             continue
     return " ".join(found)
+
+
+# The vector instructions that choose TensorFlow's (oneDNN's, Eigen's) and XLA's kernels: two CPUs that differ
+# in them sum in different orders, so a chaotic setting (raw pixels, a high learning rate) ends elsewhere.
+VECTOR_FLAGS = ("sse4_1", "avx", "avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile",
+                "asimd", "sve", "sve2", "bf16", "i8mm")
+ISA_CAPS = ("ONEDNN_MAX_CPU_ISA", "TF_ENABLE_ONEDNN_OPTS", "XLA_FLAGS")  # settings that change which kernels run
+
+
+@functools.cache
+def cpu_description() -> str:
+    """The processor a run trained on, e.g. "AMD EPYC, x86_64: sse4_1 avx avx2 fma" (plus any kernel cap set)."""
+    fields: dict[str, str] = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())  # the first processor's
+    except OSError:
+        pass  # not Linux: the model platform gives, no flags
+    model = fields.get("model name") or fields.get("Model") or platform.processor() or "unknown"
+    flags = set((fields.get("flags") or fields.get("Features") or "").split())
+    described = f"{model}, {platform.machine()}: {' '.join(f for f in VECTOR_FLAGS if f in flags) or 'flags unknown'}"
+    caps = [f"{name}={os.environ[name]}" for name in ISA_CAPS if os.environ.get(name)]
+    return " ".join([described, *caps])
 
 
 @functools.cache

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import platform
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import mlflow
@@ -11,6 +15,7 @@ import numpy as np
 import pytest
 
 from conftest import run_cli, runs_of
+from pipeline.record import ISA_CAPS
 
 pytestmark = pytest.mark.slow
 
@@ -36,6 +41,7 @@ def test_run_is_complete_in_mlflow(finished_run):
     assert tags["seed"] == "0" and tags["effective_from_logits"] == "true"
     assert len(tags["git_commit"]) == 40 or tags["git_commit"] == "unknown"
     assert tags["dataset_sha256"].startswith("246e0c30")
+    assert f", {platform.machine()}: " in tags["cpu"]  # the processor: it decides the kernels, hence round-off
     assert params["loss.formulation"] == "probs" and params["train.epochs"] == "2" and params["model.hidden_units"] == "[25, 15]"
     for key in ["test_accuracy", "test_nll", "test_ece", "test_brier"]:
         assert np.isfinite(metrics[key])
@@ -45,6 +51,17 @@ def test_run_is_complete_in_mlflow(finished_run):
     written = json.loads((root / "out" / "metrics.json").read_text())
     assert written["test_nll"] == pytest.approx(metrics["test_nll"]) and written["run_id"] == run.info.run_id
     assert run.info.run_id in result.stdout
+
+
+def test_a_cap_on_the_cpus_vector_instructions_is_part_of_the_recorded_cpu():
+    """ONEDNN_MAX_CPU_ISA changes which kernels TensorFlow runs, so the numbers a chaotic setting ends with."""
+    describe = [sys.executable, "-c", "from pipeline.record import cpu_description; print(cpu_description())"]
+    uncapped = {k: v for k, v in os.environ.items() if k not in ISA_CAPS}
+    plain = subprocess.run(describe, capture_output=True, text=True, check=True, env=uncapped).stdout.strip()
+    capped = subprocess.run(describe, capture_output=True, text=True, check=True,
+                            env={**uncapped, "ONEDNN_MAX_CPU_ISA": "SSE41"}).stdout.strip()
+    assert f", {platform.machine()}: " in plain and "ONEDNN_MAX_CPU_ISA" not in plain
+    assert capped == f"{plain} ONEDNN_MAX_CPU_ISA=SSE41"
 
 
 def test_a_default_run_prints_nothing_that_reads_as_an_error(finished_run):

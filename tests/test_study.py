@@ -12,7 +12,7 @@ from conftest import run_cli, runs_of, study_runs
 
 pytestmark = pytest.mark.slow
 
-REPORT_FILES = ["report.md", "report.html", "metrics.json", "atlas.png", "learning_curves.png", "per_seed.png",
+REPORT_FILES = ["report.md", "report.html", "metrics.json", "findings.json", "atlas.png", "learning_curves.png", "per_seed.png",
                 "reliability.png", "clipping.png"]
 
 
@@ -51,6 +51,12 @@ def test_report_files_are_written_and_logged_to_the_parent(study):
     summary = json.loads((report_dir / "metrics.json").read_text())
     assert parent.data.metrics["test_nll.probs_naive_minus_logits"] == pytest.approx(summary["test_nll.probs_naive_minus_logits"])
     assert summary["runs_finished"] == 6 and summary["runs_failed"] == 0
+    # Where the numbers were made, for whoever compares them with a rerun: the runs' own tags, once each.
+    environment = json.loads((report_dir / "findings.json").read_text())["environment"]
+    _, children = study_runs(uri)
+    for tag in ("git_commit", "versions", "cpu"):
+        assert environment[tag] == sorted({r.data.tags[tag] for r in children}) and len(environment[tag]) == 1
+    assert f"on {environment['cpu'][0]}, with" in (report_dir / "report.md").read_text()
 
 
 def test_report_states_the_rescue_and_the_numbers(study):

@@ -76,6 +76,14 @@ class Report:
     def html_path(self) -> Path:
         return self.folder / "report.html"
 
+    @property
+    def environment(self) -> dict[str, list[str]]:
+        """Where the numbers were made: each distinct commit, package set and CPU among the finished runs
+        (a chaotic setting's digits depend on all three; a study resumed elsewhere lists more than one)."""
+        runs = [run for result in self.results for run in result.setting.runs]
+        return {tag: sorted({run.tags.get(tag, "not recorded") for run in runs})
+                for tag in (Tag.GIT_COMMIT, Tag.GIT_DIRTY, Tag.VERSIONS, Tag.CPU)}
+
 
 def metric_values(setting: Setting, arm: str, metric: str) -> dict[int, float]:
     return {seed: run.metrics.get(metric, math.nan) for seed, run in setting.by_arm(arm).items()}
@@ -183,7 +191,7 @@ def summary_metrics(report: Report) -> dict[str, float]:
     return summary
 
 
-def findings(report: Report) -> dict:
+def findings_json(report: Report) -> dict:
     """What the README's findings table is made of (pipeline/report/findings.py): per setting, what the
     loss consumed and each arm's test-NLL effect against logits, as the report states them."""
     settings = []
@@ -198,7 +206,9 @@ def findings(report: Report) -> dict:
                             "ratio": None if c.ratio is None else [c.ratio.estimate, c.ratio.low, c.ratio.high]}
         settings.append({"label": result.setting.label, "effective": result.effective,
                          "means": result.means["test_nll"], "test_nll": effects})
-    return {"study": report.study, "parent_run_id": report.parent_run_id, "settings": settings}
+    return {"study": report.study, "parent_run_id": report.parent_run_id, "environment": report.environment,
+            "settings": settings}
+
 
 
 def build_report(uri: str, reports_dir: Path, experiment: str | None = None, study: str | None = None,
@@ -224,7 +234,7 @@ def build_report(uri: str, reports_dir: Path, experiment: str | None = None, stu
         report.summary = summary_metrics(report)
         render.write(report, staging)
         write_json(staging / "metrics.json", report.summary)
-        write_json(staging / "findings.json", findings(report))
+        write_json(staging / "findings.json", findings_json(report))
     report.folder = folder
     log_report(uri, data.parent_run_id, report.summary, folder)
     return report

@@ -33,8 +33,18 @@ def effect(entry: dict | None) -> str:
             f"Holm p = {'n/a' if p is None or (isinstance(p, float) and math.isnan(p)) else f'{p:.2g}'}: {verdict}")
 
 
+def provenance(env: dict[str, list[str]] | None) -> str:
+    """Where the numbers were made: a chaotic setting's digits change with the commit, the packages and the CPU."""
+    if env is None:
+        return "Where these runs were made (commit, packages, CPU) was not recorded."
+    commits = ", ".join(f"`{c[:7]}`" for c in env["git_commit"])
+    dirty = " with uncommitted changes" if "true" in env["git_dirty"] else ""
+    return (f"Made at commit {commits}{dirty} on {'; '.join(env['cpu'])}, with {'; '.join(env['versions'])}.")
+
+
 def table(findings: dict) -> str:
-    rows = ["| setting | `effective_from_logits` probs / logits / probs_naive | test NLL probs / logits / probs_naive "
+    rows = [provenance(findings.get("environment")), "",
+            "| setting | `effective_from_logits` probs / logits / probs_naive | test NLL probs / logits / probs_naive "
             "(mean) | `probs` vs `logits` | `probs_naive` vs `logits` |", "|---|---|---|---|---|"]
     for s in findings["settings"]:
         flags = " / ".join(s["effective"].get(a, "-") for a in ("probs", "logits", "probs_naive"))

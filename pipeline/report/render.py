@@ -13,6 +13,7 @@ import markdown as markdown_lib
 
 from pipeline.files import write_text
 from pipeline.report import BASELINE, COMPARED, METRICS, SPECS, Report, SettingResult
+from pipeline.report.findings import provenance
 from pipeline.report.stats import DECISION_RULE, LEVEL, Comparison
 
 
@@ -109,7 +110,8 @@ def markdown(report: Report) -> str:
           f"{p.get('model.activation', '?')}; precision {p.get('precision.policy', '?')}",
           f"- training: {p.get('train.epochs', '?')} epochs, batch {p.get('train.batch_size', '?')}, "
           f"Adam lr {p.get('train.learning_rate', '?')}",
-          "- paired design: within a setting, runs with the same seed share initial weights and batch order.", "",
+          "- paired design: within a setting, runs with the same seed share initial weights and batch order.",
+          f"- {provenance(report.environment)}", "",
           "## Decision rule", "", DECISION_RULE, "",
           "Ratio metrics (NLL, ECE, Brier, max |logit|) give the geometric-mean ratio arm / `logits` over seeds "
           "with its 95% interval; the others the mean difference (accuracy in percentage points). "
