@@ -204,8 +204,12 @@ def findings_json(report: Report) -> dict:
             effects[arm] = {"identical": c.identical, "shown": c.shown, "roundoff": c.roundoff, "n": c.n,
                             "higher": c.higher, "lower": c.lower, "p_holm": c.p_holm,
                             "ratio": None if c.ratio is None else [c.ratio.estimate, c.ratio.low, c.ratio.high]}
-        settings.append({"label": result.setting.label, "effective": result.effective,
-                         "means": result.means["test_nll"], "test_nll": effects})
+        probs, naive = (metric_values(result.setting, arm, "test_nll") for arm in ("probs", "probs_naive"))
+        settings.append({"label": result.setting.label, "factors": result.setting.factors, "effective": result.effective,
+                         "means": result.means["test_nll"], "test_nll": effects,
+                         # every seed's test NLL the same number (NaN included): probs trained as probs_naive
+                         "probs_is_probs_naive": bool(probs) and probs.keys() == naive.keys() and all(
+                             str(probs[seed]) == str(naive[seed]) for seed in probs)})
     return {"study": report.study, "parent_run_id": report.parent_run_id, "environment": report.environment,
             "settings": settings}
 

@@ -44,6 +44,7 @@ class Setting:
 
     params: dict[str, str]
     runs: list[RunData] = field(default_factory=list)
+    factors: dict[str, str] = field(default_factory=dict)  # the params that tell it from the study's others
     label: str = ""
 
     def by_arm(self, arm: str) -> dict[int, RunData]:
@@ -131,7 +132,8 @@ def group_settings(runs: list[RunData]) -> list[Setting]:
         if not any(_confounded(settings, key, other) for other in shown):
             shown.append(key)
     for s in settings:
-        s.label = ", ".join(f"{k}={s.params.get(k)}" for k in shown) or "all runs"
+        s.factors = {k: s.params.get(k) for k in shown}
+        s.label = ", ".join(f"{k}={v}" for k, v in s.factors.items()) or "all runs"
     return settings
 
 
