@@ -234,3 +234,26 @@ def test_the_findings_summary_states_where_the_rescue_held_and_what_the_rule_sho
     assert shown[1].endswith(", higher in 5/5 seeds")
     assert ": 2, in 1 setting:" in large[0] and len(large) == 2
     assert large[1].startswith("  - backend.name=jax, precision.policy=mixed_float16: `probs` = `probs_naive` ×")
+
+
+def test_the_validation_nll_ratio_by_epoch_pairs_seeds_by_epoch_and_says_when_an_arm_is_identical():
+    """A resumed run's history starts late; its values pair with the baseline's at the same epochs."""
+    from pipeline.report import epoch_ratios
+    from pipeline.report.render import epoch_ratio_lines
+
+    runs = [run("logits", 0, 1.0), run("logits", 1, 1.0), run("probs_naive", 0, 2.0), run("probs_naive", 1, 2.0),
+            run("probs", 0, 1.0), run("probs", 1, 1.0)]
+    curves = {("logits", 0): {1: 1.0, 2: 1.0, 3: 1.0}, ("logits", 1): {1: 1.0, 2: 1.0, 3: 1.0},
+              ("probs_naive", 0): {1: 2.0, 2: 4.0, 3: 8.0}, ("probs_naive", 1): {3: 2.0},  # resumed at epoch 3
+              ("probs", 0): {1: 1.0, 2: 1.0, 3: 1.0}, ("probs", 1): {1: 1.0, 2: 1.0, 3: 1.0}}
+    for r in runs:
+        r.curves = {"val_nll_float64": curves[(r.arm, r.seed)]}
+    setting = Setting({}, runs)
+    ratios = epoch_ratios(setting, "probs_naive")
+    assert [(r.epoch, r.higher, r.equal, r.n) for r in ratios] == [(1, 1, 0, 1), (2, 1, 0, 1), (3, 2, 0, 2)]
+    assert [r.ratio for r in ratios] == pytest.approx([2.0, 4.0, 4.0])  # epoch 3: sqrt(8 x 2)
+    lines = epoch_ratio_lines(analyse(setting))
+    assert lines == ["validation NLL (float64), `probs` / `logits` by epoch (geometric mean over seeds; seeds where "
+                     "higher): identical at every epoch.",
+                     "validation NLL (float64), `probs_naive` / `logits` by epoch (geometric mean over seeds; seeds "
+                     "where higher): epoch 1 ×2 (1/1), epoch 2 ×4 (1/1), epoch 3 ×4 (2/2)."]

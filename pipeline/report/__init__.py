@@ -114,6 +114,40 @@ def analyse(setting: Setting) -> SettingResult:
     return SettingResult(setting, means, comparisons, effective, diverged, notes)
 
 
+# The epochs at which a report gives each arm's validation-NLL ratio to logits (and always the last one).
+RATIO_EPOCHS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
+
+
+@dataclass(frozen=True)
+class EpochRatio:
+    """An arm's validation NLL over the baseline's at one epoch: geometric mean over the seed pairs with a
+    finite positive value in both, and in how many of them the arm's is higher."""
+
+    epoch: int
+    ratio: float
+    higher: int
+    equal: int
+    n: int
+
+
+def epoch_ratios(setting: Setting, arm: str, key: str = "val_nll_float64") -> list[EpochRatio]:
+    """`arm` against the baseline at RATIO_EPOCHS and the last epoch, pairing values by epoch (step), so a
+    resumed run's history is read where it was logged."""
+    mine = {seed: run.curves.get(key, {}) for seed, run in setting.by_arm(arm).items()}
+    base = {seed: run.curves.get(key, {}) for seed, run in setting.by_arm(BASELINE).items()}
+    logged = sorted({epoch for curve in base.values() for epoch in curve})
+    if not logged:
+        return []
+    ratios = []
+    for epoch in sorted({*(e for e in RATIO_EPOCHS if e < logged[-1] and e in logged), logged[-1]}):
+        pairs = [(mine[s][epoch], base[s][epoch]) for s in mine if s in base and epoch in mine[s] and epoch in base[s]]
+        pairs = [(a, b) for a, b in pairs if math.isfinite(a) and math.isfinite(b) and a > 0 and b > 0]
+        if pairs:
+            ratio = math.exp(sum(math.log(a / b) for a, b in pairs) / len(pairs))
+            ratios.append(EpochRatio(epoch, ratio, sum(a > b for a, b in pairs), sum(a == b for a, b in pairs), len(pairs)))
+    return ratios
+
+
 def _finite_mean(values) -> float:
     finite = [v for v in values if math.isfinite(v)]
     return float(np.mean(finite)) if finite else math.nan

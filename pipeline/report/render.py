@@ -12,7 +12,7 @@ from pathlib import Path
 import markdown as markdown_lib
 
 from pipeline.files import write_text
-from pipeline.report import BASELINE, COMPARED, METRICS, SPECS, Report, SettingResult
+from pipeline.report import BASELINE, COMPARED, METRICS, SPECS, Report, SettingResult, epoch_ratios
 from pipeline.report.findings import provenance
 from pipeline.report.stats import DECISION_RULE, LEVEL, Comparison
 
@@ -73,6 +73,20 @@ def sentence(c: Comparison) -> str:
     return f"{head}: {size}; {seeds}: {verdict}."
 
 
+def epoch_ratio_lines(result: SettingResult) -> list[str]:
+    """Per compared arm, its validation NLL over the baseline's by epoch: whether an effect builds up or fades."""
+    lines = []
+    for arm in COMPARED:
+        ratios = epoch_ratios(result.setting, arm)
+        if not ratios:
+            continue
+        by_epoch = ("identical at every epoch" if all(r.equal == r.n for r in ratios) else ", ".join(
+            f"epoch {r.epoch} ×{fmt(r.ratio, 3)} ({r.higher}/{r.n})" for r in ratios))
+        lines.append(f"validation NLL (float64), `{arm}` / `{BASELINE}` by epoch (geometric mean over seeds; "
+                     f"seeds where higher): {by_epoch}.")
+    return lines
+
+
 def table_rows(result: SettingResult) -> tuple[list[str], list[list[str]]]:
     """The setting's table as a header and rows of cells (Markdown and console both use it)."""
     arms = [a for a in (*COMPARED[:1], BASELINE, *COMPARED[1:]) if a in result.effective]
@@ -131,6 +145,7 @@ def markdown(report: Report) -> str:
                *markdown_table(header, rows), "", "### What the numbers say", ""]
         sentences = [sentence(c) for c in result.comparisons]
         md += [f"- {s}" for s in sentences] if sentences else ["- Nothing to compare in this setting."]
+        md += [f"- {line}" for line in epoch_ratio_lines(result)]
         md += ["", *(f"![{path.stem}]({path.name})" for path in result.plots), ""]
     return "\n".join(md)
 
