@@ -257,3 +257,27 @@ def test_the_validation_nll_ratio_by_epoch_pairs_seeds_by_epoch_and_says_when_an
                      "higher): identical at every epoch.",
                      "validation NLL (float64), `probs_naive` / `logits` by epoch (geometric mean over seeds; seeds "
                      "where higher): epoch 1 ×2 (1/1), epoch 2 ×4 (1/1), epoch 3 ×4 (2/2)."]
+
+
+@pytest.mark.parametrize("case", ["missing", "not json", "not findings", "readme without markers"])
+def test_the_findings_command_refuses_bad_input_in_one_line_and_leaves_the_readme_as_it_was(tmp_path, case):
+    import subprocess
+    import sys
+
+    from pipeline.config import PROJECT_ROOT
+
+    findings, readme = tmp_path / "findings.json", tmp_path / "README.md"
+    readme.write_text("# a README without the table's markers\n")
+    if case == "not json":
+        findings.write_text("{")
+    elif case == "not findings":
+        findings.write_text('{"settings": [{"label": 1}]}')
+    elif case == "readme without markers":
+        findings.write_text((PROJECT_ROOT / "docs" / "findings.json").read_text())
+    result = subprocess.run([sys.executable, "-m", "pipeline.report.findings", str(findings), "--readme", str(readme)],
+                            capture_output=True, text=True, cwd=PROJECT_ROOT, timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    (line,) = result.stderr.splitlines()
+    named = "--readme " + str(readme) if case == "readme without markers" else str(findings)
+    assert line.startswith(f"error: {named} is not accepted: ")
+    assert readme.read_text() == "# a README without the table's markers\n"

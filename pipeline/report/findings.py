@@ -16,6 +16,7 @@ import math
 import sys
 from pathlib import Path
 
+from pipeline.files import write_text
 from pipeline.report import COMPARED
 from pipeline.report.stats import LEVEL
 
@@ -148,11 +149,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("findings", type=Path, help="a report's findings.json")
     parser.add_argument("--readme", type=Path, help="rewrite the table in this README instead of printing it")
     args = parser.parse_args(argv)
-    generated = table(json.loads(args.findings.read_text()))
-    if args.readme:
-        args.readme.write_text(replace_in(args.readme.read_text(), generated))
-    else:
+
+    def refuse(what: str, expected: str) -> int:
+        print(f"error: {what} is not accepted: {expected}", file=sys.stderr)
+        return 2
+
+    try:
+        generated = table(json.loads(args.findings.read_text()))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        return refuse(str(args.findings), f"cannot read it as JSON ({error})")
+    except (KeyError, TypeError, AttributeError, ValueError, IndexError):
+        return refuse(str(args.findings), "expected a report's findings.json (reports/<study>/findings.json)")
+    if not args.readme:
         print(generated)
+        return 0
+    try:
+        readme = args.readme.read_text()
+    except (OSError, UnicodeDecodeError) as error:
+        return refuse(f"--readme {args.readme}", f"cannot read it ({error})")
+    if FINDINGS_END not in readme.partition(FINDINGS_BEGIN)[2]:
+        return refuse(f"--readme {args.readme}", "expected the findings table's two marker comments, "
+                      "FINDINGS_BEGIN then FINDINGS_END (pipeline/report/findings.py), around the table to replace")
+    write_text(args.readme, replace_in(readme, generated))  # whole or not at all
     return 0
 
 
