@@ -232,7 +232,7 @@ def test_the_findings_summary_states_where_the_rescue_held_and_what_the_rule_sho
     assert ": 1, in 1 setting," in shown[0] and len(shown) == 2
     assert shown[1].startswith("  - backend.name=tensorflow, precision.policy=float32: `probs_naive` ×9.")
     assert shown[1].endswith(", higher in 5/5 seeds")
-    assert ": 2, in 1 setting:" in large[0] and len(large) == 2
+    assert ": 2, in 1 setting:" in large[0] and len(large) == 2 and "×0.5 or less" in large[0]
     assert large[1].startswith("  - backend.name=jax, precision.policy=mixed_float16: `probs` = `probs_naive` ×")
 
 

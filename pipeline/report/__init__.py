@@ -238,7 +238,8 @@ def findings_json(report: Report) -> dict:
             effects[arm] = {"identical": c.identical, "shown": c.shown, "roundoff": c.roundoff, "n": c.n,
                             "higher": c.higher, "lower": c.lower, "p_holm": c.p_holm,
                             "ratio": None if c.ratio is None else [c.ratio.estimate, c.ratio.low, c.ratio.high]}
-        probs, naive = (metric_values(result.setting, arm, "test_nll") for arm in ("probs", "probs_naive"))
+        probs, naive = (metric_values(result.setting, arm.value, "test_nll")
+                        for arm in (FormulationName.probs, FormulationName.probs_naive))
         settings.append({"label": result.setting.label, "factors": result.setting.factors, "effective": result.effective,
                          "means": result.means["test_nll"], "test_nll": effects,
                          # every seed's test NLL the same number (NaN included): probs trained as probs_naive
@@ -246,7 +247,6 @@ def findings_json(report: Report) -> dict:
                              str(probs[seed]) == str(naive[seed]) for seed in probs)})
     return {"study": report.study, "parent_run_id": report.parent_run_id, "environment": report.environment,
             "settings": settings}
-
 
 
 def build_report(uri: str, reports_dir: Path, experiment: str | None = None, study: str | None = None,
