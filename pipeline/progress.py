@@ -18,6 +18,12 @@ STUDY_JOBS_ENV = "FROMLOGITS_STUDY_JOBS"
 STUDY_STARTED_ENV = "FROMLOGITS_STUDY_STARTED"
 STUDY_WORKERS_ENV = "FROMLOGITS_STUDY_WORKERS"  # jobs the launcher runs at once
 
+# When this process's jobs of each study ended (monotonic seconds), by the study's start: the pace of its
+# next jobs. A worker runs many jobs in turn; the time from one job's end to the next's counts everything a
+# job costs (set-up, training, evaluation, logging), whichever setting or backend it trains.
+_JOB_ENDS: dict[str, list[float]] = {}
+RECENT_JOBS = 10  # the pace is read over the last ones: a study's later jobs can be faster (warm caches)
+
 
 def clock(seconds: float) -> str:
     seconds = max(0, int(round(seconds)))
@@ -53,6 +59,7 @@ class EpochProgress:
         self.study_jobs = int(jobs) if jobs and self.job is not None else None
         self.study_started = float(os.environ.get(STUDY_STARTED_ENV, time.time()))
         self.workers = max(1, int(os.environ.get(STUDY_WORKERS_ENV, "1")))
+        self.study_key = os.environ.get(STUDY_STARTED_ENV, "")
 
     def line(self, epoch: int, metrics: dict, now: float) -> str:
         elapsed = now - self.started
@@ -62,7 +69,9 @@ class EpochProgress:
         if self.study_jobs:
             study = f"study {clock(time.time() - self.study_started)}"
             if rate is not None:
-                job_seconds = (self.first_epoch_done - self.started) + rate * (self.epochs - 1)
+                ends = _JOB_ENDS.get(self.study_key, [])[-(RECENT_JOBS + 1):]
+                job_seconds = ((ends[-1] - ends[0]) / (len(ends) - 1) if len(ends) > 1
+                               else (self.first_epoch_done - self.started) + rate * (self.epochs - 1))
                 not_started = max(0, self.study_jobs - self.job - self.workers)
                 study += f", ~{clock(rate * (self.epochs - epoch) + job_seconds * not_started / self.workers)} left"
             parts.append(f"job {self.job + 1}/{self.study_jobs} ({study})")
@@ -79,6 +88,8 @@ class EpochProgress:
         now = time.monotonic()
         if self.first_epoch_done is None:
             self.first_epoch_done = now
+        if epoch == self.epochs and self.study_jobs:
+            _JOB_ENDS.setdefault(self.study_key, []).append(now)
         if self.interactive:
             end = "\n" if epoch == self.epochs else ""
             print(f"\r\033[K{self.line(epoch, metrics, now)}", end=end, file=self.stream, flush=True)

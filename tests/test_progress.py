@@ -88,3 +88,27 @@ def test_the_study_estimate_counts_parallel_workers(monkeypatch):
     assert first.startswith("job 5/20 (study 0:25)  probs-seed4 epoch 1/10")
     assert fifth.startswith("job 5/20 (study 0:25, ~1:29 left)  probs-seed4 epoch 5/10")
     assert fifth.endswith("0:07 elapsed, ~0:05 left")
+
+
+def test_the_study_estimate_follows_this_workers_pace_once_it_has_finished_two_jobs(monkeypatch):
+    """A study's jobs differ (the atlas mixes settings and backends; a job's first epoch may pay for tracing or
+    not): once this worker has ended two jobs, each job not started is charged the mean time between its job
+    ends. Jobs 1 and 3 (0-based 0 and 2) ended 8 s apart; job 5's first epoch took 10 s (tracing), then 1 s
+    an epoch: 1 s of it left, and 14 jobs not started take 14 x 8 / 2 = 56 s on 2 workers: 57 s, where its
+    own first epoch would have said 14 x 12 / 2 + 1 = 85 s."""
+    monkeypatch.setattr("pipeline.progress._JOB_ENDS", {})
+    monkeypatch.setenv(STUDY_JOBS_ENV, "20")
+    monkeypatch.setenv(STUDY_WORKERS_ENV, "2")
+    monkeypatch.setenv(STUDY_STARTED_ENV, "2000")
+    monkeypatch.setattr("pipeline.progress.time.time", lambda: 2030.0)
+    times = iter([0.0, 1.0, 2.0, 8.0, 8.0, 9.0, 10.0, 16.0, 16.0, 26.0, 27.0])
+    monkeypatch.setattr("pipeline.progress.time.monotonic", lambda: next(times))
+    for job in (0, 2):
+        finished = EpochProgress(f"logits-seed{job}", epochs=3, job=job, stream=io.StringIO(), interactive=False)
+        for epoch in (1, 2, 3):
+            finished(epoch, METRICS)
+    out = io.StringIO()
+    progress = EpochProgress("probs-seed4", epochs=3, job=4, stream=out, interactive=True)
+    progress(1, METRICS)
+    progress(2, METRICS)
+    assert out.getvalue().split("\r")[-1].startswith("\033[Kjob 5/20 (study 0:30, ~0:57 left)  probs-seed4 epoch 2/3")
