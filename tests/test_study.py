@@ -258,3 +258,26 @@ def test_a_job_handed_to_another_backends_worker_hands_on_its_studys_variables(m
     assert answer == {"run_id": "r", "test_nll": 0.5}
     request = json.loads(Worker.stdin.getvalue())
     assert request["environment"][PARENT_RUN_ENV] == "second-study" and request["environment"][INTERRUPTED_ATTEMPT_ENV] == ""
+
+
+def test_a_report_of_a_study_that_still_runs_says_so(tmp_path):
+    """`python -m pipeline.report --study X` while X runs reports the runs finished so far, and says that the
+    study has not ended instead of passing its running runs off as runs that did not finish."""
+    from pipeline.record import STUDY_ROLE, Tag
+    from pipeline.report.runs import read_study
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.MlflowClient(uri)
+    experiment = client.create_experiment("fromlogits")
+    parent = client.create_run(experiment, tags={Tag.ROLE: STUDY_ROLE, Tag.STUDY: "busy"}, run_name="study-busy")
+    for arm, status in (("logits", "FINISHED"), ("probs", "RUNNING")):
+        child = client.create_run(experiment, tags={Tag.PARENT: parent.info.run_id, Tag.FORMULATION: arm, Tag.SEED: "0"})
+        client.log_metric(child.info.run_id, "test_nll", 0.5)
+        if status == "FINISHED":
+            client.set_terminated(child.info.run_id, status)
+    data = read_study(uri, "fromlogits", "busy")
+    assert [r.arm for r in data.finished] == ["logits"] and [r.status for r in data.failed] == ["RUNNING"]
+    assert data.notes == [f"The study's parent run {parent.info.run_id} is still RUNNING (the study is running, or its "
+                          "command was killed): this report covers the 1 run(s) finished so far; 1 run(s) are RUNNING."]
+    client.set_terminated(parent.info.run_id, "FINISHED")
+    assert read_study(uri, "fromlogits", "busy").notes == []

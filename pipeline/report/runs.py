@@ -115,6 +115,11 @@ def read_study(uri: str, experiment: str, study: str | None = None, parent_run_i
     finished = [_run_data(client, r, True) for r in runs if r.info.status == "FINISHED"]
     failed = [_run_data(client, r, False) for r in runs if r.info.status != "FINISHED"]
     name = parent.data.tags.get(Tag.STUDY, parent.info.run_id)
+    if parent.info.status == "RUNNING":  # a report asked for while the study runs, or after its command was killed
+        running = sum(r.status == "RUNNING" for r in failed)
+        notes.append(f"The study's parent run {parent.info.run_id} is still RUNNING (the study is running, or its "
+                     f"command was killed): this report covers the {len(finished)} run(s) finished so far; "
+                     f"{running} run(s) are RUNNING.")
     return StudyData(name, parent.info.run_id, parent.info.experiment_id, finished, failed, notes)
 
 
