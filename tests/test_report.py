@@ -229,10 +229,10 @@ def test_the_findings_summary_states_where_the_rescue_held_and_what_the_rule_sho
                              "precision.policy=mixed_float16); there `probs` trained as `probs_naive` "
                              "(every seed's test NLL equal) in 3 of 3.")
     shown, large = lines[2].split("\n"), lines[3].split("\n")
-    assert ": 1, in 1 setting," in shown[0] and len(shown) == 2
+    assert ": 1 comparison in 1 setting," in shown[0] and len(shown) == 2
     assert shown[1].startswith("  - backend.name=tensorflow, precision.policy=float32: `probs_naive` ×9.")
     assert shown[1].endswith(", higher in 5/5 seeds")
-    assert ": 2, in 1 setting:" in large[0] and len(large) == 2 and "×0.5 or less" in large[0]
+    assert ": 2 comparisons in 1 setting:" in large[0] and len(large) == 2 and "×0.5 or less" in large[0]
     assert large[1].startswith("  - backend.name=jax, precision.policy=mixed_float16: `probs` = `probs_naive` ×")
 
 

@@ -91,9 +91,12 @@ def effects_listed(items: list[tuple[dict, str, dict]]) -> str:
     return "".join(f"\n  - {part}" for part in parts) if parts else " none."
 
 
+def counted(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
 def in_settings(items: list[tuple[dict, str, dict]]) -> str:
-    count = len({id(setting) for setting, _, _ in items})
-    return f"{count} setting{'' if count == 1 else 's'}"
+    return counted(len({id(setting) for setting, _, _ in items}), "setting")
 
 
 def summary(findings: dict) -> list[str]:
@@ -122,11 +125,11 @@ def summary(findings: dict) -> list[str]:
         f"- **It read the probabilities** (`false`) in {len(lost)} of {n} settings{where(lost)}; there `probs` "
         f"trained as `probs_naive` (every seed's test NLL equal) in {len(as_naive)} of {len(lost)}.",
         f"- **Effects the decision rule shows** (Holm-adjusted p < {LEVEL} over the {len(tested)} comparisons that are "
-        f"not identical, and more than round-off): {len(shown)}, in {in_settings(shown)}, as test-NLL ratio to `logits`:"
+        f"not identical, and more than round-off): {counted(len(shown), 'comparison')} in {in_settings(shown)}, as test-NLL ratio to `logits`:"
         f"{effects_listed(shown)}",
         f"- **Estimates of ×{LARGE:g} or more, or ×{1 / LARGE:g} or less, that it does not show** (their tests do not "
         f"reach it with these seeds): "
-        f"{len(large)}, in {in_settings(large)}:{effects_listed(large)}",
+        f"{counted(len(large), 'comparison')} in {in_settings(large)}:{effects_listed(large)}",
     ]
 
 
