@@ -21,7 +21,7 @@ STUDY_WORKERS_ENV = "FROMLOGITS_STUDY_WORKERS"  # jobs the launcher runs at once
 # When this process's jobs of each study ended (monotonic seconds), by the study's start: the pace of its
 # next jobs. A worker runs many jobs in turn; the time from one job's end to the next's counts everything a
 # job costs (set-up, training, evaluation, logging), whichever setting or backend it trains.
-_JOB_ENDS: dict[str, list[float]] = {}
+_JOB_ENDS: dict[float, list[float]] = {}
 RECENT_JOBS = 10  # the pace is read over the last ones: a study's later jobs can be faster (warm caches)
 
 
@@ -59,7 +59,6 @@ class EpochProgress:
         self.study_jobs = int(jobs) if jobs and self.job is not None else None
         self.study_started = float(os.environ.get(STUDY_STARTED_ENV, time.time()))
         self.workers = max(1, int(os.environ.get(STUDY_WORKERS_ENV, "1")))
-        self.study_key = os.environ.get(STUDY_STARTED_ENV, "")
 
     def line(self, epoch: int, metrics: dict, now: float) -> str:
         elapsed = now - self.started
@@ -69,7 +68,7 @@ class EpochProgress:
         if self.study_jobs:
             study = f"study {clock(time.time() - self.study_started)}"
             if rate is not None:
-                ends = _JOB_ENDS.get(self.study_key, [])[-(RECENT_JOBS + 1):]
+                ends = _JOB_ENDS.get(self.study_started, [])[-(RECENT_JOBS + 1):]
                 job_seconds = ((ends[-1] - ends[0]) / (len(ends) - 1) if len(ends) > 1
                                else (self.first_epoch_done - self.started) + rate * (self.epochs - 1))
                 not_started = max(0, self.study_jobs - self.job - self.workers)
@@ -89,7 +88,7 @@ class EpochProgress:
         if self.first_epoch_done is None:
             self.first_epoch_done = now
         if epoch == self.epochs and self.study_jobs:
-            _JOB_ENDS.setdefault(self.study_key, []).append(now)
+            _JOB_ENDS.setdefault(self.study_started, []).append(now)
         if self.interactive:
             end = "\n" if epoch == self.epochs else ""
             print(f"\r\033[K{self.line(epoch, metrics, now)}", end=end, file=self.stream, flush=True)

@@ -144,7 +144,8 @@ def epoch_ratios(setting: Setting, arm: str, key: str = "val_nll_float64") -> li
         pairs = [(a, b) for a, b in pairs if math.isfinite(a) and math.isfinite(b) and a > 0 and b > 0]
         if pairs:
             ratio = math.exp(sum(math.log(a / b) for a, b in pairs) / len(pairs))
-            ratios.append(EpochRatio(epoch, ratio, sum(a > b for a, b in pairs), sum(a == b for a, b in pairs), len(pairs)))
+            ratios.append(EpochRatio(epoch, ratio, higher=sum(a > b for a, b in pairs),
+                                     equal=sum(a == b for a, b in pairs), n=len(pairs)))
     return ratios
 
 
@@ -240,8 +241,8 @@ def findings_json(report: Report) -> dict:
                             "ratio": None if c.ratio is None else [c.ratio.estimate, c.ratio.low, c.ratio.high]}
         probs, naive = (metric_values(result.setting, arm.value, "test_nll")
                         for arm in (FormulationName.probs, FormulationName.probs_naive))
-        settings.append({"label": result.setting.label, "factors": result.setting.factors, "effective": result.effective,
-                         "means": result.means["test_nll"], "test_nll": effects,
+        settings.append({"label": result.setting.label, "factors": result.setting.factors,
+                         "effective": result.effective, "means": result.means["test_nll"], "test_nll": effects,
                          # every seed's test NLL the same number (NaN included): probs trained as probs_naive
                          "probs_is_probs_naive": bool(probs) and probs.keys() == naive.keys() and all(
                              str(probs[seed]) == str(naive[seed]) for seed in probs)})

@@ -77,17 +77,14 @@ def described(subset: list[dict], settings: list[dict]) -> str:
 def effects_listed(items: list[tuple[dict, str, dict]]) -> str:
     """Each arm's effect, by setting: both arms at once where probs trained as probs_naive."""
     parts = []
-    for setting, group in itertools.groupby(items, key=lambda item: id(item[0])):
+    for _, group in itertools.groupby(items, key=lambda item: id(item[0])):
         group = list(group)
         setting = group[0][0]
-        arms = [arm for _, arm, _ in group]
-        both = setting.get("probs_is_probs_naive") and arms == list(COMPARED)
-        named = "`probs` = `probs_naive`" if both else " and ".join(f"`{a}`" for a in arms)
-        entry = group[0][2]
-        parts.append(f"{setting['label']}: {named} {size(entry)}, higher in {entry['higher']}/{entry['n']} seeds"
-                     if both or len(group) == 1 else
-                     f"{setting['label']}: " + "; ".join(f"`{a}` {size(e)}, higher in {e['higher']}/{e['n']} seeds"
-                                                        for _, a, e in group))
+        named = [(f"`{arm}`", entry) for _, arm, entry in group]
+        if setting.get("probs_is_probs_naive") and [arm for _, arm, _ in group] == list(COMPARED):
+            named = [("`probs` = `probs_naive`", group[0][2])]
+        parts.append(f"{setting['label']}: " + "; ".join(
+            f"{name} {size(entry)}, higher in {entry['higher']}/{entry['n']} seeds" for name, entry in named))
     return "".join(f"\n  - {part}" for part in parts) if parts else " none."
 
 
@@ -125,8 +122,8 @@ def summary(findings: dict) -> list[str]:
         f"- **It read the probabilities** (`false`) in {len(lost)} of {n} settings{where(lost)}; there `probs` "
         f"trained as `probs_naive` (every seed's test NLL equal) in {len(as_naive)} of {len(lost)}.",
         f"- **Effects the decision rule shows** (Holm-adjusted p < {LEVEL} over the {len(tested)} comparisons that are "
-        f"not identical, and more than round-off): {counted(len(shown), 'comparison')} in {in_settings(shown)}, as test-NLL ratio to `logits`:"
-        f"{effects_listed(shown)}",
+        f"not identical, and more than round-off): {counted(len(shown), 'comparison')} in {in_settings(shown)}, "
+        f"as test-NLL ratio to `logits`:{effects_listed(shown)}",
         f"- **Estimates of ×{LARGE:g} or more, or ×{1 / LARGE:g} or less, that it does not show** (their tests do not "
         f"reach it with these seeds): "
         f"{counted(len(large), 'comparison')} in {in_settings(large)}:{effects_listed(large)}",
