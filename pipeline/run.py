@@ -102,6 +102,12 @@ def launch(argv: list[str]) -> int:
         study.end_interrupted_study()
         raise
     except Exception as error:
+        from pipeline.run_folder import unwritable
+
+        problem = unwritable(error)
+        if problem:
+            print(f"error: {problem}", file=sys.stderr)
+            return EXIT_BAD_INPUT
         if stop_requested.is_set():
             study.end_interrupted_study()
         study.end_failed_study(error)  # e.g. joblib's TerminatedWorkerError when the OS killed a worker
@@ -127,8 +133,9 @@ if __name__ == "__main__":
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         sys.exit(EXIT_BAD_INPUT)
-    if multirun:  # a launcher's error (e.g. submitit's jobs interrupted) reaches the handler below, not Hydra's report
-        os.environ.setdefault("HYDRA_FULL_ERROR", "1")
+    # Errors outside a job (a launcher's, e.g. submitit's jobs interrupted; Hydra's own, writing the run's folder)
+    # reach `launch`'s handler, not Hydra's report.
+    os.environ.setdefault("HYDRA_FULL_ERROR", "1")
     names = list(studies)
     for done, name in enumerate(names, start=1):
         try:

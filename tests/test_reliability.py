@@ -133,6 +133,27 @@ def test_a_full_disk_under_the_checkpoints_is_named_as_such_not_as_the_store(tmp
     assert run.info.status == "FAILED" and "No space left on device" in run.data.tags["error"]
 
 
+def test_a_run_folder_on_a_full_disk_is_one_line_and_keeps_only_what_was_there(tmp_path, data_dir, small_disk):
+    """Hydra makes the run's folder and writes its configs and log before the run starts; on a full disk that
+    was Hydra's traceback, exit 1, and empty files left behind. Now one line, exit 2, no run, and the folders
+    and files this command made are gone while a colleague's file in the same folder stays."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    shared = small_disk / "shared"
+    shared.mkdir()
+    (shared / "notes.txt").write_text("kept")
+    free_kib = os.statvfs(small_disk).f_bavail * os.statvfs(small_disk).f_frsize // 1024
+    (small_disk / "filler").write_bytes(b"\0" * 1024 * free_kib)
+    for folder in (shared / "new" / "run", shared):  # a folder to make, and one that exists
+        result = run_cli("pipeline.run", "train.epochs=1", f"data_dir={data_dir}", f"hydra.run.dir={folder}",
+                         env={"MLFLOW_TRACKING_URI": uri})
+        assert result.returncode == 2, result.stderr[-3000:]
+        assert result.stderr.strip().splitlines() == [
+            f"error: could not write the run's folder {folder} (No space left on device); nothing ran and nothing "
+            "of it was kept: fix that (e.g. free space there) or set hydra.run.dir= to another folder"]
+        assert sorted(p.name for p in shared.iterdir()) == ["notes.txt"] and (shared / "notes.txt").read_text() == "kept"
+    assert runs_of(uri) == []
+
+
 def test_a_sweep_folder_on_a_full_disk_fails_the_study_in_one_line(tmp_path, data_dir, small_disk):
     """Hydra writes each job's config into the sweep folder before the job starts; on a full disk that fails
     in the launcher, outside any job. One line and exit 1, not Hydra's traceback; the study ends FAILED."""

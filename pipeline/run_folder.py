@@ -1,0 +1,66 @@
+"""A single run's folder (`hydra.run.dir`), which Hydra makes and writes (its configs and log) before the run
+starts: when that fails (a full disk, a path where no folder can be made), one line names the folder and
+the cause, and what Hydra wrote there in this command is removed; nothing else is.
+
+Hydra would report it as a traceback with exit 1 and leave empty files behind. A study's sweep folder is
+the study's concern (`pipeline.study`): its launcher writes it, and the study ends FAILED in one line.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+HYDRA_FILES = ("config.yaml", "hydra.yaml", "overrides.yaml")  # what Hydra saves into <run>/<output_subdir>
+
+
+@dataclass
+class Plan:
+    folder: Path
+    paths: list[Path]  # what Hydra may create, parents before children
+    existed: set[Path] = field(default_factory=set)
+    started: bool = False  # the run itself started: any later failure is the run's, not the folder's
+
+
+_plan: Plan | None = None
+
+
+class RunFolder(Callback):
+    """Notes, before Hydra touches the run's folder, what of it exists, and when the run itself starts."""
+
+    def on_run_start(self, config: DictConfig, **kwargs) -> None:
+        global _plan
+        folder = Path(str(OmegaConf.select(config, "hydra.run.dir"))).absolute()  # `now` is cached: Hydra's value
+        missing = [p for p in (folder, *folder.parents) if not p.exists()][::-1]
+        subdir = OmegaConf.select(config, "hydra.output_subdir")
+        written = [folder / f"{OmegaConf.select(config, 'hydra.job.name')}.log"]
+        if subdir is not None:
+            written = [folder / subdir, *(folder / subdir / name for name in HYDRA_FILES), *written]
+        _plan = Plan(folder, [*missing, *written], existed={p for p in written if p.exists()})
+
+    def on_job_start(self, config: DictConfig, **kwargs) -> None:
+        if _plan is not None:
+            _plan.started = True
+
+
+def unwritable(error: BaseException) -> str | None:
+    """If `error` is Hydra failing to make or write this command's run folder before the run started: removes
+    what it wrote there and returns the one-line error; otherwise None."""
+    if _plan is None or _plan.started or not isinstance(error, OSError):
+        return None
+    for path in reversed(_plan.paths):  # children first; only what did not exist before this command
+        if path not in _plan.existed:
+            with contextlib.suppress(OSError):  # a folder is removed only if empty: never anything else in it
+                if path.is_dir():
+                    path.rmdir()
+                else:
+                    path.unlink()
+    cause = error.strerror or str(error)
+    if error.filename:
+        cause = f"{error.filename}: {cause}"
+    return (f"could not write the run's folder {_plan.folder} ({cause}); nothing ran and nothing of it was kept: "
+            f"fix that (e.g. free space there) or set hydra.run.dir= to another folder")
