@@ -37,6 +37,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import psutil  # noqa: E402
 
+from pipeline.cli import OneLineParser  # noqa: E402
 from pipeline.config import (Backend, BackendConfig, Config, ConfigError, DatasetConfig, FormulationName,  # noqa: E402
                              LossConfig, TrainConfig)
 from pipeline.data import Splits, fetch, load  # noqa: E402
@@ -149,7 +150,7 @@ def measure(splits: Splits, name: FormulationName, epochs: int, repetitions: int
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = OneLineParser(description=__doc__.splitlines()[0])
     parser.add_argument("--examples", type=int, default=60_000)
     parser.add_argument("--epochs", type=int, default=4, help="per repetition; the first is warm-up")
     parser.add_argument("--repetitions", type=int, default=3)

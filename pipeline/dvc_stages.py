@@ -11,7 +11,6 @@ DVC's workspace (a temporary copy for queued experiments).
 
 from __future__ import annotations
 
-import argparse
 import csv
 import dataclasses
 import json
@@ -21,6 +20,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from pipeline.cli import OneLineParser
 from pipeline.config import (Backend, BackendConfig, Config, LossConfig, PipelineError, conf_digest, first_line,
                              validate)
 from pipeline.files import write_atomically, write_json
@@ -232,7 +232,7 @@ STAGES = {"params": params, "fetch": fetch, "train": train, "train-backend": tra
 def main(argv: list[str] | None = None) -> int:
     from pipeline.interrupt import install_stop_handlers
 
-    parser = argparse.ArgumentParser(prog="python -m pipeline.dvc_stages", description="DVC stage entry points")
+    parser = OneLineParser(prog="python -m pipeline.dvc_stages", description="DVC stage entry points")
     parser.add_argument("stage", choices=sorted(STAGES))
     parser.add_argument("overrides", nargs="*", help="Hydra overrides (params); the backend (train-backend)")
     args = parser.parse_args(argv)

@@ -25,8 +25,8 @@ from pipeline.files import exclusive, write_json
 from pipeline.models import Classifier
 from pipeline.progress import EpochProgress
 from pipeline.record import MODEL_NAME, DatasetRef, RunRecord, Tag, run_record
-from pipeline.tracking import (MetricBuffer, has_logged_model, last_logged_steps, prepare_store, resumable, tracked_run,
-                               tracking_uri, unlogged)
+from pipeline.tracking import (MetricBuffer, discard_unfinished_models, has_logged_model, last_logged_steps,
+                               out_of_space, prepare_store, resumable, tracked_run, tracking_uri, unlogged)
 from pipeline.interrupt import interruptible
 from pipeline.train import Checkpoint, TrainResult, configure_determinism, train
 
@@ -247,7 +247,12 @@ def evaluate_into_run(clf: Classifier, splits: Splits, clock: StageClock | None 
         mlflow.log_dict(reliability, "reliability.json")  # the same file again, if it was there
         # The model is logged after the test metrics: only an attempt that stored those may have logged it.
         if "test_nll" in new or not has_logged_model(mlflow.MlflowClient(), mlflow.active_run(), MODEL_NAME):
-            log_model(clf, splits.x_test[:5])
+            try:
+                log_model(clf, splits.x_test[:5])
+            except Exception as error:
+                if out_of_space(error):  # its half-written files hold the room the run needs to end FAILED
+                    discard_unfinished_models(mlflow.MlflowClient(), mlflow.active_run(), MODEL_NAME)
+                raise
     return metrics
 
 

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
+from pipeline.cli import OneLineParser
 from pipeline.config import PipelineError, check_name
 
 
@@ -14,7 +14,7 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.report import build_report, print_report
     from pipeline.tracking import prepare_store, tracking_uri
 
-    parser = argparse.ArgumentParser(prog="python -m pipeline.report", description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog="python -m pipeline.report", description=__doc__.splitlines()[0])
     parser.add_argument("--study", help="study name (its latest finished parent run)")
     parser.add_argument("--parent-run-id", help="report on this parent run instead")
     parser.add_argument("--experiment", default=DEFAULT_EXPERIMENT)

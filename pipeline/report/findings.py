@@ -9,13 +9,13 @@ differs from what this command makes of the committed docs/findings.json.
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import math
 import sys
 from pathlib import Path
 
+from pipeline.cli import OneLineParser
 from pipeline.files import write_text
 from pipeline.report import COMPARED
 from pipeline.report.stats import LEVEL
@@ -148,7 +148,7 @@ def replace_in(readme: str, generated: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.report.findings", description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog="python -m pipeline.report.findings", description=__doc__.splitlines()[0])
     parser.add_argument("findings", type=Path, help="a report's findings.json")
     parser.add_argument("--readme", type=Path, help="rewrite the table in this README instead of printing it")
     args = parser.parse_args(argv)

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import shutil
 import time
+from pathlib import Path
 from typing import Iterator
 
 import mlflow
@@ -54,25 +56,26 @@ def tracked_run(uri: str, experiment_id: str, run_name: str | None = None, tags:
                 client.delete_tag(run_id, stale_tag)
     else:
         run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=tags)
-    error: BaseException | None = None
     try:
         yield run
     except BaseException as raised:
-        error = raised
         if not isinstance(raised, KeyboardInterrupt):
             with contextlib.suppress(Exception):
                 mlflow.set_tag(Tag.ERROR, describe(raised))
             raised.mlflow_run_id = run.info.run_id  # lets a sweep know the failure is on record
+        try:
+            mlflow.end_run(end_status(raised))
+            ended = ""
+        except Exception:  # noqa: BLE001 - the store is why the run failed; the next command ends it
+            ended = "; the run could not be ended either: the next command on this store marks it FAILED"
         if out_of_space(raised) and not isinstance(raised, WriteError):  # a file of ours names itself
             full = TrackingUnavailable(
                 f"the MLflow store {uri} is out of space ({first_line(raised)}); free space there and run the same "
-                "command again (an interrupted run's checkpoint is kept)")
+                f"command again (an interrupted run's checkpoint is kept){ended}")
             full.mlflow_run_id = run.info.run_id
             raise full from None
         raise
-    finally:
-        with contextlib.suppress(Exception) if error is not None else contextlib.nullcontext():
-            mlflow.end_run(end_status(error))
+    mlflow.end_run(end_status(None))
 
 
 def out_of_space(error: BaseException) -> bool:
@@ -135,6 +138,26 @@ def unlogged(metrics: dict[str, float], step: int, logged: dict[str, int] | None
     """The `metrics` of `step` that the store lacks, given its `last_logged_steps` (None: a new run)."""
     logged = logged or {}
     return {key: value for key, value in metrics.items() if key not in logged or step > logged[key]}
+
+
+def discard_unfinished_models(client: MlflowClient, run: Run, name: str) -> None:
+    """Removes the files of `run`'s models `name` whose logging did not finish (not READY), where they are
+    local, and marks them FAILED: a model write that filled the disk would otherwise keep the space the
+    run then needs to end FAILED. Only a model's own folder (named after its id) is touched."""
+    from mlflow.entities import LoggedModelStatus
+    from mlflow.utils.file_utils import local_file_uri_to_path
+
+    found = client.search_logged_models([run.info.experiment_id],
+                                        filter_string=f"source_run_id = '{run.info.run_id}' AND name = '{name}'")
+    for model in found:
+        if model.status == LoggedModelStatus.READY:
+            continue
+        if model.artifact_location.startswith("file:"):
+            files = Path(local_file_uri_to_path(model.artifact_location))
+            if files.parent.name == model.model_id:
+                shutil.rmtree(files.parent, ignore_errors=True)
+        with contextlib.suppress(Exception):
+            client.finalize_logged_model(model.model_id, LoggedModelStatus.FAILED)
 
 
 def has_logged_model(client: MlflowClient, run: Run, name: str) -> bool:
