@@ -260,11 +260,12 @@ def test_the_validation_nll_ratio_by_epoch_pairs_seeds_by_epoch_and_says_when_an
 
 
 @pytest.mark.parametrize("case", ["missing", "not json", "not findings", "readme without markers"])
-def test_the_findings_command_refuses_bad_input_in_one_line_and_leaves_the_readme_as_it_was(tmp_path, case):
+def test_the_findings_command_refuses_bad_input_in_one_line_and_leaves_the_readme_as_it_was(tmp_path, case, capsys):
     import subprocess
     import sys
 
     from pipeline.config import PROJECT_ROOT
+    from pipeline.report.findings import main
 
     findings, readme = tmp_path / "findings.json", tmp_path / "README.md"
     readme.write_text("# a README without the table's markers\n")
@@ -274,10 +275,15 @@ def test_the_findings_command_refuses_bad_input_in_one_line_and_leaves_the_readm
         findings.write_text('{"settings": [{"label": 1}]}')
     elif case == "readme without markers":
         findings.write_text((PROJECT_ROOT / "docs" / "findings.json").read_text())
-    result = subprocess.run([sys.executable, "-m", "pipeline.report.findings", str(findings), "--readme", str(readme)],
-                            capture_output=True, text=True, cwd=PROJECT_ROOT, timeout=120)
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    (line,) = result.stderr.splitlines()
+    argv = [str(findings), "--readme", str(readme)]
+    if case == "missing":  # typed as a user would, through the module's entry point
+        result = subprocess.run([sys.executable, "-m", "pipeline.report.findings", *argv], capture_output=True,
+                                text=True, cwd=PROJECT_ROOT, timeout=120)
+        code, stderr = result.returncode, result.stderr
+    else:  # the same main(), in this process: a second of imports less each
+        code, stderr = main(argv), capsys.readouterr().err
+    assert code == 2 and "Traceback" not in stderr
+    (line,) = stderr.splitlines()
     named = "--readme " + str(readme) if case == "readme without markers" else str(findings)
     assert line.startswith(f"error: {named} is not accepted: ")
     assert readme.read_text() == "# a README without the table's markers\n"
