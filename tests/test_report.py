@@ -173,18 +173,23 @@ def test_a_setting_uses_only_its_own_seed_pairs():
     assert c.n == 1 and "too few to decide" in sentence(c)
 
 
-def test_the_readmes_findings_table_is_what_the_committed_command_makes():
-    """The README's table cannot drift from the pipeline's measurement: it is generated from docs/findings.json."""
+def test_the_readmes_findings_are_what_the_committed_command_makes():
+    """The README's findings cannot drift from the pipeline's measurement: each study's block is generated
+    from its committed findings.json (docs/findings/<study>.json), and every copy there has its block."""
     import json
 
     from pipeline.config import PROJECT_ROOT
-    from pipeline.report.findings import FINDINGS_BEGIN, FINDINGS_END, table
+    from pipeline.report.findings import DOCS, block, shown_in
 
     readme = (PROJECT_ROOT / "README.md").read_text()
-    shown = readme[readme.index(FINDINGS_BEGIN) + len(FINDINGS_BEGIN):readme.index(FINDINGS_END)].strip()
-    expected = table(json.loads((PROJECT_ROOT / "docs" / "findings.json").read_text()))
-    assert shown == expected, "README's findings table is stale: run `python -m pipeline.report.findings " \
-                              "docs/findings.json --readme README.md`"
+    copies = sorted((PROJECT_ROOT / DOCS).glob("*.json"))
+    assert {p.stem for p in copies} >= {"atlas", "raw_pixels", "backends"}
+    for copy in copies:
+        findings = json.loads(copy.read_text())
+        assert findings["study"] == copy.stem
+        assert shown_in(readme, copy.stem) == block(findings), (
+            f"README's block of study {copy.stem} is stale: run `python -m pipeline.report.findings "
+            f"{DOCS / copy.stem}.json --readme README.md`")
 
 
 def test_a_setting_is_labelled_once_by_params_that_always_change_together():
@@ -218,6 +223,7 @@ def test_the_findings_summary_states_where_the_rescue_held_and_what_the_rule_sho
                 for arm, nll in (("logits", logits), ("probs", probs), ("probs_naive", naive)):
                     r = run(arm, seed, nll, params={"backend.name": backend, "precision.policy": policy})
                     r.tags["effective_from_logits"] = str(arm == "logits" or (arm == "probs" and rescued)).lower()
+                    r.curves = {"val_nll_float64": {1: 2 * nll, 2: nll}}
                     runs.append(r)
     results = [analyse(s) for s in group_settings(runs)]
     adjust_per_metric(results)
@@ -233,6 +239,9 @@ def test_the_findings_summary_states_where_the_rescue_held_and_what_the_rule_sho
     assert shown[1].startswith("  - backend.name=tensorflow, precision.policy=float32: `probs_naive` ×9.")
     assert shown[1].endswith(", higher in 5/5 seeds")
     assert ": 2 comparisons in 1 setting:" in large[0] and len(large) == 2 and "×0.5 or less" in large[0]
+    assert lines[4].startswith("- **How the shown effects built up**") and len(lines) == 6  # the shown one only
+    assert lines[5].startswith("  - backend.name=tensorflow, precision.policy=float32, `probs_naive`: epoch 1 ×9.")
+    assert lines[5].endswith("(5/5)") and ", epoch 2 ×9." in lines[5]
     assert large[1].startswith("  - backend.name=jax, precision.policy=mixed_float16: `probs` = `probs_naive` ×")
 
 
@@ -274,7 +283,7 @@ def test_the_findings_command_refuses_bad_input_in_one_line_and_leaves_the_readm
     elif case == "not findings":
         findings.write_text('{"settings": [{"label": 1}]}')
     elif case == "readme without markers":
-        findings.write_text((PROJECT_ROOT / "docs" / "findings.json").read_text())
+        findings.write_text((PROJECT_ROOT / "docs" / "findings" / "atlas.json").read_text())
     argv = [str(findings), "--readme", str(readme)]
     if case == "missing":  # typed as a user would, through the module's entry point
         result = subprocess.run([sys.executable, "-m", "pipeline.report.findings", *argv], capture_output=True,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import sys
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -227,8 +227,9 @@ def summary_metrics(report: Report) -> dict[str, float]:
 
 
 def findings_json(report: Report) -> dict:
-    """What the README's findings table is made of (pipeline/report/findings.py): per setting, what the
-    loss consumed and each arm's test-NLL effect against logits, as the report states them."""
+    """What the README's findings are made of (pipeline/report/findings.py): per setting, what the loss
+    consumed, each arm's test-NLL effect against logits, as the report states them, and its validation-NLL
+    ratio to logits by epoch."""
     settings = []
     for result in report.results:
         effects = {}
@@ -243,6 +244,8 @@ def findings_json(report: Report) -> dict:
                         for arm in (FormulationName.probs, FormulationName.probs_naive))
         settings.append({"label": result.setting.label, "factors": result.setting.factors,
                          "effective": result.effective, "means": result.means["test_nll"], "test_nll": effects,
+                         "val_nll_by_epoch": {arm: [asdict(r) for r in epoch_ratios(result.setting, arm)]
+                                              for arm in effects},
                          # every seed's test NLL the same number (NaN included): probs trained as probs_naive
                          "probs_is_probs_naive": bool(probs) and probs.keys() == naive.keys() and all(
                              str(probs[seed]) == str(naive[seed]) for seed in probs)})
