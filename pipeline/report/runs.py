@@ -48,7 +48,8 @@ class Setting:
     label: str = ""
 
     def by_arm(self, arm: str) -> dict[int, RunData]:
-        return {r.seed: r for r in self.runs if r.arm == arm}
+        """The arm's runs by seed, in seed order: sums over seeds do not depend on the order the store lists them."""
+        return {r.seed: r for r in sorted(self.runs, key=lambda r: r.seed) if r.arm == arm}
 
 
 @dataclass
