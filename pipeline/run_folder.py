@@ -12,6 +12,7 @@ import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
@@ -34,7 +35,13 @@ class RunFolder(Callback):
 
     def on_run_start(self, config: DictConfig, **kwargs) -> None:
         global _plan
-        folder = Path(str(OmegaConf.select(config, "hydra.run.dir"))).absolute()  # `now` is cached: Hydra's value
+        hydra = HydraConfig.instance()
+        previous = hydra.cfg
+        hydra.set_config(config)  # the folder's name may read ${hydra:...}, which Hydra sets only later
+        try:
+            folder = Path(str(OmegaConf.select(config, "hydra.run.dir"))).absolute()  # `now` is cached: Hydra's value
+        finally:
+            hydra.cfg = previous
         missing = [p for p in (folder, *folder.parents) if not p.exists()][::-1]
         subdir = OmegaConf.select(config, "hydra.output_subdir")
         written = [folder / f"{OmegaConf.select(config, 'hydra.job.name')}.log"]

@@ -154,8 +154,9 @@ def test_a_run_folder_on_a_full_disk_is_one_line_and_keeps_only_what_was_there(t
     (shared / "notes.txt").write_text("kept")
     free_kib = os.statvfs(small_disk).f_bavail * os.statvfs(small_disk).f_frsize // 1024
     (small_disk / "filler").write_bytes(b"\0" * 1024 * free_kib)
-    for folder in (shared / "new" / "run", shared):  # a folder to make, and one that exists
-        result = run_cli("pipeline.run", "train.epochs=1", f"data_dir={data_dir}", f"hydra.run.dir={folder}",
+    # A folder to make, named as the default one is (from Hydra's own config), and one that exists.
+    for typed, folder in ((shared / "new" / "${hydra:runtime.choices.loss}", shared / "new" / "logits"), (shared, shared)):
+        result = run_cli("pipeline.run", "train.epochs=1", f"data_dir={data_dir}", f"hydra.run.dir={typed}",
                          env={"MLFLOW_TRACKING_URI": uri})
         assert result.returncode == 2, result.stderr[-3000:]
         assert result.stderr.strip().splitlines() == [

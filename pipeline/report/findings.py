@@ -153,9 +153,10 @@ def summary(findings: dict) -> list[str]:
         f"(every seed's test NLL equal) in {len(as_logits)} of {len(rescued)}.",
         f"- **It read the probabilities** (`false`) in {len(lost)} of {n} settings{where(lost)}; there `probs` "
         f"trained as `probs_naive` (every seed's test NLL equal) in {len(as_naive)} of {len(lost)}.",
-        f"- **Effects the decision rule shows** (Holm-adjusted p < {LEVEL} over the {counted(len(tested), 'comparison')} "
-        f"that {'is' if len(tested) == 1 else 'are'} not identical, and more than round-off): {counted(len(shown), 'comparison')} in "
-        f"{in_settings(shown)}, as test-NLL ratio to `logits`:{effects_listed(shown)}",
+        f"- **Effects the decision rule shows** (Holm-adjusted p < {LEVEL} over the "
+        f"{counted(len(tested), 'comparison')} that {'is' if len(tested) == 1 else 'are'} not identical, and more "
+        f"than round-off): {counted(len(shown), 'comparison')} in {in_settings(shown)}, as test-NLL ratio to "
+        f"`logits`:{effects_listed(shown)}",
         f"- **Estimates of ×{LARGE:g} or more, or ×{1 / LARGE:g} or less, that it does not show** (their tests do not "
         f"reach it with these seeds): "
         f"{counted(len(large), 'comparison')} in {in_settings(large)}:{effects_listed(large)}",
@@ -180,7 +181,7 @@ def block(findings: dict) -> str:
 def shown_in(readme: str, study: str) -> str | None:
     """The README's block of `study`, between its markers; None where they are missing."""
     begin, end = markers(study)
-    before, found, rest = readme.partition(begin)
+    _, found, rest = readme.partition(begin)
     return rest.partition(end)[0].strip() if found and end in rest else None
 
 
