@@ -262,10 +262,11 @@ def test_the_validation_nll_ratio_by_epoch_pairs_seeds_by_epoch_and_says_when_an
     assert [(r.epoch, r.higher, r.equal, r.n) for r in ratios] == [(1, 1, 0, 1), (2, 1, 0, 1), (3, 2, 0, 2)]
     assert [r.ratio for r in ratios] == pytest.approx([2.0, 4.0, 4.0])  # epoch 3: sqrt(8 x 2)
     lines = epoch_ratio_lines(analyse(setting))
-    assert lines == ["validation NLL (float64), `probs` / `logits` by epoch (geometric mean over seeds; seeds where "
-                     "higher): identical at every epoch.",
-                     "validation NLL (float64), `probs_naive` / `logits` by epoch (geometric mean over seeds; seeds "
-                     "where higher): epoch 1 ×2 (1/1), epoch 2 ×4 (1/1), epoch 3 ×4 (2/2)."]
+    assert lines == ["validation NLL (float64), `probs` / `logits` by epoch (geometric mean over the seeds where both "
+                     "are finite; in how many of them higher): identical at every epoch.",
+                     "validation NLL (float64), `probs_naive` / `logits` by epoch (geometric mean over the seeds "
+                     "where both are finite; in how many of them higher): epoch 1 ×2 (1/1), epoch 2 ×4 (1/1), "
+                     "epoch 3 ×4 (2/2)."]
 
 
 @pytest.mark.parametrize("case", ["missing", "not json", "not findings", "readme without markers"])

@@ -160,8 +160,9 @@ def summary(findings: dict) -> list[str]:
         f"- **Estimates of ×{LARGE:g} or more, or ×{1 / LARGE:g} or less, that it does not show** (their tests do not "
         f"reach it with these seeds): "
         f"{counted(len(large), 'comparison')} in {in_settings(large)}:{effects_listed(large)}",
-        *(["- **How the shown effects built up**: validation NLL (float64) over `logits`'s, by epoch "
-           "(geometric mean over seeds; seeds where higher):", *built_up] if built_up else []),
+        *(["- **How the shown effects built up**: validation NLL (float64) over `logits`'s, by epoch (geometric "
+           "mean over the seeds where both are finite; in how many of them it is higher):", *built_up]
+          if built_up else []),
     ]
 
 

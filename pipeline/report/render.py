@@ -82,8 +82,8 @@ def epoch_ratio_lines(result: SettingResult) -> list[str]:
             continue
         by_epoch = ("identical at every epoch" if all(r.equal == r.n for r in ratios) else ", ".join(
             f"epoch {r.epoch} ×{fmt(r.ratio, 3)} ({r.higher}/{r.n})" for r in ratios))
-        lines.append(f"validation NLL (float64), `{arm}` / `{BASELINE}` by epoch (geometric mean over seeds; "
-                     f"seeds where higher): {by_epoch}.")
+        lines.append(f"validation NLL (float64), `{arm}` / `{BASELINE}` by epoch (geometric mean over the seeds "
+                     f"where both are finite; in how many of them higher): {by_epoch}.")
     return lines
 
 
