@@ -9,6 +9,7 @@ resumes, and a live process would then look like another one.
 
 from __future__ import annotations
 
+import functools
 import socket
 from pathlib import Path
 
@@ -17,12 +18,20 @@ import psutil
 _BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
 
 
+@functools.cache
+def _boot() -> str | None:
+    """This boot's id, shortened (it changes only with a reboot, which ends this process too); None without /proc."""
+    try:
+        return _BOOT_ID.read_text().strip().replace("-", "")[:12]
+    except OSError:
+        return None
+
+
 def _start(pid: int) -> str:
     """Process `pid`'s start as `process_tags` records it: "<ticks since boot>@<boot id>" where /proc has
     them, else the wall-clock start. Raises psutil.Error (OSError on Linux) when there is no such process."""
-    try:
-        boot = _BOOT_ID.read_text().strip().replace("-", "")[:12]
-    except OSError:
+    boot = _boot()
+    if boot is None:
         return f"{psutil.Process(pid).create_time():.3f}"
     # Field 22 of /proc/<pid>/stat, counted after the command name, which may itself hold spaces and ")".
     ticks = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[19]
