@@ -140,6 +140,12 @@ def unlogged(metrics: dict[str, float], step: int, logged: dict[str, int] | None
     return {key: value for key, value in metrics.items() if key not in logged or step > logged[key]}
 
 
+def logged_models(client: MlflowClient, run: Run, name: str) -> list:
+    """`run`'s models named `name`, whatever their status."""
+    return client.search_logged_models([run.info.experiment_id],
+                                       filter_string=f"source_run_id = '{run.info.run_id}' AND name = '{name}'")
+
+
 def discard_unfinished_models(client: MlflowClient, run: Run, name: str) -> None:
     """Removes the files of `run`'s models `name` whose logging did not finish (not READY), where they are
     local, and marks them FAILED: a model write that filled the disk would otherwise keep the space the
@@ -147,9 +153,7 @@ def discard_unfinished_models(client: MlflowClient, run: Run, name: str) -> None
     from mlflow.entities import LoggedModelStatus
     from mlflow.utils.file_utils import local_file_uri_to_path
 
-    found = client.search_logged_models([run.info.experiment_id],
-                                        filter_string=f"source_run_id = '{run.info.run_id}' AND name = '{name}'")
-    for model in found:
+    for model in logged_models(client, run, name):
         if model.status == LoggedModelStatus.READY:
             continue
         if model.artifact_location.startswith("file:"):
@@ -165,9 +169,7 @@ def has_logged_model(client: MlflowClient, run: Run, name: str) -> bool:
     it PENDING)."""
     from mlflow.entities import LoggedModelStatus
 
-    found = client.search_logged_models([run.info.experiment_id],
-                                        filter_string=f"source_run_id = '{run.info.run_id}' AND name = '{name}'")
-    return any(model.status == LoggedModelStatus.READY for model in found)
+    return any(model.status == LoggedModelStatus.READY for model in logged_models(client, run, name))
 
 
 class MetricBuffer:
