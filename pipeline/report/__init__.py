@@ -129,6 +129,12 @@ class EpochRatio:
     equal: int
     n: int
 
+    def __str__(self) -> str:
+        return f"epoch {self.epoch} ×{self.ratio:.3g} ({self.higher}/{self.n})"  # a ratio of finite pairs: finite
+
+
+EPOCH_RATIO_RULE = "geometric mean over the seeds where both are finite; in how many of them higher"
+
 
 def epoch_ratios(setting: Setting, arm: str, key: str = "val_nll_float64") -> list[EpochRatio]:
     """`arm` against the baseline at RATIO_EPOCHS and the last epoch, pairing values by epoch (step), so a

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from pipeline.cli import OneLineParser
 from pipeline.files import write_text
-from pipeline.report import COMPARED
+from pipeline.report import COMPARED, EPOCH_RATIO_RULE, EpochRatio
 from pipeline.report.stats import LEVEL
 
 DOCS = Path("docs") / "findings"  # <study>.json: the findings the README quotes, copied from reports/<study>/
@@ -114,8 +114,7 @@ def by_epoch(items: list[tuple[dict, str, dict]]) -> list[str]:
     for setting, name, arm in named_arms(items):
         ratios = setting.get("val_nll_by_epoch", {}).get(arm)
         if ratios:
-            lines.append(f"  - {setting['label']}, {name}: " + ", ".join(
-                f"epoch {r['epoch']} ×{r['ratio']:.3g} ({r['higher']}/{r['n']})" for r in ratios))
+            lines.append(f"  - {setting['label']}, {name}: " + ", ".join(str(EpochRatio(**r)) for r in ratios))
     return lines
 
 
@@ -160,9 +159,8 @@ def summary(findings: dict) -> list[str]:
         f"- **Estimates of ×{LARGE:g} or more, or ×{1 / LARGE:g} or less, that it does not show** (their tests do not "
         f"reach it with these seeds): "
         f"{counted(len(large), 'comparison')} in {in_settings(large)}:{effects_listed(large)}",
-        *(["- **How the shown effects built up**: validation NLL (float64) over `logits`'s, by epoch (geometric "
-           "mean over the seeds where both are finite; in how many of them it is higher):", *built_up]
-          if built_up else []),
+        *([f"- **How the shown effects built up**: validation NLL (float64) over `logits`'s, by epoch "
+           f"({EPOCH_RATIO_RULE}):", *built_up] if built_up else []),
     ]
 
 

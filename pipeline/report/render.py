@@ -12,7 +12,8 @@ from pathlib import Path
 import markdown as markdown_lib
 
 from pipeline.files import write_text
-from pipeline.report import BASELINE, COMPARED, METRICS, SPECS, Report, SettingResult, epoch_ratios
+from pipeline.report import (BASELINE, COMPARED, EPOCH_RATIO_RULE, METRICS, SPECS, Report, SettingResult,
+                             epoch_ratios)
 from pipeline.report.findings import provenance
 from pipeline.report.stats import DECISION_RULE, LEVEL, Comparison
 
@@ -80,10 +81,8 @@ def epoch_ratio_lines(result: SettingResult) -> list[str]:
         ratios = epoch_ratios(result.setting, arm)
         if not ratios:
             continue
-        by_epoch = ("identical at every epoch" if all(r.equal == r.n for r in ratios) else ", ".join(
-            f"epoch {r.epoch} ×{fmt(r.ratio, 3)} ({r.higher}/{r.n})" for r in ratios))
-        lines.append(f"validation NLL (float64), `{arm}` / `{BASELINE}` by epoch (geometric mean over the seeds "
-                     f"where both are finite; in how many of them higher): {by_epoch}.")
+        by_epoch = ("identical at every epoch" if all(r.equal == r.n for r in ratios) else ", ".join(map(str, ratios)))
+        lines.append(f"validation NLL (float64), `{arm}` / `{BASELINE}` by epoch ({EPOCH_RATIO_RULE}): {by_epoch}.")
     return lines
 
 
