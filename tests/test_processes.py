@@ -1,8 +1,10 @@
-"""A process is told apart from a later one with its pid by a start that the wall clock does not move."""
+"""A process is told apart from a later one with its pid by a start that the wall clock does not move; a run is
+ended for a process that is gone only if that process did not end it itself."""
 
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 
@@ -67,3 +69,41 @@ def test_a_start_recorded_by_an_earlier_version_as_wall_clock_time_is_still_read
     me = psutil.Process()
     assert process_alive(str(me.pid), f"{me.create_time():.3f}")
     assert not process_alive(str(me.pid), f"{me.create_time() - 5:.3f}")
+
+
+@pytest.mark.parametrize("looker", ["mark_stale_runs", "end_orphaned_children"])
+def test_a_run_ended_by_its_own_process_while_others_look_for_stale_runs_keeps_its_status(tmp_path, monkeypatch, looker):
+    """Found in the suite: the launcher of a parallel study was SIGKILLed, and both its workers stopped. One
+    ended its run KILLED and went on to mark stale runs. Meanwhile the other, listed as RUNNING by it, ended its
+    own run KILLED and exited; found gone, its run was then overwritten FAILED ("stale: ... ended without
+    closing the run"). Here the owner ends its run and exits between the listing and the liveness check."""
+    import mlflow
+
+    from pipeline.record import Tag
+    from pipeline.tracking import store
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.MlflowClient(uri)
+    experiment_id = client.create_experiment("races")
+    parent = client.create_run(experiment_id).info.run_id
+    child, started = named_child()
+    tags = {"host": socket.gethostname(), "pid": str(child.pid), "pid_started": started, Tag.PARENT: parent}
+    run_id = client.create_run(experiment_id, tags=tags).info.run_id
+    checked = []
+
+    def owner_ends_its_run_and_exits_first(run_tags):
+        if run_tags.get("pid") == str(child.pid) and not checked:
+            client.set_terminated(run_id, "KILLED")
+            child.kill()
+            child.wait()
+        checked.append(run_tags.get("pid"))
+        return not process_alive(run_tags["pid"], run_tags["pid_started"])
+
+    monkeypatch.setattr(store, "process_gone", owner_ends_its_run_and_exits_first)
+    if looker == "mark_stale_runs":
+        ended = store.mark_stale_runs(client, experiment_id)
+    else:
+        ended = store.end_orphaned_children(uri, parent, RuntimeError("the launcher failed"), wait_seconds=0)
+    assert checked and ended == []
+    run = client.get_run(run_id)
+    assert run.info.status == "KILLED" and Tag.FAILED_REASON not in run.data.tags

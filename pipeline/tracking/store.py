@@ -148,11 +148,19 @@ def _experiment_id(client: MlflowClient, uri: str, experiment: str) -> str:
 # --- runs whose process died ------------------------------------------------------------------------
 
 
-def _end_orphan(client: MlflowClient, run, status: str, reason: str) -> None:
-    """Ends a run whose process is gone; a FAILED one is tagged why."""
+def _end_orphan(client: MlflowClient, run, status: str, reason: str) -> bool:
+    """Ends a run whose process is gone, unless that process ended it itself; a FAILED one is tagged why.
+    Returns whether it ended the run.
+
+    The run was listed RUNNING before its process was found gone, and in between the process may have
+    ended it (KILLED, after a stop) and exited. Read again now that the process is gone, the status is final.
+    """
+    if client.get_run(run.info.run_id).info.status != RunStatus.to_string(RunStatus.RUNNING):
+        return False
     if status == RunStatus.to_string(RunStatus.FAILED):
         client.set_tag(run.info.run_id, Tag.FAILED_REASON, reason)
     client.set_terminated(run.info.run_id, status)
+    return True
 
 
 def mark_stale_runs(client: MlflowClient, experiment_id: str) -> list[str]:
@@ -162,9 +170,9 @@ def mark_stale_runs(client: MlflowClient, experiment_id: str) -> list[str]:
         # Another machine's run is skipped: its liveness cannot be checked from here.
         if named_on_this_host(run.data.tags) and process_gone(run.data.tags):
             tags = run.data.tags
-            _end_orphan(client, run, RunStatus.to_string(RunStatus.FAILED),
-                        f"stale: process {tags['pid']} on {tags['host']} ended without closing the run")
-            stale.append(run.info.run_id)
+            if _end_orphan(client, run, RunStatus.to_string(RunStatus.FAILED),
+                           f"stale: process {tags['pid']} on {tags['host']} ended without closing the run"):
+                stale.append(run.info.run_id)
     if stale:
         print(f"marked {len(stale)} stale RUNNING run(s) FAILED: {', '.join(stale)}", flush=True)
     return stale
@@ -191,10 +199,8 @@ def end_orphaned_children(uri: str, parent_run_id: str, error: BaseException, wa
         if len(orphans) == len(running) or time.monotonic() > deadline:
             break
         time.sleep(0.3)
-    for run in orphans:
-        _end_orphan(client, run, end_status(error),
-                    f"process {run.data.tags['pid']} ended without closing the run ({first_line(error)})")
-    return [run.info.run_id for run in orphans]
+    return [run.info.run_id for run in orphans if _end_orphan(
+        client, run, end_status(error), f"process {run.data.tags['pid']} ended without closing the run ({first_line(error)})")]
 
 
 def resumable(uri: str, run_id: str) -> bool:
