@@ -375,7 +375,8 @@ class StudyCallback(Callback):
         out_dir = Path(config.hydra.sweep.dir) / "report" if cfg.study is None else Path(cfg.reports_dir) / cfg.study
         report_started = time.monotonic()
         try:
-            report = build_report(self.uri, Path(cfg.reports_dir), parent_run_id=self.study.run_id, out_dir=out_dir)
+            report = build_report(self.uri, Path(cfg.reports_dir), parent_run_id=self.study.run_id, out_dir=out_dir,
+                                  at_study_end=True)
         except Exception as error:
             self.study.close(error)
             print(f"error: the study's report failed: {error}", file=sys.stderr, flush=True)

@@ -57,6 +57,9 @@ def test_report_files_are_written_and_logged_to_the_parent(study):
     for tag in ("git_commit", "versions", "cpu"):
         assert environment[tag] == sorted({r.data.tags[tag] for r in children}) and len(environment[tag]) == 1
     assert f"on {environment['cpu'][0]}, with" in (report_dir / "report.md").read_text()
+    # Written by the study's own command after its last job, before its parent run ends: not a report of a study
+    # that still runs, in the files or in the console (every study's report said so).
+    assert "still RUNNING" not in (report_dir / "report.md").read_text() and "still RUNNING" not in result.stdout
 
 
 def test_report_states_the_rescue_and_the_numbers(study):

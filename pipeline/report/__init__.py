@@ -260,13 +260,14 @@ def findings_json(report: Report) -> dict:
 
 
 def build_report(uri: str, reports_dir: Path, experiment: str | None = None, study: str | None = None,
-                 parent_run_id: str | None = None, out_dir: Path | None = None) -> Report:
+                 parent_run_id: str | None = None, out_dir: Path | None = None, at_study_end: bool = False) -> Report:
     """Reads a study's runs, writes its report folder (`out_dir`, default <reports_dir>/<study>) whole or
-    not at all, and logs it to the parent run."""
+    not at all, and logs it to the parent run. `at_study_end`: the study's own command, after its last job
+    (`read_study`)."""
     from pipeline.config import DEFAULT_EXPERIMENT
     from pipeline.report import render
 
-    data = read_study(uri, experiment or DEFAULT_EXPERIMENT, study, parent_run_id)
+    data = read_study(uri, experiment or DEFAULT_EXPERIMENT, study, parent_run_id, at_study_end)
     if not data.finished:
         raise StudyNotFound(f"study {data.study!r} (parent run {data.parent_run_id}) has no finished runs to report on"
                             + (f"; {len(data.failed)} run(s) did not finish" if data.failed else ""))

@@ -108,7 +108,11 @@ def _run_data(client: MlflowClient, run: Run, with_details: bool) -> RunData:
     return data
 
 
-def read_study(uri: str, experiment: str, study: str | None = None, parent_run_id: str | None = None) -> StudyData:
+def read_study(uri: str, experiment: str, study: str | None = None, parent_run_id: str | None = None,
+               at_study_end: bool = False) -> StudyData:
+    """A study's runs, finished and not. `at_study_end`: read by the study's own command after its last job,
+    whose parent run ends once the report is written; otherwise a RUNNING parent run is noted as a study that
+    has not ended (running, or its command killed)."""
     client = MlflowClient(uri)
     parent, notes = find_parent(client, experiment, study, parent_run_id)
     runs = client.search_runs([parent.info.experiment_id],
@@ -116,7 +120,7 @@ def read_study(uri: str, experiment: str, study: str | None = None, parent_run_i
     finished = [_run_data(client, r, True) for r in runs if r.info.status == "FINISHED"]
     failed = [_run_data(client, r, False) for r in runs if r.info.status != "FINISHED"]
     name = parent.data.tags.get(Tag.STUDY, parent.info.run_id)
-    if parent.info.status == "RUNNING":  # a report asked for while the study runs, or after its command was killed
+    if parent.info.status == "RUNNING" and not at_study_end:  # asked for while the study runs, or its command was killed
         running = sum(r.status == "RUNNING" for r in failed)
         notes.append(f"The study's parent run {parent.info.run_id} is still RUNNING (the study is running, or its "
                      f"command was killed): this report covers the {len(finished)} run(s) finished so far; "
