@@ -11,6 +11,8 @@ import math
 import re
 from pathlib import Path
 
+from omegaconf import OmegaConf
+
 from pipeline.config import PROJECT_ROOT, PipelineError, first_line, require_folder, validate
 
 HYDRA_OUTPUT_DIRS = ("hydra.run.dir", "hydra.sweep.dir")  # Hydra creates them before any job runs
@@ -134,6 +136,11 @@ def precheck_overrides(argv: list[str]) -> str | None:
     except OverrideParseException as error:
         return parse_error(lines, error)
     parsed = OverridesParser.create().parse_overrides(lines)
+    for override in parsed:
+        if override.key_or_group.startswith("hydra") and override.is_sweep_override():
+            return (f"{override.input_line} is not accepted: Hydra's own settings cannot be swept; expected a sweep of "
+                    "the pipeline's config (e.g. seed=0,1,2), or a sweeper param quoted for Hydra "
+                    "(e.g. \"hydra.sweeper.params.seed='0,1,2'\")")
     for key, values in sweeps.items():
         repeated = sorted({v for v in values if values.count(v) > 1})
         if not values or repeated:
@@ -150,11 +157,18 @@ def precheck_overrides(argv: list[str]) -> str | None:
         if problem:
             return problem
 
-        def failure(overrides: list[str]) -> Exception | None:
+        composed_configs = []  # (config, its hydra.sweeper.params): where a study preset's sweeps come from
+        # The sweeper's params set on the command line are composed too: they are the sweeps to check below.
+        sweeper_params = [o.input_line for o in parsed if o.key_or_group.startswith("hydra.sweeper.params.")]
+
+        def failure(overrides: list[str], with_sweeper_params: bool = True) -> Exception | None:
             try:
-                validate(compose(config_name="config", overrides=overrides))
+                composed = compose(config_name="config", overrides=[*overrides, *sweeper_params] if with_sweeper_params
+                                   else overrides, return_hydra_config=True)
+                validate(composed)
             except Exception as error:  # noqa: BLE001 - every composition or validation error becomes one line
                 return error
+            composed_configs.append((composed, dict(OmegaConf.select(composed, "hydra.sweeper.params") or {})))
             return None
 
         trials = [(None, fixed)] + [(f"{key}={value}", [*fixed, f"{key}={value}"])
@@ -165,7 +179,42 @@ def precheck_overrides(argv: list[str]) -> str | None:
                 continue
             if isinstance(error, PipelineError):
                 return str(error)  # names its key and value itself
-            if override is None:  # the fixed overrides together: name the first that fails on its own
-                override = next((line for line in fixed if failure([line]) is not None), " ".join(fixed))
+            if override is None and sweeper_params and failure(fixed, with_sweeper_params=False) is None:
+                override = " ".join(sweeper_params)
+            elif override is None:  # the fixed overrides together: name the first that fails on its own
+                override = next((line for line in fixed if failure([line], False) is not None), " ".join(fixed))
             return composition_error(override, error)
+        return preset_sweep_problem(composed_configs, parsed)
+
+
+def preset_sweep_problem(composed_configs: list, parsed: list) -> str | None:
+    """The first value of a study preset's sweep (its hydra.sweeper.params, or one set on the command line) that
+    is not accepted, as one line; None if all are. A sweep whose key the command line sets is not run, and is
+    not checked. Each value is checked against the config it was composed in, without composing it again: a
+    group's options are listed, any other value is set into the config and validated."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import OverrideParseException
+
+    typed = {o.key_or_group for o in parsed}
+    for composed, params in composed_configs:
+        lines = [f"{key}={value}" for key, value in params.items() if key not in typed]
+        try:
+            sweeps = OverridesParser.create().parse_overrides(lines)
+        except OverrideParseException as error:
+            return f"hydra.sweeper.params is not accepted: {first_line(error)}"
+        problem = unknown_group_option(sweeps)
+        if problem:
+            return f"{problem} (a sweep of hydra.sweeper.params)"
+        for sweep in sweeps:
+            if sweep.is_sweep_override() and not OmegaConf.is_config(OmegaConf.select(composed, sweep.key_or_group)):
+                for value in sweep.sweep_iterator():
+                    trial = OmegaConf.create(OmegaConf.to_container(composed))  # plain: any value can be set
+                    OmegaConf.update(trial, sweep.key_or_group, value, force_add=True)
+                    try:
+                        validate(trial)
+                    except PipelineError as error:  # names its key and value itself
+                        return f"{error} (a sweep of hydra.sweeper.params)"
+                    except Exception as error:  # noqa: BLE001 - a value of the wrong type, a key the schema lacks
+                        return (f"{sweep.key_or_group}={value} is not accepted (a sweep of hydra.sweeper.params): "
+                                f"{first_line(error)}")
     return None
