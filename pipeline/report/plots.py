@@ -24,12 +24,13 @@ STYLE = {
 
 
 def _figure(ncols: int = 1, height: float = 4.4):
-    fig, axes = plt.subplots(1, ncols, figsize=(6.4 * ncols, height), squeeze=False)
+    fig, axes = plt.subplots(1, ncols, figsize=(6.4 * ncols, height), squeeze=False, layout="constrained")
     return fig, axes[0]
 
 
 def _save(fig, path: Path) -> Path:
-    fig.tight_layout()
+    # Laid out while it is drawn (layout="constrained"), not by a tight_layout() of its own: one layout pass fewer
+    # (a seed study's report, built again from its store: 2.66 s before, 2.45 s after).
     fig.savefig(path, dpi=110, bbox_inches="tight")  # long setting labels stay whole
     plt.close(fig)
     return path
@@ -126,7 +127,7 @@ def plot_atlas(rows: list[str], columns: list[str], ratio: np.ndarray, shown: np
     outlined and starred where the effect is shown, with a note (effective_from_logits) in each cell."""
     height = max(2.5, 0.42 * len(rows) + 1.6)
     width = 4.2 + 2.6 * len(columns) + 0.06 * max((len(r) for r in rows), default=0)
-    fig, ax = plt.subplots(figsize=(width, height))
+    fig, ax = plt.subplots(figsize=(width, height), layout="constrained")
     finite = ratio[np.isfinite(ratio) & (ratio > 0)]
     span = max(2.0, float(np.max(np.maximum(finite, 1 / finite)))) if finite.size else 2.0
     image = ax.imshow(np.where(np.isfinite(ratio) & (ratio > 0), ratio, np.nan), cmap="RdBu_r", aspect="auto",
