@@ -1,8 +1,9 @@
 """A command line's overrides, checked before Hydra starts, and the sweep they describe.
 
-`precheck_overrides` composes every value of a sweep with the fixed overrides and validates it, so a typo
-in the fifth value fails in one line before the first job starts; `sweep_values`/`count_jobs` expand a
-sweep the way Hydra's basic sweeper does, for the pre-check and the study's progress count alike.
+`precheck_overrides` composes every value of a sweep with the fixed overrides and validates it, and checks
+every value a study preset sweeps (its `hydra.sweeper.params`), so a typo in the fifth value fails in one line
+before the study opens; `sweep_values`/`count_jobs` expand a sweep the way Hydra's basic sweeper does, for the
+pre-check and the study's progress count alike.
 """
 
 from __future__ import annotations
@@ -206,8 +207,8 @@ def preset_sweep_problem(composed_configs: list, parsed: list) -> str | None:
         if problem:
             return f"{problem} (a sweep of hydra.sweeper.params)"
         for sweep in sweeps:
-            if sweep.is_sweep_override() and not OmegaConf.is_config(OmegaConf.select(composed, sweep.key_or_group)):
-                for value in sweep.sweep_iterator():
+            if not OmegaConf.is_config(OmegaConf.select(composed, sweep.key_or_group)):  # a value, not a group
+                for value in sweep.sweep_iterator() if sweep.is_sweep_override() else [sweep.value()]:
                     trial = OmegaConf.create(OmegaConf.to_container(composed))  # plain: any value can be set
                     OmegaConf.update(trial, sweep.key_or_group, value, force_add=True)
                     try:
