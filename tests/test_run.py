@@ -160,6 +160,10 @@ BAD_INPUT = [
      "seed=x is not accepted (a sweep of hydra.sweeper.params): Value 'x' of type 'str' could not be converted"),
     ("-m experiment=seed_logistic hydra.sweeper.params.seed='0,-1'",
      "seed=-1 is not accepted: expected a whole number in [0, 4294967296) (a sweep of hydra.sweeper.params)"),
+    ("-m hydra.sweeper.params.seed='0,1'", "hydra.sweeper.params.seed='0,1' is not accepted: this config sweeps nothing "
+                                           "of its own (its hydra.sweeper.params is null)"),
+    ("-m experiment=seed_mnist,seed_logistic hydra.sweeper.params.seed='0,x'",
+     "seed=x is not accepted (a sweep of hydra.sweeper.params)"),
     ("-m experiment=seed_logistic +hydra.sweeper.params.train.epochs='1,2'",
      "+hydra.sweeper.params.train.epochs='1,2' is not accepted: "),
 ]
@@ -178,6 +182,8 @@ def test_good_overrides_pass_the_precheck():
     assert precheck_overrides(["-m", "experiment=seed_mnist", "loss=probs,logits", "seed=range(3)", "hydra/launcher=joblib"]) is None
     assert precheck_overrides(["-m", "experiment=seed_mnist,seed_logistic"]) is None  # the presets' own sweeps
     assert precheck_overrides(["-m", "experiment=seed_logistic", "hydra.sweeper.params.seed='3,4'"]) is None
+    # Each preset's study with its own sweeper params (before that check existed, this ran two studies).
+    assert precheck_overrides(["-m", "experiment=seed_mnist,seed_logistic", "hydra.sweeper.params.seed='0,1'"]) is None
 
 
 def test_a_sweep_composes_each_override_value_once_before_its_first_job():

@@ -159,10 +159,12 @@ def precheck_overrides(argv: list[str]) -> str | None:
             return problem
 
         composed_configs = []  # (config, its hydra.sweeper.params): where a study preset's sweeps come from
-        # The sweeper's params set on the command line are composed too: they are the sweeps to check below.
+        # The sweeper's params set on the command line are composed with each study's config: the fixed overrides,
+        # or each swept preset (`experiment=a,b` runs a study per preset, each with its own sweeper params).
         sweeper_params = [o.input_line for o in parsed if o.key_or_group.startswith("hydra.sweeper.params.")]
+        presets_swept = "experiment" in sweeps
 
-        def failure(overrides: list[str], with_sweeper_params: bool = True) -> Exception | None:
+        def failure(overrides: list[str], with_sweeper_params: bool) -> Exception | None:
             try:
                 composed = compose(config_name="config", overrides=[*overrides, *sweeper_params] if with_sweeper_params
                                    else overrides, return_hydra_config=True)
@@ -172,17 +174,21 @@ def precheck_overrides(argv: list[str]) -> str | None:
             composed_configs.append((composed, dict(OmegaConf.select(composed, "hydra.sweeper.params") or {})))
             return None
 
-        trials = [(None, fixed)] + [(f"{key}={value}", [*fixed, f"{key}={value}"])
-                                    for key, values in sweeps.items() for value in values]
-        for override, overrides in trials:
-            error = failure(overrides)
+        trials = [(None, fixed, not presets_swept)] + [(f"{key}={value}", [*fixed, f"{key}={value}"], key == "experiment")
+                                                       for key, values in sweeps.items() for value in values]
+        for override, overrides, with_sweeper_params in trials:
+            error = failure(overrides, with_sweeper_params)
             if error is None:
                 continue
             if isinstance(error, PipelineError):
                 return str(error)  # names its key and value itself
-            if override is None and sweeper_params and failure(fixed, with_sweeper_params=False) is None:
-                override = " ".join(sweeper_params)
-            elif override is None:  # the fixed overrides together: name the first that fails on its own
+            if with_sweeper_params and sweeper_params and failure(overrides, False) is None:
+                without = composed_configs[-1][1]
+                return (f"{' '.join(sweeper_params)} is not accepted: " + (
+                    f"{first_line(error.__cause__ or error)}" if without else
+                    "this config sweeps nothing of its own (its hydra.sweeper.params is null); expected it with a study "
+                    "preset that does, e.g. experiment=seed_mnist, or the sweep itself on the command line (seed=0,1)"))
+            if override is None:  # the fixed overrides together: name the first that fails on its own
                 override = next((line for line in fixed if failure([line], False) is not None), " ".join(fixed))
             return composition_error(override, error)
         return preset_sweep_problem(composed_configs, parsed)
