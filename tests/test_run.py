@@ -182,6 +182,8 @@ def test_good_overrides_pass_the_precheck():
     assert precheck_overrides(["-m", "experiment=seed_mnist", "loss=probs,logits", "seed=range(3)", "hydra/launcher=joblib"]) is None
     assert precheck_overrides(["-m", "experiment=seed_mnist,seed_logistic"]) is None  # the presets' own sweeps
     assert precheck_overrides(["-m", "experiment=seed_logistic", "hydra.sweeper.params.seed='3,4'"]) is None
+    for preset in sorted(Path(__file__).parents[1].glob("conf/experiment/*.yaml")):  # every preset's own sweeps
+        assert precheck_overrides(["-m", f"experiment={preset.stem}"]) is None, preset.stem
     # Each preset's study with its own sweeper params (before that check existed, this ran two studies).
     assert precheck_overrides(["-m", "experiment=seed_mnist,seed_logistic", "hydra.sweeper.params.seed='0,1'"]) is None
 

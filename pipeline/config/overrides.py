@@ -199,6 +199,7 @@ def preset_sweep_problem(composed_configs: list, parsed: list) -> str | None:
     is not accepted, as one line; None if all are. A sweep whose key the command line sets is not run, and is
     not checked. Each value is checked against the config it was composed in, without composing it again: a
     group's options are listed, any other value is set into the config and validated."""
+    from hydra.core.global_hydra import GlobalHydra
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import OverrideParseException
 
@@ -212,8 +213,9 @@ def preset_sweep_problem(composed_configs: list, parsed: list) -> str | None:
         problem = unknown_group_option(sweeps)
         if problem:
             return f"{problem} (a sweep of hydra.sweeper.params)"
+        loader = GlobalHydra.instance().config_loader()
         for sweep in sweeps:
-            if not OmegaConf.is_config(OmegaConf.select(composed, sweep.key_or_group)):  # a value, not a group
+            if not loader.get_group_options(sweep.key_or_group):  # a value, not a config group's option
                 for value in sweep.sweep_iterator() if sweep.is_sweep_override() else [sweep.value()]:
                     trial = OmegaConf.create(OmegaConf.to_container(composed))  # plain: any value can be set
                     OmegaConf.update(trial, sweep.key_or_group, value, force_add=True)
