@@ -158,53 +158,60 @@ def precheck_overrides(argv: list[str]) -> str | None:
         if problem:
             return problem
 
-        composed_configs = []  # (config, its hydra.sweeper.params): where a study preset's sweeps come from
         # The sweeper's params set on the command line are composed with each study's config: the fixed overrides,
         # or each swept preset (`experiment=a,b` runs a study per preset, each with its own sweeper params).
         sweeper_params = [o.input_line for o in parsed if o.key_or_group.startswith("hydra.sweeper.params.")]
         presets_swept = "experiment" in sweeps
+        studies = []  # each study's composed config: where its preset's sweeps are read from
 
-        def failure(overrides: list[str], with_sweeper_params: bool) -> Exception | None:
+        def composed(overrides: list[str], with_sweeper_params: bool):
+            """(the validated config, None), or (None, the composition or validation error)."""
             try:
-                composed = compose(config_name="config", overrides=[*overrides, *sweeper_params] if with_sweeper_params
-                                   else overrides, return_hydra_config=True)
-                validate(composed)
+                config = compose(config_name="config", overrides=[*overrides, *sweeper_params] if with_sweeper_params
+                                 else overrides, return_hydra_config=True)
+                validate(config)
             except Exception as error:  # noqa: BLE001 - every composition or validation error becomes one line
-                return error
-            composed_configs.append((composed, dict(OmegaConf.select(composed, "hydra.sweeper.params") or {})))
-            return None
+                return None, error
+            return config, None
 
         trials = [(None, fixed, not presets_swept)] + [(f"{key}={value}", [*fixed, f"{key}={value}"], key == "experiment")
                                                        for key, values in sweeps.items() for value in values]
-        for override, overrides, with_sweeper_params in trials:
-            error = failure(overrides, with_sweeper_params)
+        for override, overrides, a_study in trials:
+            config, error = composed(overrides, with_sweeper_params=a_study)
             if error is None:
+                if a_study:
+                    studies.append(config)
                 continue
             if isinstance(error, PipelineError):
                 return str(error)  # names its key and value itself
-            if with_sweeper_params and sweeper_params and failure(overrides, False) is None:
-                without = composed_configs[-1][1]
-                return (f"{' '.join(sweeper_params)} is not accepted: " + (
-                    f"{first_line(error.__cause__ or error)}" if without else
-                    "this config sweeps nothing of its own (its hydra.sweeper.params is null); expected it with a study "
-                    "preset that does, e.g. experiment=seed_mnist, or the sweep itself on the command line (seed=0,1)"))
+            if a_study and sweeper_params:
+                without, _ = composed(overrides, with_sweeper_params=False)
+                if without is not None:  # the sweeper params are at fault
+                    return (f"{' '.join(sweeper_params)} is not accepted: " + (
+                        f"{first_line(error.__cause__ or error)}" if OmegaConf.select(without, "hydra.sweeper.params")
+                        else "this config sweeps nothing of its own (its hydra.sweeper.params is null); expected it "
+                             "with a study preset that does, e.g. experiment=seed_mnist, or the sweep itself on the "
+                             "command line (seed=0,1)"))
             if override is None:  # the fixed overrides together: name the first that fails on its own
-                override = next((line for line in fixed if failure([line], False) is not None), " ".join(fixed))
+                override = next((line for line in fixed if composed([line], False)[1] is not None), " ".join(fixed))
             return composition_error(override, error)
-        return preset_sweep_problem(composed_configs, parsed)
+        return preset_sweep_problem(studies, parsed)
 
 
-def preset_sweep_problem(composed_configs: list, parsed: list) -> str | None:
+def preset_sweep_problem(studies: list, parsed: list) -> str | None:
     """The first value of a study preset's sweep (its hydra.sweeper.params, or one set on the command line) that
-    is not accepted, as one line; None if all are. A sweep whose key the command line sets is not run, and is
-    not checked. Each value is checked against the config it was composed in, without composing it again: a
-    group's options are listed, any other value is set into the config and validated."""
+    is not accepted, as one line; None if all are. `studies`: each study's composed config. A sweep whose key
+    the command line sets is not run, and is not checked. Each value is checked against its study's config,
+    without composing it again: a group's options are listed, any other value is set into the config and
+    validated."""
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import OverrideParseException
 
     typed = {o.key_or_group for o in parsed}
-    for composed, params in composed_configs:
+    loader = GlobalHydra.instance().config_loader()
+    for config in studies:
+        params = OmegaConf.select(config, "hydra.sweeper.params") or {}
         lines = [f"{key}={value}" for key, value in params.items() if key not in typed]
         try:
             sweeps = OverridesParser.create().parse_overrides(lines)
@@ -213,17 +220,18 @@ def preset_sweep_problem(composed_configs: list, parsed: list) -> str | None:
         problem = unknown_group_option(sweeps)
         if problem:
             return f"{problem} (a sweep of hydra.sweeper.params)"
-        loader = GlobalHydra.instance().config_loader()
+        plain = OmegaConf.to_container(config)  # plain data: any value can be set into a copy, validate types it
         for sweep in sweeps:
-            if not loader.get_group_options(sweep.key_or_group):  # a value, not a config group's option
-                for value in sweep.sweep_iterator() if sweep.is_sweep_override() else [sweep.value()]:
-                    trial = OmegaConf.create(OmegaConf.to_container(composed))  # plain: any value can be set
-                    OmegaConf.update(trial, sweep.key_or_group, value, force_add=True)
-                    try:
-                        validate(trial)
-                    except PipelineError as error:  # names its key and value itself
-                        return f"{error} (a sweep of hydra.sweeper.params)"
-                    except Exception as error:  # noqa: BLE001 - a value of the wrong type, a key the schema lacks
-                        return (f"{sweep.key_or_group}={value} is not accepted (a sweep of hydra.sweeper.params): "
-                                f"{first_line(error)}")
+            if loader.get_group_options(sweep.key_or_group):
+                continue  # a config group's option: checked above
+            for value in sweep.sweep_iterator() if sweep.is_sweep_override() else [sweep.value()]:
+                trial = OmegaConf.create(plain)
+                OmegaConf.update(trial, sweep.key_or_group, value, force_add=True)
+                try:
+                    validate(trial)
+                except PipelineError as error:  # names its key and value itself
+                    return f"{error} (a sweep of hydra.sweeper.params)"
+                except Exception as error:  # noqa: BLE001 - a value of the wrong type, a key the schema lacks
+                    return (f"{sweep.key_or_group}={value} is not accepted (a sweep of hydra.sweeper.params): "
+                            f"{first_line(error)}")
     return None
