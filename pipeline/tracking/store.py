@@ -199,8 +199,12 @@ def end_orphaned_children(uri: str, parent_run_id: str, error: BaseException, wa
         if len(orphans) == len(running) or time.monotonic() > deadline:
             break
         time.sleep(0.3)
-    return [run.info.run_id for run in orphans if _end_orphan(
-        client, run, end_status(error), f"process {run.data.tags['pid']} ended without closing the run ({first_line(error)})")]
+    ended = []
+    for run in orphans:
+        reason = f"process {run.data.tags['pid']} ended without closing the run ({first_line(error)})"
+        if _end_orphan(client, run, end_status(error), reason):
+            ended.append(run.info.run_id)
+    return ended
 
 
 def resumable(uri: str, run_id: str) -> bool:
