@@ -188,6 +188,19 @@ def test_good_overrides_pass_the_precheck():
     assert precheck_overrides(["-m", "experiment=seed_mnist,seed_logistic", "hydra.sweeper.params.seed='0,1'"]) is None
 
 
+def test_a_glob_sweep_of_a_config_group_is_checked_as_its_options():
+    """Hydra's glob() sweeps a group's options (loss=glob(*), experiment=glob(seed_*)); it needs Hydra's config
+    loader to list them, which the pre-check once parsed without: a traceback, exit 1."""
+    from pipeline.config.overrides import precheck_overrides, studies_of
+
+    assert precheck_overrides(["-m", "loss=glob(*)", "seed=0"]) is None
+    assert precheck_overrides(["-m", "experiment=glob(seed_*)"]) is None
+    assert precheck_overrides(["-m", "experiment=seed_logistic", "hydra.sweeper.params.loss='glob(*,exclude=probs)'"]) is None
+    assert precheck_overrides(["-m", "loss=glob(nothing*)"]).startswith(
+        "loss=glob(nothing*) is not accepted: it sweeps no values")
+    assert list(studies_of(["-m", "experiment=glob(seed_*)", "seed=0"])) == ["seed_logistic", "seed_mnist"]
+
+
 def test_a_sweep_composes_each_override_value_once_before_its_first_job():
     """Hydra's basic sweeper composes every job's config before launching (0.2-0.3 s each, 3-4.5 s of a 15-job
     study); the project's composes the first job and one per further value, and still every value."""

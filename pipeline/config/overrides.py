@@ -8,9 +8,11 @@ pre-check and the study's progress count alike.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 from pathlib import Path
+from typing import Iterator
 
 from omegaconf import OmegaConf
 
@@ -24,13 +26,34 @@ def override_lines(argv: list[str]) -> list[str]:
     return [a for a in argv if not a.startswith("-") and "=" in a]
 
 
-def sweep_values(lines: list[str]) -> tuple[list[str], dict[str, list[str]]]:
-    """Hydra override lines as (fixed overrides, {swept key: its values}); a later override of a key, swept
-    or fixed, replaces an earlier sweep of it, as Hydra's basic sweeper does. Raises OverrideParseException."""
+@contextlib.contextmanager
+def project_hydra() -> Iterator[None]:
+    """Hydra initialized on the project's conf/ for the block, unless it already is (in a study's launcher)."""
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    if GlobalHydra.instance().is_initialized():
+        yield
+        return
+    with initialize_config_dir(config_dir=str(PROJECT_ROOT / "conf"), version_base="1.3"):
+        yield
+
+
+def parse_overrides(lines: list[str]) -> list:
+    """Hydra's parse of override lines, as its sweeper parses them: with the config loader, through which a glob
+    sweep (`loss=glob(*)`) lists its group's options. Inside `project_hydra`. Raises OverrideParseException."""
+    from hydra.core.global_hydra import GlobalHydra
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
+    return OverridesParser.create(config_loader=GlobalHydra.instance().config_loader()).parse_overrides(lines)
+
+
+def sweep_values(lines: list[str]) -> tuple[list[str], dict[str, list[str]]]:
+    """Hydra override lines as (fixed overrides, {swept key: its values}); a later override of a key, swept
+    or fixed, replaces an earlier sweep of it, as Hydra's basic sweeper does. Inside `project_hydra`.
+    Raises OverrideParseException."""
     fixed, sweeps = [], {}
-    for override in OverridesParser.create().parse_overrides(lines):
+    for override in parse_overrides(lines):
         if override.key_or_group.startswith("hydra"):
             continue
         if override.is_sweep_override():
@@ -67,15 +90,14 @@ def studies_of(argv: list[str]) -> dict[str | None, list[str]]:
     {a: ..., b: ...}, run in turn by one process whose launcher's workers serve them all; any other command
     line is one study, {None: argv}. Raises PipelineError where the studies would share what each must own.
     Expects overrides Hydra can parse (after `precheck_overrides`)."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
     lines = override_lines(argv)
-    parsed = OverridesParser.create().parse_overrides(lines)
-    presets = [o for o in parsed if o.key_or_group == "experiment"]
-    if not presets or not presets[-1].is_sweep_override():
-        return {None: argv}
-    swept = presets[-1]
-    names = list(swept.sweep_string_iterator())
+    with project_hydra():
+        parsed = parse_overrides(lines)
+        presets = [o for o in parsed if o.key_or_group == "experiment"]
+        if not presets or not presets[-1].is_sweep_override():
+            return {None: argv}
+        swept = presets[-1]
+        names = list(swept.sweep_string_iterator())
     for override in parsed:
         shared = override.key_or_group == "study" or (  # a sweep folder must name the study: ${study}, ${oc.select:study,…}
             override.key_or_group == "hydra.sweep.dir" and not re.search(r"\$\{[^}]*\bstudy\b", override.input_line))
@@ -127,16 +149,20 @@ def precheck_overrides(argv: list[str]) -> str | None:
     should instead read which value is wrong and what is accepted. Every value of a sweep is checked
     (each with the fixed overrides), so a typo in the fifth value fails before the first job starts.
     """
-    from hydra import compose, initialize_config_dir
-    from hydra.core.override_parser.overrides_parser import OverridesParser
+    with project_hydra():
+        return _precheck(override_lines(argv))
+
+
+def _precheck(lines: list[str]) -> str | None:
+    """`precheck_overrides` of the override lines, inside `project_hydra`."""
+    from hydra import compose
     from hydra.errors import OverrideParseException
 
-    lines = override_lines(argv)
     try:
         fixed, sweeps = sweep_values(lines)
     except OverrideParseException as error:
         return parse_error(lines, error)
-    parsed = OverridesParser.create().parse_overrides(lines)
+    parsed = parse_overrides(lines)
     for override in parsed:
         if override.key_or_group.startswith("hydra") and override.is_sweep_override():
             return (f"{override.input_line} is not accepted: Hydra's own settings cannot be swept; expected a sweep of "
@@ -153,49 +179,48 @@ def precheck_overrides(argv: list[str]) -> str | None:
             require_folder(key, value, Path(value).absolute(), writable=True)  # relative to where Hydra starts
         except PipelineError as error:
             return str(error)
-    with initialize_config_dir(config_dir=str(PROJECT_ROOT / "conf"), version_base="1.3"):
-        problem = unknown_group_option(parsed)
-        if problem:
-            return problem
+    problem = unknown_group_option(parsed)
+    if problem:
+        return problem
 
-        # The sweeper's params set on the command line are composed with each study's config: the fixed overrides,
-        # or each swept preset (`experiment=a,b` runs a study per preset, each with its own sweeper params).
-        sweeper_params = [o.input_line for o in parsed if o.key_or_group.startswith("hydra.sweeper.params.")]
-        presets_swept = "experiment" in sweeps
-        studies = []  # each study's composed config: where its preset's sweeps are read from
+    # The sweeper's params set on the command line are composed with each study's config: the fixed overrides,
+    # or each swept preset (`experiment=a,b` runs a study per preset, each with its own sweeper params).
+    sweeper_params = [o.input_line for o in parsed if o.key_or_group.startswith("hydra.sweeper.params.")]
+    presets_swept = "experiment" in sweeps
+    studies = []  # each study's composed config: where its preset's sweeps are read from
 
-        def composed(overrides: list[str], with_sweeper_params: bool):
-            """(the validated config, None), or (None, the composition or validation error)."""
-            try:
-                config = compose(config_name="config", overrides=[*overrides, *sweeper_params] if with_sweeper_params
-                                 else overrides, return_hydra_config=True)
-                validate(config)
-            except Exception as error:  # noqa: BLE001 - every composition or validation error becomes one line
-                return None, error
-            return config, None
+    def composed(overrides: list[str], with_sweeper_params: bool):
+        """(the validated config, None), or (None, the composition or validation error)."""
+        try:
+            config = compose(config_name="config", overrides=[*overrides, *sweeper_params] if with_sweeper_params
+                             else overrides, return_hydra_config=True)
+            validate(config)
+        except Exception as error:  # noqa: BLE001 - every composition or validation error becomes one line
+            return None, error
+        return config, None
 
-        trials = [(None, fixed, not presets_swept)] + [(f"{key}={value}", [*fixed, f"{key}={value}"], key == "experiment")
-                                                       for key, values in sweeps.items() for value in values]
-        for override, overrides, a_study in trials:
-            config, error = composed(overrides, with_sweeper_params=a_study)
-            if error is None:
-                if a_study:
-                    studies.append(config)
-                continue
-            if isinstance(error, PipelineError):
-                return str(error)  # names its key and value itself
-            if a_study and sweeper_params:
-                without, _ = composed(overrides, with_sweeper_params=False)
-                if without is not None:  # the sweeper params are at fault
-                    return (f"{' '.join(sweeper_params)} is not accepted: " + (
-                        f"{first_line(error.__cause__ or error)}" if OmegaConf.select(without, "hydra.sweeper.params")
-                        else "this config sweeps nothing of its own (its hydra.sweeper.params is null); expected it "
-                             "with a study preset that does, e.g. experiment=seed_mnist, or the sweep itself on the "
-                             "command line (seed=0,1)"))
-            if override is None:  # the fixed overrides together: name the first that fails on its own
-                override = next((line for line in fixed if composed([line], False)[1] is not None), " ".join(fixed))
-            return composition_error(override, error)
-        return preset_sweep_problem(studies, parsed)
+    trials = [(None, fixed, not presets_swept)] + [(f"{key}={value}", [*fixed, f"{key}={value}"], key == "experiment")
+                                                   for key, values in sweeps.items() for value in values]
+    for override, overrides, a_study in trials:
+        config, error = composed(overrides, with_sweeper_params=a_study)
+        if error is None:
+            if a_study:
+                studies.append(config)
+            continue
+        if isinstance(error, PipelineError):
+            return str(error)  # names its key and value itself
+        if a_study and sweeper_params:
+            without, _ = composed(overrides, with_sweeper_params=False)
+            if without is not None:  # the sweeper params are at fault
+                return (f"{' '.join(sweeper_params)} is not accepted: " + (
+                    f"{first_line(error.__cause__ or error)}" if OmegaConf.select(without, "hydra.sweeper.params")
+                    else "this config sweeps nothing of its own (its hydra.sweeper.params is null); expected it "
+                         "with a study preset that does, e.g. experiment=seed_mnist, or the sweep itself on the "
+                         "command line (seed=0,1)"))
+        if override is None:  # the fixed overrides together: name the first that fails on its own
+            override = next((line for line in fixed if composed([line], False)[1] is not None), " ".join(fixed))
+        return composition_error(override, error)
+    return preset_sweep_problem(studies, parsed)
 
 
 def preset_sweep_problem(studies: list, parsed: list) -> str | None:
@@ -205,7 +230,6 @@ def preset_sweep_problem(studies: list, parsed: list) -> str | None:
     without composing it again: a group's options are listed, any other value is set into the config and
     validated."""
     from hydra.core.global_hydra import GlobalHydra
-    from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import OverrideParseException
 
     typed = {o.key_or_group for o in parsed}
@@ -214,7 +238,7 @@ def preset_sweep_problem(studies: list, parsed: list) -> str | None:
         params = OmegaConf.select(config, "hydra.sweeper.params") or {}
         lines = [f"{key}={value}" for key, value in params.items() if key not in typed]
         try:
-            sweeps = OverridesParser.create().parse_overrides(lines)
+            sweeps = parse_overrides(lines)
         except OverrideParseException as error:
             return f"hydra.sweeper.params is not accepted: {first_line(error)}"
         problem = unknown_group_option(sweeps)
