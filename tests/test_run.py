@@ -164,6 +164,15 @@ BAD_INPUT = [
                                            "of its own (its hydra.sweeper.params is null)"),
     ("-m experiment=seed_mnist,seed_logistic hydra.sweeper.params.seed='0,x'",
      "seed=x is not accepted (a sweep of hydra.sweeper.params)"),
+    # Hydra's own settings: composed before Hydra runs (a traceback, exit 1, before), and launcher and sweeper
+    # settings that Hydra's plugins refuse only once the study has opened (its parent run then failed, exit 1).
+    ("-m hydra.launcher.n_jobs=abc", "hydra.launcher.n_jobs=abc is not accepted: Value 'abc' of type 'str' could not be"),
+    ("-m hydra.launcher.njobs=2", "hydra.launcher.njobs=2 is not accepted: Key 'njobs' not in 'JobLibLauncherConf'"),
+    ("-m hydra/launcher=basic hydra.launcher.n_jobs=2", "hydra.launcher.n_jobs=2 is not accepted: Key 'n_jobs' not in"),
+    ("hydra.job.chdir=maybe", "hydra.job.chdir=maybe is not accepted: Value 'maybe' is not a valid bool"),
+    ("-m hydra.launcher.n_jobs=0", "hydra.launcher.n_jobs=0 is not accepted: expected the number of jobs at once (> 0)"),
+    ("-m experiment=seed_mnist hydra.sweeper.max_batch_size=0",
+     "hydra.sweeper.max_batch_size=0 is not accepted: expected a whole number > 0 of jobs per batch, or null"),
     ("-m experiment=seed_logistic +hydra.sweeper.params.train.epochs='1,2'",
      "+hydra.sweeper.params.train.epochs='1,2' is not accepted: "),
 ]
@@ -186,6 +195,9 @@ def test_good_overrides_pass_the_precheck():
         assert precheck_overrides(["-m", f"experiment={preset.stem}"]) is None, preset.stem
     # Each preset's study with its own sweeper params (before that check existed, this ran two studies).
     assert precheck_overrides(["-m", "experiment=seed_mnist,seed_logistic", "hydra.sweeper.params.seed='0,1'"]) is None
+    # Hydra settings that need another before them on the command line (a launcher's own keys after the launcher).
+    assert precheck_overrides(["-m", "hydra.launcher.partition=x", "hydra/launcher=submitit_slurm"]) is None
+    assert precheck_overrides(["-m", "hydra.launcher.n_jobs=-5", "hydra.sweeper.max_batch_size=3"]) is None
 
 
 def test_a_glob_sweep_of_a_config_group_is_checked_as_its_options():

@@ -220,7 +220,43 @@ def _precheck(lines: list[str]) -> str | None:
         if override is None:  # the fixed overrides together: name the first that fails on its own
             override = next((line for line in fixed if composed([line], False)[1] is not None), " ".join(fixed))
         return composition_error(override, error)
-    return preset_sweep_problem(studies, parsed)
+    return hydra_settings_problem(fixed, parsed) or preset_sweep_problem(studies, parsed)
+
+
+def hydra_settings_problem(fixed: list[str], parsed: list) -> str | None:
+    """The command line's own Hydra settings (`hydra.…=`, `hydra/<group>=`; the sweeper's params are checked with
+    each study) composed with the fixed overrides: the first that Hydra cannot compose, or one that Hydra's plugins
+    refuse only once the study has opened (joblib's n_jobs=0, the basic sweeper's max_batch_size=0), as one line;
+    None if none. Either way Hydra would have opened the study's parent run and failed it, or printed a traceback."""
+    from hydra import compose
+
+    # Group choices first (Hydra applies them before values), so a launcher's key is named after its launcher.
+    settings = sorted((o.input_line for o in parsed if o.key_or_group.startswith("hydra")
+                       and not o.key_or_group.startswith("hydra.sweeper.params.")),
+                      key=lambda line: "/" not in line.split("=", 1)[0])
+    if not settings:
+        return None
+    def composition(count: int):
+        return compose(config_name="config", overrides=[*fixed, *settings[:count]], return_hydra_config=True)
+
+    try:
+        config = composition(len(settings))
+    except Exception:  # noqa: BLE001 - named below: the first setting that fails with those before it
+        for count in range(1, len(settings) + 1):
+            try:
+                composition(count)
+            except Exception as error:  # noqa: BLE001 - every composition error becomes one line
+                return composition_error(settings[count - 1], error)
+        raise
+    n_jobs = OmegaConf.select(config, "hydra.launcher.n_jobs")
+    if n_jobs == 0:
+        return ("hydra.launcher.n_jobs=0 is not accepted: expected the number of jobs at once (> 0), or a number < 0 "
+                "counting back from one per core (-1: one per core, the default)")
+    batch = OmegaConf.select(config, "hydra.sweeper.max_batch_size")
+    if batch is not None and batch < 1:
+        return (f"hydra.sweeper.max_batch_size={batch} is not accepted: expected a whole number > 0 of jobs per batch, "
+                "or null (every job in one batch, the default)")
+    return None
 
 
 def preset_sweep_problem(studies: list, parsed: list) -> str | None:
