@@ -40,18 +40,19 @@ def project_hydra() -> Iterator[None]:
 
 
 def parse_overrides(lines: list[str]) -> list:
-    """Hydra's parse of override lines, as its sweeper parses them: with the config loader, through which a glob
-    sweep (`loss=glob(*)`) lists its group's options. Inside `project_hydra`. Raises OverrideParseException."""
+    """Hydra's parse of override lines, as its sweeper parses them: with the project's config loader, through which
+    a glob sweep (`loss=glob(*)`) lists its group's options when it is iterated (the overrides keep the loader).
+    Raises OverrideParseException."""
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    return OverridesParser.create(config_loader=GlobalHydra.instance().config_loader()).parse_overrides(lines)
+    with project_hydra():
+        return OverridesParser.create(config_loader=GlobalHydra.instance().config_loader()).parse_overrides(lines)
 
 
 def sweep_values(lines: list[str]) -> tuple[list[str], dict[str, list[str]]]:
     """Hydra override lines as (fixed overrides, {swept key: its values}); a later override of a key, swept
-    or fixed, replaces an earlier sweep of it, as Hydra's basic sweeper does. Inside `project_hydra`.
-    Raises OverrideParseException."""
+    or fixed, replaces an earlier sweep of it, as Hydra's basic sweeper does. Raises OverrideParseException."""
     fixed, sweeps = [], {}
     for override in parse_overrides(lines):
         if override.key_or_group.startswith("hydra"):
@@ -91,13 +92,12 @@ def studies_of(argv: list[str]) -> dict[str | None, list[str]]:
     line is one study, {None: argv}. Raises PipelineError where the studies would share what each must own.
     Expects overrides Hydra can parse (after `precheck_overrides`)."""
     lines = override_lines(argv)
-    with project_hydra():
-        parsed = parse_overrides(lines)
-        presets = [o for o in parsed if o.key_or_group == "experiment"]
-        if not presets or not presets[-1].is_sweep_override():
-            return {None: argv}
-        swept = presets[-1]
-        names = list(swept.sweep_string_iterator())
+    parsed = parse_overrides(lines)
+    presets = [o for o in parsed if o.key_or_group == "experiment"]
+    if not presets or not presets[-1].is_sweep_override():
+        return {None: argv}
+    swept = presets[-1]
+    names = list(swept.sweep_string_iterator())
     for override in parsed:
         shared = override.key_or_group == "study" or (  # a sweep folder must name the study: ${study}, ${oc.select:study,…}
             override.key_or_group == "hydra.sweep.dir" and not re.search(r"\$\{[^}]*\bstudy\b", override.input_line))
