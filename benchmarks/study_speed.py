@@ -21,7 +21,6 @@ Prints both wall times and their ratio, then per-epoch throughput for every arm 
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -37,6 +36,7 @@ sys.path.insert(0, str(ROOT))
 STUDIES = {"seed_mnist": ("mnist_sample", "seed_relu"), "seed_logistic": ("mnist_sample_binary", "seed_sigmoid")}
 ARMS = ("probs", "logits", "probs_naive")
 SEEDS = range(5)
+NOTE_SCRIPT = "--note-script"  # the first argument of note_scripts' processes (note_script), not a user's option
 
 
 def pipeline_studies(epochs: int, store: Path, extra: list[str]) -> tuple[float, dict[str, float]]:
@@ -119,7 +119,7 @@ def note_scripts(epochs: int, folder: Path) -> float:
             for seed in SEEDS:
                 started = time.perf_counter()
                 # Its output held back (TensorFlow's import notices, unfiltered there), shown if it fails.
-                done = subprocess.run([sys.executable, __file__, "--note-script", str(data), json.dumps(
+                done = subprocess.run([sys.executable, __file__, NOTE_SCRIPT, str(data), json.dumps(
                     {**spec, "arm": arm, "seed": seed, "epochs": epochs})], cwd=ROOT, capture_output=True, text=True)
                 total += time.perf_counter() - started
                 if done.returncode != 0:
@@ -142,17 +142,18 @@ def note_script(data: str, spec: str) -> int:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    if sys.argv[1:2] == [NOTE_SCRIPT]:  # one of note_scripts' processes: nothing of the pipeline's before Keras
+        return note_script(*sys.argv[2:4])
+    from pipeline.cli import OneLineParser
+    from pipeline.config.overrides import precheck_overrides
+
+    parser = OneLineParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=100)
     parser.add_argument("--pipeline-args", default="", help="extra overrides for the pipeline's studies")
     parser.add_argument("--no-throughput", action="store_true", help="skip the per-epoch throughput table")
     parser.add_argument("--note-as-scripts", action="store_true",
                         help="also time the note's code as 30 scripts, one process per training (about 10 minutes)")
-    parser.add_argument("--note-script", nargs=2, metavar=("DATA", "SPEC"), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.note_script:
-        return note_script(*args.note_script)
-    from pipeline.config.overrides import precheck_overrides
 
     if args.epochs < 1:
         parser.error(f"--epochs={args.epochs} is not accepted: expected a whole number > 0")
