@@ -114,6 +114,50 @@ def test_a_full_disk_under_the_store_is_one_line_and_leaves_no_run_running(tmp_p
         assert not list(small_disk.glob("mlruns/artifacts/models/*")), "the unfinished model's files are removed"
 
 
+FILL_THE_DISK_THEN_FAIL = """
+import errno, os, sys
+from pipeline.tracking import prepare_store
+from pipeline.tracking.runs import tracked_run
+uri, filler = sys.argv[1:3]
+try:
+    with tracked_run(uri, prepare_store(uri, "fromlogits"), run_name="full") as run:
+        print(run.info.run_id, flush=True)
+        fd = os.open(filler, os.O_WRONLY | os.O_CREAT)
+        for size in (4096, 1):  # the disk fills to the last byte while the run is open: no room to end it
+            try:
+                while True:
+                    os.write(fd, b"\\0" * size)
+            except OSError:
+                pass
+        raise OSError(errno.ENOSPC, "No space left on device")
+except Exception as error:
+    print(error, flush=True)
+"""
+
+
+def test_a_run_that_cannot_be_ended_on_a_full_disk_says_so_and_the_next_command_ends_it(small_disk):
+    """The disk under the store fills completely while a run is open: the run fails, and SQLite has no room to
+    record its end either. The one line says so, and the next command on the store ends the run FAILED."""
+    from pipeline.tracking import prepare_store
+
+    uri = f"sqlite:///{small_disk / 'mlruns' / 'mlflow.db'}"
+    done = subprocess.run([sys.executable, "-c", FILL_THE_DISK_THEN_FAIL, uri, str(small_disk / "filler")],
+                          cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    run_id, message = done.stdout.strip().splitlines()
+    assert message.startswith(f"the MLflow store {uri} is out of space ("), message
+    assert message.endswith("; the run could not be ended either: the next command on this store marks it FAILED"), message
+    (run,) = runs_of(uri)
+    assert run.info.run_id == run_id and run.info.status == "RUNNING"  # as the message says: not ended
+
+    (small_disk / "filler").unlink()
+    prepare_store(uri, "fromlogits")  # what the next command on this store does first
+    (run,) = runs_of(uri)
+    assert run.info.status == "FAILED", run.info.status
+    assert run.data.tags["failed_reason"].startswith("stale: process ") and "ended without closing the run" in \
+        run.data.tags["failed_reason"]
+
+
 def test_a_full_disk_under_the_data_dir_is_one_line_and_keeps_no_part_of_the_dataset(small_disk):
     from pipeline.config import DatasetConfig
     from pipeline.data import DatasetUnavailable, fetch
