@@ -1,9 +1,10 @@
 """A command line's overrides, checked before Hydra starts, and the sweep they describe.
 
-`precheck_overrides` composes every value of a sweep with the fixed overrides and validates it, and checks
-every value a study preset sweeps (its `hydra.sweeper.params`), so a typo in the fifth value fails in one line
-before the study opens; `sweep_values`/`count_jobs` expand a sweep the way Hydra's basic sweeper does, for the
-pre-check and the study's progress count alike.
+`precheck_overrides` composes every value of a sweep with the fixed overrides and validates it, checks
+every value a study preset sweeps (its `hydra.sweeper.params`) and composes the command line's own Hydra
+settings, so a typo in the fifth value fails in one line before the study opens; `sweep_values`/`count_jobs`
+expand a sweep the way Hydra's basic sweeper does (glob sweeps through Hydra's config loader, `parse_overrides`),
+for the pre-check and the study's progress count alike.
 """
 
 from __future__ import annotations
@@ -236,6 +237,7 @@ def hydra_settings_problem(fixed: list[str], parsed: list) -> str | None:
                       key=lambda line: "/" not in line.split("=", 1)[0])
     if not settings:
         return None
+
     def composition(count: int):
         return compose(config_name="config", overrides=[*fixed, *settings[:count]], return_hydra_config=True)
 
