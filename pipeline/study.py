@@ -384,9 +384,17 @@ class StudyCallback(Callback):
             sys.exit(1)
         from mlflow.tracking import MlflowClient
 
-        MlflowClient(self.uri).log_metric(self.study.run_id, "seconds_report", time.monotonic() - report_started)
+        from pipeline.config import error_summary
+
         print_report(report)
         print(f"study took {time.monotonic() - self.started:.0f} s", flush=True)
         _failed_jobs = len(report.failed)
-        self.study.close()
+        try:
+            MlflowClient(self.uri).log_metric(self.study.run_id, "seconds_report", time.monotonic() - report_started)
+            self.study.close()
+        except Exception as error:  # noqa: BLE001 - Hydra would make it a warning, exit 0, and the study KILLED at exit
+            self.study.close(error)  # FAILED if the store takes it now; the same command keeps its finished runs
+            print(f"error: the study's end could not be recorded in the store ({error_summary(error)}); its runs "
+                  "and report are kept: run the same command again to record it", file=sys.stderr, flush=True)
+            sys.exit(1)
         os.environ.pop(PARENT_RUN_ENV, None)

@@ -183,6 +183,52 @@ def test_a_study_that_cannot_start_runs_no_job_and_leaves_no_run_running(tmp_pat
     assert parent.info.status == "FAILED"
 
 
+# The store refuses to record the study's end once (a tracking server timing out under load). Seen in the suite:
+# a command that exited 0 with its study recorded KILLED, by the exit handler meant for a sweep never finished.
+STORE_REFUSES_THE_STUDYS_END = """
+import runpy, sys
+from mlflow.tracking import MlflowClient
+set_terminated, refused = MlflowClient.set_terminated, []
+def refusing(self, run_id, status=None, end_time=None):
+    if status == "FINISHED" and not refused and self.get_run(run_id).data.tags.get("role") == "study":
+        refused.append(run_id)
+        raise RuntimeError("the tracking server timed out")
+    return set_terminated(self, run_id, status, end_time)
+MlflowClient.set_terminated = refusing
+sys.argv[0:1] = ["pipeline/run.py"]
+runpy.run_module("pipeline.run", run_name="__main__", alter_sys=True)
+"""
+
+
+def test_a_study_whose_end_the_store_refuses_says_so_and_the_same_command_records_it(tmp_path, data_dir):
+    """Every job finished and the report was written, but the study's end could not be stored: the command says so
+    in one line and exits 1, the study ends FAILED (not KILLED as if interrupted), and the same command keeps its
+    finished run and ends a study FINISHED."""
+    import os
+    import subprocess
+    import sys
+
+    from pipeline.config import PROJECT_ROOT
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    command = ["-m", "loss=logits", "seed=0", "train.epochs=1", "study=refused", "hydra/launcher=basic",
+               f"data_dir={data_dir}", f"reports_dir={tmp_path / 'reports'}", f"hydra.sweep.dir={tmp_path / 'sweep'}"]
+    refused = subprocess.run([sys.executable, "-c", STORE_REFUSES_THE_STUDYS_END, *command], cwd=PROJECT_ROOT,
+                             capture_output=True, text=True, timeout=300, env={**os.environ, "MLFLOW_TRACKING_URI": uri})
+    assert refused.returncode == 1, refused.stderr[-3000:]
+    assert refused.stderr.strip().splitlines()[-1] == (
+        "error: the study's end could not be recorded in the store (RuntimeError: the tracking server timed out); "
+        "its runs and report are kept: run the same command again to record it")
+    assert "Traceback" not in refused.stderr
+    parent, (child,) = study_runs(uri)
+    assert parent.info.status == "FAILED" and child.info.status == "FINISHED"
+
+    again = run_cli("pipeline.run", *command, env={"MLFLOW_TRACKING_URI": uri})
+    assert again.returncode == 0, again.stderr[-3000:]
+    latest, (kept,) = study_runs(uri, latest=True)
+    assert latest.info.status == "FINISHED" and kept.info.run_id == child.info.run_id  # not trained again
+
+
 def test_the_same_command_after_an_interruption_keeps_the_finished_runs_and_resumes_the_rest(tmp_path, data_dir):
     """Ctrl-C after the first of two jobs finished and while the second trains: the same command keeps the
     finished run (not trained again, moved under the new study), resumes the interrupted one from its
