@@ -54,14 +54,15 @@ def pipeline_studies(epochs: int, store: Path, extra: list[str]) -> tuple[float,
 
 def note_datasets() -> dict:
     """Each study's config and its training and test digits, as the pipeline reads them."""
-    from hydra import compose, initialize_config_dir
+    from hydra import compose
 
     from pipeline.config import register_configs, validate
+    from pipeline.config.overrides import project_hydra
     from pipeline.data import fetch, load
 
     register_configs()
     datasets = {}
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+    with project_hydra():
         for study in STUDIES:
             cfg = validate(compose(config_name="config", overrides=[f"experiment={study}"]))
             fetch(cfg.dataset, cfg.data_dir)

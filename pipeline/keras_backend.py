@@ -95,9 +95,10 @@ def _stop_worker(backend: str) -> None:
 
 def serve() -> int:
     """The worker: runs each job it is sent, as `python -m pipeline.run <overrides>` would, and answers."""
-    from hydra import compose, initialize_config_dir
+    from hydra import compose
 
     from pipeline.config import register_configs, validate
+    from pipeline.config.overrides import project_hydra
     from pipeline.interrupt import install_stop_handlers
 
     register_configs()
@@ -106,7 +107,7 @@ def serve() -> int:
     from pipeline.tracking import tracking_uri
 
     replies = os.fdopen(int(os.environ[REPLY_FD_ENV]), "w")
-    with initialize_config_dir(config_dir=str(PROJECT_ROOT / "conf"), version_base="1.3"):
+    with project_hydra():
         for line in sys.stdin:
             request = json.loads(line)
             os.environ.update(request["environment"])

@@ -23,7 +23,7 @@ from typing import Iterator
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline.config import TFDS_VERSION, validate
+from pipeline.config import TFDS_VERSION, PipelineError, error_summary, validate
 from pipeline.config.overrides import count_jobs, sweep_values
 from pipeline.progress import STUDY_JOBS_ENV, STUDY_STARTED_ENV, STUDY_WORKERS_ENV
 
@@ -254,8 +254,6 @@ class StudyCallback(Callback):
         self.started = 0.0
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
-        from pipeline.config import PipelineError, error_summary
-
         try:
             self._start(config)
         except Exception as error:  # noqa: BLE001 - any failure: no job may run without its study
@@ -352,8 +350,6 @@ class StudyCallback(Callback):
     def end_failed(self, error: Exception) -> None:
         """The launcher failed (the OS killed a worker, a scheduler lost a job): the runs whose process died
         end FAILED with their checkpoints, then the study; one line, exit 1."""
-        from pipeline.config import error_summary
-
         ended = self._close_with_orphans(error)
         then = (f"{len(ended)} run(s) whose process died ended FAILED; run the same command again to resume them"
                 if ended else "run the same command again once that is fixed")
@@ -383,8 +379,6 @@ class StudyCallback(Callback):
             # Hydra turns a callback's exception into a warning; a failed report must fail the command.
             sys.exit(1)
         from mlflow.tracking import MlflowClient
-
-        from pipeline.config import error_summary
 
         print_report(report)
         print(f"study took {time.monotonic() - self.started:.0f} s", flush=True)

@@ -52,10 +52,15 @@ def parse_overrides(lines: list[str]) -> list:
 
 
 def sweep_values(lines: list[str]) -> tuple[list[str], dict[str, list[str]]]:
-    """Hydra override lines as (fixed overrides, {swept key: its values}); a later override of a key, swept
-    or fixed, replaces an earlier sweep of it, as Hydra's basic sweeper does. Raises OverrideParseException."""
+    """Hydra override lines as (fixed overrides, {swept key: its values}). Raises OverrideParseException."""
+    return split_sweeps(parse_overrides(lines))
+
+
+def split_sweeps(parsed: list) -> tuple[list[str], dict[str, list[str]]]:
+    """Parsed overrides as (fixed overrides, {swept key: its values}); a later override of a key, swept or
+    fixed, replaces an earlier sweep of it, as Hydra's basic sweeper does. Hydra's own keys are left out."""
     fixed, sweeps = [], {}
-    for override in parse_overrides(lines):
+    for override in parsed:
         if override.key_or_group.startswith("hydra"):
             continue
         if override.is_sweep_override():
@@ -130,13 +135,11 @@ def composition_error(override: str, error: Exception) -> str:
 
 def parse_error(lines: list[str], error: Exception) -> str:
     """Hydra's parse error as one line naming the override it cannot read and what its grammar accepts."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import OverrideParseException
 
-    parser = OverridesParser.create()
     for line in lines:
         try:
-            parser.parse_overrides([line])
+            parse_overrides([line])
         except OverrideParseException as line_error:
             return (f"{line} is not accepted: cannot parse it ({first_line(line_error)}); expected key=value in "
                     "Hydra's override grammar, with a value holding spaces or any of ;()[]{},'\" quoted")
@@ -160,10 +163,10 @@ def _precheck(lines: list[str]) -> str | None:
     from hydra.errors import OverrideParseException
 
     try:
-        fixed, sweeps = sweep_values(lines)
+        parsed = parse_overrides(lines)
     except OverrideParseException as error:
         return parse_error(lines, error)
-    parsed = parse_overrides(lines)
+    fixed, sweeps = split_sweeps(parsed)
     for override in parsed:
         if override.key_or_group.startswith("hydra") and override.is_sweep_override():
             return (f"{override.input_line} is not accepted: Hydra's own settings cannot be swept; expected a sweep of "
