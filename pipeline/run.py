@@ -122,6 +122,8 @@ if __name__ == "__main__":
     from pipeline.interrupt import RUN_NOTICE, STUDY_NOTICE, install_stop_handlers
 
     multirun = "-m" in sys.argv or "--multirun" in sys.argv
+    if multirun:  # Hydra's parser takes -m only before the overrides; users also type it after some
+        sys.argv[1:] = ["-m", *(arg for arg in sys.argv[1:] if arg not in ("-m", "--multirun"))]
     install_stop_handlers(STUDY_NOTICE if multirun else RUN_NOTICE)
     problem = precheck_overrides(sys.argv[1:])  # with experiment=a,b, each preset with the other overrides
     studies: dict = {None: sys.argv[1:]}
