@@ -260,6 +260,10 @@ def test_a_full_disk_while_writing_the_report_leaves_no_partial_report(tmp_path,
     (["--stuyd", "x"], "error: unrecognized arguments: --stuyd x; usage: python -m pipeline.report [-h] [--study STUDY] "
                        "[--parent-run-id PARENT_RUN_ID]"),
     ([], "error: give --study NAME or --parent-run-id ID; usage: python -m pipeline.report [-h] [--study STUDY]"),
+    # A report folder that cannot be: named before anything is read (it was "could not write to /dev/null: File exists")
+    (["--study", "x", "--out", "/dev/null/report"], "error: --out='/dev/null/report' is not accepted: /dev/null is not a "
+                                                    "folder; expected a folder that exists or can be created and written"),
+    (["--study", "x", "--out", "/proc/fromlogits-report"], "error: --out='/proc/fromlogits-report' is not accepted: /proc "),
 ])
 def test_report_cli_bad_input_is_one_line(tmp_path, args, expected, capsys):
     """The first case as a user types it; the others through the same main(), in this process."""

@@ -135,6 +135,9 @@ BAD_INPUT = [
     ("output_dir=/dev/null", "output_dir='/dev/null' is not accepted: /dev/null is not a folder"),
     ("hydra.run.dir=/dev/null/run", "hydra.run.dir='/dev/null/run' is not accepted: /dev/null is not a folder"),
     ("-m hydra.sweep.dir=/dev/null/sweep", "hydra.sweep.dir='/dev/null/sweep' is not accepted: /dev/null is not a folder"),
+    # A folder that takes no new folders although access() says it is writable (root, in /proc): found before the
+    # study trains, not when its report is written.
+    ("-m reports_dir=/proc/fromlogits-reports", "reports_dir='/proc/fromlogits-reports' is not accepted: /proc "),
     # A config group's value is one of its files, never a path into another group's folder.
     ("loss=../experiment/atlas", "loss=../experiment/atlas is not accepted: expected one of logits, probs, probs_naive"),
     ("-m experiment=../config", "experiment=../config is not accepted: expected one of atlas, backends, high_lr"),
@@ -236,6 +239,9 @@ def test_a_sweep_composes_each_override_value_once_before_its_first_job():
         ("dataset=mnist_sample_binary dataset.classes=[0,12]", "dataset.classes=[0, 12] is not accepted: class(es) [12] are absent"),
         ("-m experiment=seed_mnist,seed_logistic study=tiny",  # two studies of one name (tests/test_study.py)
          "study=tiny is not accepted with experiment=seed_mnist,seed_logistic: every study would share it"),
+        # -m after an override, as users type it: Hydra's own parser gave its usage and "unrecognized arguments"
+        ("train.epochs=1 -m reports_dir=/proc/fromlogits-reports experiment=seed_logistic",
+         "reports_dir='/proc/fromlogits-reports' is not accepted: /proc "),
     ],
 )
 def test_bad_input_from_the_command_line_is_one_line_and_leaves_no_run(tmp_path, data_dir, overrides, expected):

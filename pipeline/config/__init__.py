@@ -86,17 +86,30 @@ SEED_LIMIT = 2**32  # numpy's and Keras's seeds are unsigned 32-bit
 
 def require_folder(key: str, value: str, path: Path, writable: bool) -> None:
     """A folder the pipeline uses: an existing folder (writable if `writable`), or one that can be created
-    (its nearest existing parent is a writable folder). Checked without creating anything."""
+    (its nearest existing parent is a writable folder). Leaves nothing behind (see `_takes_new_folders`)."""
     try:
         existing = next(p for p in (path, *path.parents) if p.exists())
+        written = writable or existing != path
         problem = (f"{existing} is not a folder" if not existing.is_dir()
-                   else f"{existing} is not writable" if (writable or existing != path)
-                   and not os.access(existing, os.W_OK | os.X_OK) else None)
+                   else f"{existing} is not writable" if written and not os.access(existing, os.W_OK | os.X_OK)
+                   else _takes_new_folders(existing) if written else None)
     except OSError as error:  # e.g. a parent this user may not search
         problem = f"{error.filename} cannot be read ({error.strerror})"
     if problem:
         raise ConfigError(f"{key}={value!r} is not accepted: {problem}; expected a folder that exists or can be "
                           f"created{' and written' if writable else ''}")
+
+
+def _takes_new_folders(folder: Path) -> str | None:
+    """None if a folder can be created in `folder`, else why not. Tried, with an empty temporary folder removed
+    at once: access() cannot tell, as root passes it everywhere (/proc, /sys, where mkdir fails)."""
+    import tempfile
+
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".fromlogits-check-", dir=folder))
+    except OSError as error:
+        return f"{folder} takes no new folders ({error.strerror})"
+    return None
 
 
 def check_name(key: str, value: str) -> str:

@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 from pipeline.cli import OneLineParser
-from pipeline.config import PipelineError, check_name
+from pipeline.config import PipelineError, check_name, require_folder
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,6 +25,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("give --study NAME or --parent-run-id ID")
     try:
         check_name("--experiment", args.experiment)
+        if args.out is not None:  # before anything is read: the report is written last
+            require_folder("--out", str(args.out), args.out.absolute(), writable=True)
         uri = tracking_uri(args.tracking_uri)
         if not uri.startswith("sqlite:///") or Path(uri.removeprefix("sqlite:///")).exists():
             prepare_store(uri, args.experiment)
