@@ -142,6 +142,23 @@ def note_script(data: str, spec: str) -> int:
     return 0
 
 
+# What the note's code repeats: the studies' presets, their data, networks, formulations, seeds and training
+# (the epochs through --epochs), all on TensorFlow. The pipeline's args may change how it runs them, not these.
+TRAININGS = ("experiment", "task", "dataset", "model", "loss", "seed", "train", "precision", "backend")
+
+
+def trainings_changed_by(overrides: list[str]) -> str | None:
+    """The first of `overrides` (pre-checked) that changes the trainings both sides run, as one line; else None."""
+    from pipeline.config.overrides import parse_overrides
+
+    for override in parse_overrides(overrides):
+        if override.key_or_group.lstrip("+~").split(".")[0].split("/")[0] in TRAININGS:
+            return (f"{override.input_line} is not accepted: it changes the trainings the note's code repeats "
+                    f"({', '.join(TRAININGS)}; the epochs: --epochs); expected settings of how the pipeline runs "
+                    "them, e.g. hydra/launcher=basic or tracking.flush_seconds=5")
+    return None
+
+
 def main() -> int:
     if sys.argv[1:2] == [NOTE_SCRIPT]:  # one of note_scripts' processes: nothing of the pipeline's before Keras
         return note_script(*sys.argv[2:4])
@@ -150,7 +167,8 @@ def main() -> int:
 
     parser = OneLineParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=100)
-    parser.add_argument("--pipeline-args", default="", help="extra overrides for the pipeline's studies")
+    parser.add_argument("--pipeline-args", default="", help="extra overrides for how the pipeline runs its studies "
+                        "(e.g. hydra/launcher=basic), not for what they train")
     parser.add_argument("--no-throughput", action="store_true", help="skip the per-epoch throughput table")
     parser.add_argument("--note-as-scripts", action="store_true",
                         help="also time the note's code as 30 scripts, one process per training (about 10 minutes)")
@@ -158,7 +176,7 @@ def main() -> int:
 
     if args.epochs < 1:
         parser.error(f"--epochs={args.epochs} is not accepted: expected a whole number > 0")
-    problem = precheck_overrides(args.pipeline_args.split())
+    problem = precheck_overrides(args.pipeline_args.split()) or trainings_changed_by(args.pipeline_args.split())
     if problem:
         parser.error(f"--pipeline-args: {problem}")
     with tempfile.TemporaryDirectory() as folder:

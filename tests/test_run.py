@@ -280,6 +280,11 @@ def test_make_ui_refuses_a_bad_port_in_one_line_naming_it(tmp_path, port):
      "error: --pipeline-args: loss=bogus is not accepted: expected one of logits, probs, probs_naive; usage: "
      "study_speed.py [-h] [--epochs EPOCHS]"),
     ("study_speed.py", ["--epocs", "3"], "error: unrecognized arguments: --epocs 3; usage: study_speed.py [-h]"),
+    # The pipeline's side would no longer run the trainings the note's code repeats (this one ran the atlas)
+    ("study_speed.py", ["--pipeline-args", "experiment=atlas"],
+     "error: --pipeline-args: experiment=atlas is not accepted: it changes the trainings the note's code repeats"),
+    ("study_speed.py", ["--pipeline-args", "hydra/launcher=basic train.epochs=3"],
+     "error: --pipeline-args: train.epochs=3 is not accepted: it changes the trainings the note's code repeats"),
 ])
 def test_the_benchmarks_refuse_bad_arguments_in_one_line(script, args, expected):
     import subprocess
