@@ -307,3 +307,25 @@ def test_a_report_is_the_same_whatever_order_the_store_returns_the_runs_in():
     first, second = (analyse(s) for s in (Setting({}, runs), Setting({}, runs[::-1])))
     assert first.means == second.means and first.comparisons == second.comparisons
     assert first.means["test_nll"]["logits"] == (0.1 + 0.2 + 0.3) / 3  # summed by seed
+
+
+def test_a_run_that_did_not_finish_is_named_with_its_status_and_why_alike_on_the_console_and_in_the_report():
+    """A job cancelled or preempted on a cluster ends its run KILLED with no error: the console called it
+    "FAILED: <run>: KILLED", the Markdown "(KILLED: no error recorded)"; it is resumed by the same command."""
+    from pathlib import Path
+
+    from pipeline.report import Report
+    from pipeline.report.render import console, markdown
+
+    cancelled = RunData("id-c", "logits-seed1", "KILLED", "logits", 1, {"formulation": "logits", "seed": "1"}, {}, {})
+    crashed = RunData("id-f", "probs-seed1", "FAILED", "probs", 1, {"error": "ValueError: class(es) [12] are absent"},
+                      {}, {})
+    stale = RunData("id-s", "probs-seed2", "FAILED", "probs", 2, {"failed_reason": "its process 42 is gone"}, {}, {})
+    report = Report("s", "parent", "1", study([0.3, 0.4], [0.3, 0.4]), [cancelled, crashed, stale], [], {},
+                    folder=Path("reports/s"))
+    named = ["logits-seed1 (KILLED: stopped before it finished (interrupted, a job cancelled or preempted); the same "
+             "command resumes it)", "probs-seed1 (FAILED: ValueError: class(es) [12] are absent)",
+             "probs-seed2 (FAILED: its process 42 is gone)"]
+    assert [line for line in console(report).splitlines() if line.startswith("did not finish")] == [
+        f"did not finish: {name}" for name in named]
+    assert f"**3 run(s) did not finish** and are left out: {'; '.join(named)}" in markdown(report)

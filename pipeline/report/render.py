@@ -12,6 +12,7 @@ from pathlib import Path
 import markdown as markdown_lib
 
 from pipeline.files import write_text
+from pipeline.record import Tag
 from pipeline.report import (BASELINE, COMPARED, EPOCH_RATIO_RULE, METRICS, SPECS, Report, SettingResult,
                              epoch_ratios)
 from pipeline.report.findings import provenance
@@ -109,6 +110,14 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
             *("| " + " | ".join(map(escape, row)) + " |" for row in rows)]
 
 
+def unfinished(run) -> str:
+    """A run that did not finish, as the report names it: its status and why."""
+    why = run.tags.get(Tag.ERROR) or run.tags.get(Tag.FAILED_REASON) or (
+        "stopped before it finished (interrupted, a job cancelled or preempted); the same command resumes it"
+        if run.status == "KILLED" else "no error recorded")
+    return f"{run.name} ({run.status}: {why})"
+
+
 def markdown(report: Report) -> str:
     p = report.setup
     md = [f"# Study `{report.study}`: probabilities or logits?", "",
@@ -130,9 +139,8 @@ def markdown(report: Report) -> str:
           "with its 95% interval; the others the mean difference (accuracy in percentage points). "
           "`*` marks an effect shown by the rule.", ""]
     if report.failed:
-        md += [f"**{len(report.failed)} run(s) did not finish** and are left out: " + "; ".join(
-            f"{r.name} ({r.status}: {r.tags.get('error', r.tags.get('failed_reason', 'no error recorded'))})"
-            for r in report.failed), ""]
+        md += [f"**{len(report.failed)} run(s) did not finish** and are left out: "
+               + "; ".join(unfinished(r) for r in report.failed), ""]
     if report.atlas:
         md += ["## At a glance", "", f"![atlas]({report.atlas.name})", ""]
     for result in report.results:
@@ -180,6 +188,6 @@ def console(report: Report) -> str:
         header, rows = table_rows(result)
         widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
         lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header, *rows]]
-    lines += [f"FAILED: {r.name}: {r.tags.get('error', r.status)}" for r in report.failed]
+    lines += [f"did not finish: {unfinished(r)}" for r in report.failed]
     lines += [f"\nreport: {report.html_path}", f"MLflow parent run: {report.parent_run_id}"]
     return "\n".join(lines)
