@@ -94,7 +94,7 @@ def run_configuration(cfg: Config, output_dir: Path, parent_run_id: str | None =
             mlflow.MlflowClient(uri).set_tag(kept.info.run_id, Tag.PARENT, parent_run_id)
             metrics = {k: v for k, v in kept.data.metrics.items() if k.startswith("test_")}
             write_json(output_dir / "metrics.json", {"run_id": kept.info.run_id, **metrics})
-            print(f"kept run {kept.info.run_id} ({record.name}): it finished in the study's interrupted attempt",
+            print(f"kept run {kept.info.run_id} ({record.name}): it finished in the study's unfinished attempt",
                   flush=True)
             return {"run_id": kept.info.run_id, **metrics}
         resume_id = previous_attempt(uri, folder) if cfg.resume and owned else None

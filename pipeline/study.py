@@ -49,16 +49,23 @@ def interrupted_attempt() -> str | None:
 
 
 def find_interrupted_attempt(uri: str, experiment_id: str, name: str, parent_run_id: str) -> str | None:
-    """The latest earlier study of this name, if it ended KILLED or FAILED (stopped, crashed; a dead
-    launcher's study is marked FAILED when the store is opened): the attempt this one resumes."""
+    """The latest earlier study of this name, if it did not complete: it ended KILLED or FAILED (stopped, crashed;
+    a dead launcher's study is marked FAILED when the store is opened), or FINISHED with runs that did not (a job
+    failed, or was cancelled or preempted on a cluster; its report names them). The attempt this one resumes."""
     from mlflow.tracking import MlflowClient
 
     from pipeline.record import STUDY_ROLE, Tag
 
-    earlier = [run for run in MlflowClient(uri).search_runs(
+    client = MlflowClient(uri)
+    earlier = [run for run in client.search_runs(
         [experiment_id], f"tags.{Tag.ROLE} = '{STUDY_ROLE}' and tags.{Tag.STUDY} = '{name}'",
         order_by=["attributes.start_time DESC"], max_results=2) if run.info.run_id != parent_run_id]
-    return earlier[0].info.run_id if earlier and earlier[0].info.status in ("KILLED", "FAILED") else None
+    if not earlier:
+        return None
+    latest = earlier[0].info
+    unfinished = latest.status == "FINISHED" and client.search_runs(
+        [experiment_id], f"tags.`{Tag.PARENT}` = '{latest.run_id}' and attributes.status != 'FINISHED'", max_results=1)
+    return latest.run_id if latest.status in ("KILLED", "FAILED") or unfinished else None
 
 
 def end_active_study(error: BaseException) -> None:
@@ -317,7 +324,7 @@ class StudyCallback(Callback):
         atexit.register(self.study.close, KeyboardInterrupt())  # a sweep that never reaches its end
         _import_report_meanwhile()
         print(f"study {self.study.name}: {jobs} jobs, MLflow parent run {parent_run_id} ({self.uri})"
-              + (f"; a job whose configuration finished in its interrupted attempt {resumed} keeps that run"
+              + (f"; a job whose configuration finished in its unfinished attempt {resumed} keeps that run"
                  if resumed else ""), flush=True)
 
     def _mark_stopped(self) -> None:

@@ -155,6 +155,27 @@ def test_a_diverging_and_a_failing_job_do_not_stop_the_sweep(tmp_path, data_dir)
     assert parent.info.status == "FINISHED"
 
 
+def test_the_same_command_after_a_job_did_not_finish_keeps_the_finished_runs_and_runs_only_the_rest(tmp_path, data_dir):
+    """A study whose job failed (or was cancelled or preempted on a cluster: its run KILLED) ends FINISHED with its
+    report, exit 1, and says the same command resumes the rest. That command trained every finished run again:
+    only a study that ended KILLED or FAILED was an attempt to resume."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    command = ("pipeline.run", "-m", "loss=logits,probs", "seed=0", "train.epochs=2", "dataset.classes=null,[0,12]",
+               f"data_dir={data_dir}", f"hydra.sweep.dir={tmp_path / 'sweep'}", "hydra/launcher=basic")
+    first = run_cli(*command, env={"MLFLOW_TRACKING_URI": uri})
+    assert first.returncode == 1, first.stderr[-3000:]
+    finished = {r.info.run_id for r in runs_of(uri) if r.data.tags.get("role") != "study" and r.info.status == "FINISHED"}
+    assert len(finished) == 2
+
+    again = run_cli(*command, env={"MLFLOW_TRACKING_URI": uri})
+    assert again.returncode == 1, again.stderr[-3000:]
+    assert again.stdout.count("kept run ") == 2 and "epoch 1/2" not in again.stdout  # trained only the failing jobs
+    parents = sorted((r for r in runs_of(uri) if r.data.tags.get("role") == "study"), key=lambda r: r.info.start_time)
+    children = [r for r in runs_of(uri) if r.data.tags.get("mlflow.parentRunId") == parents[-1].info.run_id]
+    assert {r.info.run_id for r in children if r.info.status == "FINISHED"} == finished
+    assert sorted(r.info.status for r in children) == ["FAILED", "FAILED", "FINISHED", "FINISHED"]
+
+
 def test_a_study_that_cannot_start_runs_no_job_and_leaves_no_run_running(tmp_path, data_dir, monkeypatch, capsys):
     """Hydra turns a callback's exception into a warning and would run the jobs without their study; any
     failure while the study starts ends the command instead, in one line, its parent run FAILED."""
@@ -272,7 +293,7 @@ def test_the_same_command_after_an_interruption_keeps_the_finished_runs_and_resu
 
     again = subprocess.run(command, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300, env=env)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert f"a job whose configuration finished in its interrupted attempt {interrupted.info.run_id} keeps that run" in again.stdout
+    assert f"a job whose configuration finished in its unfinished attempt {interrupted.info.run_id} keeps that run" in again.stdout
     assert f"kept run {done.info.run_id} ({done.info.run_name})" in again.stdout
     assert f"resuming run {stopped.info.run_id}" in again.stdout
     study, now = study_runs(uri, latest=True)
