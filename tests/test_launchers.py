@@ -13,7 +13,7 @@ import mlflow
 import numpy as np
 import pytest
 
-from conftest import interrupt_sweep, run_cli, start_mlflow_server, study_runs
+from conftest import PROJECT_ROOT, interrupt_sweep, run_cli, start_mlflow_server, start_training_sweep, study_runs
 
 pytestmark = pytest.mark.slow
 
@@ -168,3 +168,37 @@ def test_ctrl_c_stops_a_slurm_sweep_its_running_jobs_end_killed_and_queued_ones_
     job_logs = sorted((tmp_path / "sweep" / ".submitit").glob("*/*_log.err"))
     stopped_jobs = [log for log in job_logs if "interrupted: the run ended KILLED" in log.read_text()]
     assert len(job_logs) == 3 and len(stopped_jobs) == 2, [log.read_text()[-500:] for log in job_logs]
+
+
+@pytest.mark.skipif(not slurm_answers(), reason="no Slurm cluster answers here (tests/slurm/start_single_node.sh)")
+def test_a_slurm_job_cancelled_mid_run_is_named_and_the_same_command_keeps_the_finished_run_and_resumes_it(tmp_path):
+    """scancel of one job of a sweep, as a preemption or a time limit stops it: its run ends KILLED with its
+    checkpoint, the study completes without it, its report names it, exit 1. The same command keeps the run that
+    finished (it trained it again, before) and resumes the stopped one from its checkpoint."""
+    from pipeline.study import slurm_job_ids
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    process = start_training_sweep(tmp_path, uri, "hydra/launcher=submitit_slurm", "hydra.launcher.timeout_min=10")
+    try:
+        (array,) = slurm_job_ids(str(tmp_path / "sweep" / ".submitit" / "%j"))
+        subprocess.run(["scancel", f"{array}_1"], check=True, timeout=60)  # job #1: loss=logits
+    finally:
+        stdout, stderr = process.communicate(timeout=300)
+    assert process.returncode == 1, stderr[-3000:]
+    assert "did not finish: logits-seed0 (KILLED: stopped before it finished" in stdout, stdout[-3000:]
+    first, children = study_runs(uri)
+    by_arm = {r.data.tags["formulation"]: r for r in children}
+    assert (by_arm["probs"].info.status, by_arm["logits"].info.status) == ("FINISHED", "KILLED")
+
+    again = subprocess.run(process.args, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600,
+                           env={**os.environ, "MLFLOW_TRACKING_URI": uri})
+    assert again.returncode == 0, again.stderr[-3000:]
+    latest, rerun = study_runs(uri, latest=True)
+    assert latest.info.run_id != first.info.run_id
+    kept = {r.data.tags["formulation"]: r for r in rerun}
+    assert {arm: r.info.run_id for arm, r in kept.items()} == {arm: r.info.run_id for arm, r in by_arm.items()}
+    assert all(r.info.status == "FINISHED" for r in kept.values())
+    steps = [m.step for m in mlflow.MlflowClient(uri).get_metric_history(kept["logits"].info.run_id, "val_nll_float64")]
+    assert sorted(steps) == list(range(1, 401))  # every epoch once, across both attempts
+
+
