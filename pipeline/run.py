@@ -57,6 +57,11 @@ def run_job(dcfg: DictConfig) -> float | None:
             from pipeline.tracking import tracking_uri
 
             study.stop_with_launcher(tracking_uri(cfg.tracking.uri), parent_run_id)
+            if study.ended_before_this_job(tracking_uri(cfg.tracking.uri), parent_run_id):
+                print(f"this job's study (parent run {parent_run_id}) has ended: the job started after it (requeued by "
+                      "the cluster?) and trains nothing; run the study's command again to resume its run",
+                      file=sys.stderr, flush=True)
+                return None
         if not select(cfg.backend.name.value):  # this process already runs another Keras backend
             answer = run_elsewhere(cfg.backend.name.value, list(HydraConfig.get().overrides.task), output_dir,
                                    parent_run_id, job)

@@ -113,6 +113,22 @@ def stop_requested_for(parent_run_id: str | None, sweep_dir: str | Path) -> bool
     return parent_run_id is not None and stop_marker(sweep_dir, parent_run_id).exists()
 
 
+def ended_before_this_job(uri: str, parent_run_id: str | None) -> bool:
+    """Whether a cluster job's study has already ended: the job started after its launching process stopped
+    waiting for it (Slurm requeued it, after submitit had collected its first attempt; or the launching process
+    died and its study was marked FAILED). Such a job trains nothing: its run stays as it was, for the same
+    command to resume. Jobs on the launching process's machine are watched instead (`stop_with_launcher`);
+    a store that cannot be read here is left to the run, which says so."""
+    if parent_run_id is None or os.environ.get(LAUNCHER_ENV):
+        return False
+    from mlflow.tracking import MlflowClient
+
+    try:
+        return MlflowClient(uri).get_run(parent_run_id).info.status != "RUNNING"
+    except Exception:  # noqa: BLE001 - see above
+        return False
+
+
 _job_running = threading.Lock()  # held by a job process while it runs a job
 _watching = False  # whether this process watches its launching process
 _watched_study: str | None = None  # the parent run of the study whose job this process runs (or ran last)

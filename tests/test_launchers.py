@@ -7,6 +7,7 @@ import os
 import shutil
 import sqlite3
 import subprocess
+import time
 from pathlib import Path
 
 import mlflow
@@ -171,17 +172,20 @@ def test_ctrl_c_stops_a_slurm_sweep_its_running_jobs_end_killed_and_queued_ones_
 
 
 @pytest.mark.skipif(not slurm_answers(), reason="no Slurm cluster answers here (tests/slurm/start_single_node.sh)")
-def test_a_slurm_job_cancelled_mid_run_is_named_and_the_same_command_keeps_the_finished_run_and_resumes_it(tmp_path):
-    """scancel of one job of a sweep, as a preemption or a time limit stops it: its run ends KILLED with its
-    checkpoint, the study completes without it, its report names it, exit 1. The same command keeps the run that
-    finished (it trained it again, before) and resumes the stopped one from its checkpoint."""
+def test_a_slurm_job_requeued_mid_run_is_named_and_the_same_command_keeps_the_finished_run_and_resumes_it(tmp_path):
+    """Slurm requeues one job of a sweep mid-run, as preemption does: its run ends KILLED with its checkpoint,
+    the study completes without it, its report names it, exit 1. The requeued job, which starts after the study
+    has ended, trains nothing (it finished its run under the ended study, unseen). The same command keeps the run
+    that finished (it trained it again, before) and resumes the stopped one from its checkpoint."""
     from pipeline.study import slurm_job_ids
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     process = start_training_sweep(tmp_path, uri, "hydra/launcher=submitit_slurm", "hydra.launcher.timeout_min=10")
     try:
         (array,) = slurm_job_ids(str(tmp_path / "sweep" / ".submitit" / "%j"))
-        subprocess.run(["scancel", f"{array}_1"], check=True, timeout=60)  # job #1: loss=logits
+        job = f"{array}_1"  # loss=logits
+        subprocess.run(["scontrol", "requeue", job], check=True, timeout=60)
+        subprocess.run(["scontrol", "hold", job], check=True, timeout=60)  # until its study has ended
     finally:
         stdout, stderr = process.communicate(timeout=300)
     assert process.returncode == 1, stderr[-3000:]
@@ -189,6 +193,20 @@ def test_a_slurm_job_cancelled_mid_run_is_named_and_the_same_command_keeps_the_f
     first, children = study_runs(uri)
     by_arm = {r.data.tags["formulation"]: r for r in children}
     assert (by_arm["probs"].info.status, by_arm["logits"].info.status) == ("FINISHED", "KILLED")
+    client = mlflow.MlflowClient(uri)
+    epochs = len(client.get_metric_history(by_arm["logits"].info.run_id, "train_epoch_loss"))
+
+    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True, timeout=60)
+    subprocess.run(["scontrol", "release", job], check=True, timeout=60)
+    deadline = time.monotonic() + 240
+    while subprocess.run(["squeue", "-h", "-j", job], capture_output=True, text=True, timeout=60).stdout.strip():
+        assert time.monotonic() < deadline, f"requeued job {job} did not end"
+        time.sleep(1)
+    (log,) = (tmp_path / "sweep" / ".submitit" / job).glob("*_log.err")
+    assert "has ended: the job started after it" in log.read_text(), log.read_text()[-3000:]
+    still = client.get_run(by_arm["logits"].info.run_id)
+    assert still.info.status == "KILLED"
+    assert len(client.get_metric_history(still.info.run_id, "train_epoch_loss")) == epochs
 
     again = subprocess.run(process.args, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600,
                            env={**os.environ, "MLFLOW_TRACKING_URI": uri})
@@ -198,7 +216,7 @@ def test_a_slurm_job_cancelled_mid_run_is_named_and_the_same_command_keeps_the_f
     kept = {r.data.tags["formulation"]: r for r in rerun}
     assert {arm: r.info.run_id for arm, r in kept.items()} == {arm: r.info.run_id for arm, r in by_arm.items()}
     assert all(r.info.status == "FINISHED" for r in kept.values())
-    steps = [m.step for m in mlflow.MlflowClient(uri).get_metric_history(kept["logits"].info.run_id, "val_nll_float64")]
+    steps = [m.step for m in client.get_metric_history(kept["logits"].info.run_id, "val_nll_float64")]
     assert sorted(steps) == list(range(1, 401))  # every epoch once, across both attempts
 
 
