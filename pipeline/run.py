@@ -56,8 +56,9 @@ def run_job(dcfg: DictConfig) -> float | None:
         if in_worker:
             from pipeline.tracking import tracking_uri
 
-            study.stop_with_launcher(tracking_uri(cfg.tracking.uri), parent_run_id)
-            if study.ended_before_this_job(tracking_uri(cfg.tracking.uri), parent_run_id):
+            uri = tracking_uri(cfg.tracking.uri)
+            study.stop_with_launcher(uri, parent_run_id)
+            if study.ended_before_this_job(uri, parent_run_id):
                 print(f"this job's study (parent run {parent_run_id}) has ended: the job started after it (requeued by "
                       "the cluster?) and trains nothing; run the study's command again to resume its run",
                       file=sys.stderr, flush=True)

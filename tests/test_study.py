@@ -170,8 +170,7 @@ def test_the_same_command_after_a_job_did_not_finish_keeps_the_finished_runs_and
     again = run_cli(*command, env={"MLFLOW_TRACKING_URI": uri})
     assert again.returncode == 1, again.stderr[-3000:]
     assert again.stdout.count("kept run ") == 2 and "epoch 1/2" not in again.stdout  # trained only the failing jobs
-    parents = sorted((r for r in runs_of(uri) if r.data.tags.get("role") == "study"), key=lambda r: r.info.start_time)
-    children = [r for r in runs_of(uri) if r.data.tags.get("mlflow.parentRunId") == parents[-1].info.run_id]
+    _, children = study_runs(uri, latest=True)
     assert {r.info.run_id for r in children if r.info.status == "FINISHED"} == finished
     assert sorted(r.info.status for r in children) == ["FAILED", "FAILED", "FINISHED", "FINISHED"]
 
