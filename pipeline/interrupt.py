@@ -84,6 +84,14 @@ class Interrupted(KeyboardInterrupt):
     """Training stopped on request at an epoch boundary; the checkpoint holds that epoch."""
 
 
+class StoppedBeforeStart(SystemExit):
+    """A stop came before a study opened (while the command started up, or between the studies of one
+    command): nothing of it ran. Exit code 130; the entry point says what did not start."""
+
+    def __init__(self) -> None:
+        super().__init__(130)
+
+
 def install_stop_handlers(notice: str | None = RUN_NOTICE) -> None:
     """`notice`: what the first signal prints; None in a launcher's worker, whose launching process
     acknowledges it once for the whole study."""

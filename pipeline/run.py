@@ -123,9 +123,17 @@ def launch(argv: list[str]) -> int:
     return study.sweep_exit_code()
 
 
+def not_started_line(names: list[str | None], done: list[str | None], multirun: bool) -> str:
+    """What a command stopped before its study or studies `names` opened says, after the studies `done`."""
+    if names == [None]:
+        return f"interrupted: the {'sweep' if multirun else 'run'} was not started; nothing ran"
+    return (f"interrupted: not started: {', '.join(names)}; the same command runs {'it' if len(names) == 1 else 'them'}"
+            + (f" after {', '.join(done)}" if done else ""))
+
+
 if __name__ == "__main__":
     from pipeline.config.overrides import studies_of
-    from pipeline.interrupt import RUN_NOTICE, STUDY_NOTICE, install_stop_handlers
+    from pipeline.interrupt import RUN_NOTICE, STUDY_NOTICE, StoppedBeforeStart, install_stop_handlers, stop_requested
 
     multirun = "-m" in sys.argv or "--multirun" in sys.argv
     if multirun:  # Hydra's parser takes -m only before the overrides; users also type it after some
@@ -147,7 +155,12 @@ if __name__ == "__main__":
     names = list(studies)
     for done, name in enumerate(names, start=1):
         try:
+            if stop_requested.is_set():  # Ctrl-C while starting up, or during the previous study's report
+                raise StoppedBeforeStart()
             code = launch(studies[name])
+        except StoppedBeforeStart as exit_:  # here or as the study was about to open
+            print(not_started_line(names[done - 1:], names[:done - 1], multirun), file=sys.stderr, flush=True)
+            sys.exit(exit_.code)
         except SystemExit as exit_:
             code = exit_.code
         except KeyboardInterrupt:  # stopped at once before or after a study, none open

@@ -292,7 +292,7 @@ class StudyCallback(Callback):
 
     def _start(self, config: DictConfig) -> None:
         global _active, _failed_jobs
-        from pipeline.interrupt import forget_relays
+        from pipeline.interrupt import StoppedBeforeStart, forget_relays, stop_requested
         from pipeline.tracking import Study, prepare_store, tracking_uri
 
         forget_relays()  # an earlier study's, in a command that runs several
@@ -304,6 +304,8 @@ class StudyCallback(Callback):
             from pipeline.data import fetch
 
             fetch(cfg.dataset, cfg.data_dir, cfg.allow_download)  # once, before the jobs; fails early offline
+        if stop_requested.is_set():  # a stop while this process started up: open nothing
+            raise StoppedBeforeStart()
         sweep_params = OmegaConf.select(config, "hydra.sweeper.params")
         preset = OmegaConf.to_container(sweep_params, resolve=False) if sweep_params is not None else {}
         overrides = list(config.hydra.overrides.task)
@@ -338,6 +340,8 @@ class StudyCallback(Callback):
         share_with_jobs(config, environment)
         self.started = time.monotonic()
         atexit.register(self.study.close, KeyboardInterrupt())  # a sweep that never reaches its end
+        if stop_requested.is_set():  # came after the check above, before the relays could pass it on
+            self.end_interrupted()
         _import_report_meanwhile()
         print(f"study {self.study.name}: {jobs} jobs, MLflow parent run {parent_run_id} ({self.uri})"
               + (f"; a job whose configuration finished in its unfinished attempt {resumed} keeps that run"

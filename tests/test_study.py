@@ -203,6 +203,42 @@ def test_a_study_that_cannot_start_runs_no_job_and_leaves_no_run_running(tmp_pat
     assert parent.info.status == "FAILED"
 
 
+def test_a_stop_while_the_study_opens_ends_it_killed_before_any_job(tmp_path, data_dir, monkeypatch, capsys):
+    """A Ctrl-C after the study's start-up check for one, but before the study can pass a stop on to its jobs
+    (it has no relays yet): the study ends KILLED at once, in one line, exit 130, and no job starts."""
+    from hydra import compose, initialize_config_dir
+
+    from pipeline import study
+    from pipeline.config import PROJECT_ROOT
+    from pipeline.interrupt import stop_requested
+    from pipeline.tracking import Study
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    with initialize_config_dir(config_dir=str(PROJECT_ROOT / "conf"), version_base="1.3"):
+        config = compose("config", overrides=["seed=0", f"data_dir={data_dir}", f"tracking.uri={uri}",
+                                              f"hydra.sweep.dir={tmp_path / 'sweep'}", "hydra/launcher=basic"],
+                         return_hydra_config=True)
+    opened = Study.open
+
+    def open_then_stop(self):
+        run_id = opened(self)
+        stop_requested.set()  # as the signal handler does
+        return run_id
+
+    monkeypatch.setattr(Study, "open", open_then_stop)
+    monkeypatch.setattr(study, "_active", None)  # restored after the test, as the callback sets it
+    try:
+        with pytest.raises(SystemExit) as stopped:
+            study.StudyCallback().on_multirun_start(config)
+    finally:
+        stop_requested.clear()
+    assert stopped.value.code == 130
+    said = capsys.readouterr().err.strip().splitlines()
+    assert said[-1] == "interrupted: the study ended KILLED; run the same command again to resume its runs", said
+    (parent,) = runs_of(uri)
+    assert parent.info.status == "KILLED"
+
+
 # The store refuses to record the study's end once (a tracking server timing out under load). Seen in the suite:
 # a command that exited 0 with its study recorded KILLED, by the exit handler meant for a sweep never finished.
 STORE_REFUSES_THE_STUDYS_END = """

@@ -6,12 +6,13 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import time
 
 import mlflow
 import pytest
 
-from conftest import interrupt_sweep, start_training_sweep, study_runs
+from conftest import FAST_FLUSH, interrupt_sweep, runs_of, start_training_sweep, study_runs
 from pipeline.config import PROJECT_ROOT
 from pipeline.processes import process_alive
 
@@ -45,6 +46,58 @@ def test_a_second_ctrl_c_stops_a_parallel_sweep_at_once_and_leaves_every_run_res
     assert len(children) == 2 and all(r.info.status == "KILLED" for r in children), \
         [(r.info.run_name, r.info.status) for r in children]
     assert len(list((tmp_path / "checkpoints").glob("*/state.npz"))) == 2
+
+
+def test_ctrl_c_while_a_study_command_starts_runs_nothing(tmp_path, data_dir):
+    """A Ctrl-C that comes while the command starts up (before its study opens) was acknowledged ("stopping the
+    study …") and then lost: the stop reached no job, so the whole study trained, and only then ended KILLED.
+    Here SIGINT is pending when the command installs its handlers, the earliest it can be taken: nothing is
+    opened or trained, one line, exit 130."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    command = [sys.executable, "-m", "pipeline.run", "-m", "loss=probs,logits", "seed=0", "train.epochs=400", FAST_FLUSH,
+               f"data_dir={data_dir}", f"hydra.sweep.dir={tmp_path / 'sweep'}", f"reports_dir={tmp_path / 'reports'}",
+               f"checkpoints_dir={tmp_path / 'checkpoints'}", f"tracking.uri={uri}"]
+    process = subprocess.Popen(command, cwd=PROJECT_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True,
+                               preexec_fn=lambda: signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT}))
+    process.send_signal(signal.SIGINT)  # pending until the command takes it
+    try:
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == 130, stderr[-3000:]
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert lines[-1] == "interrupted: the sweep was not started; nothing ran", lines
+    assert "Traceback" not in stderr and len(lines) == 2, lines  # the notice, then that line
+    assert runs_of(uri) == []
+
+
+def test_ctrl_c_between_the_studies_of_a_command_starts_no_further_study(tmp_path, data_dir):
+    """`experiment=a,b` runs its studies in turn. A Ctrl-C after the first study's jobs (while its report is
+    written, or as it ends) opened the next study anyway, which then ended KILLED: the stop is for the command."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    command = [sys.executable, "-m", "pipeline.run", "-m", "experiment=seed_logistic,seed_mnist",
+               "hydra.sweeper.params.loss=logits", "hydra.sweeper.params.seed=0", "train.epochs=2",
+               f"data_dir={data_dir}", f"hydra.sweep.dir={tmp_path / 'sweep'}/${{study}}",
+               f"reports_dir={tmp_path / 'reports'}", f"checkpoints_dir={tmp_path / 'checkpoints'}", f"tracking.uri={uri}"]
+    process = subprocess.Popen(command, cwd=PROJECT_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    try:
+        for line in process.stdout:  # the first study's last line
+            if line.startswith("study took"):
+                process.send_signal(signal.SIGINT)
+                break
+        stdout, stderr = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == 130, stderr[-3000:]
+    assert "Traceback" not in stderr, stderr[-3000:]
+    assert stderr.strip().splitlines()[-1] == "interrupted: not started: seed_mnist; the same command runs it after seed_logistic"
+    assert "study seed_mnist" not in stdout
+    studies = {r.info.run_name: r.info.status for r in runs_of(uri) if r.data.tags.get("role") == "study"}
+    assert studies == {"study-seed_logistic": "FINISHED"}
 
 
 def test_a_sweep_whose_worker_then_whose_launcher_is_killed_resumes_every_epoch_exactly_once(tmp_path):
