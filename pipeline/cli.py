@@ -1,16 +1,37 @@
-"""The argument parser of the pipeline's commands and benchmarks: a bad argument is one line, exit 2.
-
-argparse prints its usage block and then the error; here the error comes first and the usage follows on
-the same line, so the line names what was wrong and what the command accepts.
+"""How the pipeline's small commands and benchmarks end: a bad argument is one line, exit 2 (argparse prints
+its usage block and then the error; here the error comes first and the usage follows on the same line, so the
+line names what was wrong and what the command accepts), and a Ctrl-C is one line, exit 130.
 """
 
 from __future__ import annotations
 
 import argparse
-from typing import NoReturn
+import signal
+import sys
+from typing import Callable, NoReturn
 
 
 class OneLineParser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         usage = " ".join(self.format_usage().split()).removeprefix("usage: ")
         self.exit(2, f"error: {message}; usage: {usage}\n")
+
+
+def run_command(main: Callable[[], int], left_as: str) -> NoReturn:
+    """Exits with `main()`'s code; a Ctrl-C or SIGTERM stops the command at once instead, in one line saying what
+    it `left_as`, exit 130: not Python's traceback, and not lost where it lands in a finalizer."""
+    from pipeline.interrupt import redeliver_swallowed_stop, stop_requested
+
+    def stop_now(signum, frame) -> NoReturn:
+        stop_requested.set()  # a KeyboardInterrupt that a finalizer swallows is raised again (redeliver_swallowed_stop)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, stop_now)
+    signal.signal(signal.SIGTERM, stop_now)
+    sys.unraisablehook = redeliver_swallowed_stop
+    try:
+        code = main()
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: {left_as}", file=sys.stderr, flush=True)
+        code = 130
+    sys.exit(code)

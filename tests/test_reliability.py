@@ -253,6 +253,32 @@ def test_a_full_disk_while_writing_the_report_leaves_no_partial_report(tmp_path,
     assert [p.name for p in report.parent.iterdir()] == ["full"]  # no partial folder left behind
 
 
+def test_ctrl_c_while_a_report_is_rebuilt_is_one_line_and_leaves_the_report_as_it_was(tmp_path, data_dir):
+    """`python -m pipeline.report` stopped while it draws the new report: it printed Python's KeyboardInterrupt
+    traceback; now one line, exit 130, and the previous report is as it was, with no partial folder beside it."""
+    import signal
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    study = run_cli("pipeline.run", "-m", "loss=probs,logits", "seed=0", "train.epochs=1", f"data_dir={data_dir}",
+                    "hydra/launcher=basic", "study=stopped", f"reports_dir={tmp_path / 'reports'}",
+                    f"hydra.sweep.dir={tmp_path / 'sweep'}", env={"MLFLOW_TRACKING_URI": uri})
+    assert study.returncode == 0, study.stderr[-3000:]
+    report = tmp_path / "reports" / "stopped"
+    before = {p.name: p.read_bytes() for p in report.iterdir()}
+    command = [sys.executable, "-m", "pipeline.report", "--study", "stopped", "--tracking-uri", uri, "--out", str(report)]
+    process = subprocess.Popen(command, cwd=PROJECT_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not list(report.parent.glob(".stopped.partial-*")):  # the new report is being drawn
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()[1][-3000:]
+        time.sleep(0.005)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130 and "Traceback" not in stderr, stderr[-3000:]
+    assert stderr.strip().splitlines()[-1].startswith("interrupted: the report folder is whole or as it was"), stderr
+    assert {p.name: p.read_bytes() for p in report.iterdir()} == before
+    assert [p.name for p in report.parent.iterdir()] == ["stopped"]
+
+
 @pytest.mark.parametrize("args,expected", [
     (["--study", "it's"], "error: --study=\"it's\" is not accepted: expected 1 to 64 letters"),
     (["--parent-run-id", "deadbeef"], "error: --parent-run-id 'deadbeef' is not a run in this store"),

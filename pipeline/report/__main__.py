@@ -42,4 +42,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from pipeline.cli import run_command
+
+    run_command(main, "the report folder is whole or as it was (never half-written); the same command builds it")

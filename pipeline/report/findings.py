@@ -222,4 +222,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from pipeline.cli import run_command
+
+    run_command(main, "a --readme file is whole or as it was (never half-written); the same command writes it")
