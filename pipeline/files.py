@@ -140,10 +140,10 @@ def staged_folder(final: Path) -> Iterator[Path]:
                 _remove_abandoned(final)
         final.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=_writer_name(final, "partial") + "-", dir=final.parent))
-        os.chmod(staging, FOLDER_MODE)
     except OSError as error:
         raise WriteError(f"could not write to {final.parent}: {error.strerror or error}") from None
-    try:
+    try:  # from the folder's first moment: a stop (Ctrl-C) that comes now also removes it
+        os.chmod(staging, FOLDER_MODE)
         (staging / MARKER).write_text("written by fromlogits; the next report of this study replaces this folder\n")
         yield staging
         for item in staging.iterdir():

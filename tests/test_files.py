@@ -62,6 +62,27 @@ for i in range(150):
 """
 
 
+def test_a_stop_the_moment_the_staging_folder_exists_leaves_nothing_beside_the_report(tmp_path, monkeypatch):
+    """A Ctrl-C to `pipeline.report` right after its staging folder was made (while its mode was set) left that
+    folder, without the marker that lets a later writer remove it, so it stayed beside the report for good."""
+    final = tmp_path / "report"
+    with staged_folder(final) as staging:
+        (staging / "report.md").write_text("the previous report\n")
+    chmod = os.chmod
+
+    def interrupted(path, mode, *args, **kwargs):
+        if os.path.basename(path).startswith(".report.partial-"):
+            raise KeyboardInterrupt
+        return chmod(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(os, "chmod", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        with staged_folder(final) as staging:
+            (staging / "report.md").write_text("a new report\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report"]
+    assert (final / "report.md").read_text() == "the previous report\n"
+
+
 def test_writers_of_one_report_folder_at_once_take_turns(tmp_path):
     """Two identical studies that end together write the same report folder: each replaces it whole, and
     neither mistakes the other's folder, caught mid-swap, for one the pipeline did not make."""

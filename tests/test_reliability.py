@@ -227,13 +227,20 @@ def test_a_sweep_folder_on_a_full_disk_fails_the_study_in_one_line(tmp_path, dat
     assert [(r.data.tags.get("role"), r.info.status) for r in runs_of(uri)] == [("study", "FAILED")]
 
 
-def test_a_full_disk_while_writing_the_report_leaves_no_partial_report(tmp_path, data_dir, monkeypatch):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    study = run_cli("pipeline.run", "-m", "loss=probs,logits", "seed=0", "train.epochs=1", f"data_dir={data_dir}", "hydra/launcher=basic",
-                    "study=full", f"reports_dir={tmp_path / 'reports'}", f"hydra.sweep.dir={tmp_path / 'sweep'}",
-                    env={"MLFLOW_TRACKING_URI": uri})
-    assert study.returncode == 0
-    report = tmp_path / "reports" / "full"
+@pytest.fixture(scope="module")
+def reported_study(tmp_path_factory, data_dir) -> tuple[str, Path]:
+    """A finished two-run study `reported` and its report folder; the tests that use it leave both as they are."""
+    folder = tmp_path_factory.mktemp("reported")
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    study = run_cli("pipeline.run", "-m", "loss=probs,logits", "seed=0", "train.epochs=1", f"data_dir={data_dir}",
+                    "hydra/launcher=basic", "study=reported", f"reports_dir={folder / 'reports'}",
+                    f"hydra.sweep.dir={folder / 'sweep'}", env={"MLFLOW_TRACKING_URI": uri})
+    assert study.returncode == 0, study.stderr[-3000:]
+    return uri, folder / "reports" / "reported"
+
+
+def test_a_full_disk_while_writing_the_report_leaves_no_partial_report(reported_study, monkeypatch):
+    uri, report = reported_study
     before = {p.name: p.read_bytes() for p in report.iterdir()}
 
     from pipeline.files import WriteError
@@ -248,27 +255,22 @@ def test_a_full_disk_while_writing_the_report_leaves_no_partial_report(tmp_path,
 
     monkeypatch.setattr(Path, "write_text", disk_full_on_html)
     with pytest.raises(WriteError, match="No space left on device"):
-        build_report(uri, tmp_path / "reports", study="full")
+        build_report(uri, report.parent, study="reported")
     assert {p.name: p.read_bytes() for p in report.iterdir()} == before  # the previous report, untouched
-    assert [p.name for p in report.parent.iterdir()] == ["full"]  # no partial folder left behind
+    assert [p.name for p in report.parent.iterdir()] == ["reported"]  # no partial folder left behind
 
 
-def test_ctrl_c_while_a_report_is_rebuilt_is_one_line_and_leaves_the_report_as_it_was(tmp_path, data_dir):
+def test_ctrl_c_while_a_report_is_rebuilt_is_one_line_and_leaves_the_report_as_it_was(reported_study):
     """`python -m pipeline.report` stopped while it draws the new report: it printed Python's KeyboardInterrupt
     traceback; now one line, exit 130, and the previous report is as it was, with no partial folder beside it."""
     import signal
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    study = run_cli("pipeline.run", "-m", "loss=probs,logits", "seed=0", "train.epochs=1", f"data_dir={data_dir}",
-                    "hydra/launcher=basic", "study=stopped", f"reports_dir={tmp_path / 'reports'}",
-                    f"hydra.sweep.dir={tmp_path / 'sweep'}", env={"MLFLOW_TRACKING_URI": uri})
-    assert study.returncode == 0, study.stderr[-3000:]
-    report = tmp_path / "reports" / "stopped"
+    uri, report = reported_study
     before = {p.name: p.read_bytes() for p in report.iterdir()}
-    command = [sys.executable, "-m", "pipeline.report", "--study", "stopped", "--tracking-uri", uri, "--out", str(report)]
+    command = [sys.executable, "-m", "pipeline.report", "--study", "reported", "--tracking-uri", uri, "--out", str(report)]
     process = subprocess.Popen(command, cwd=PROJECT_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
-    while not list(report.parent.glob(".stopped.partial-*")):  # the new report is being drawn
+    while not list(report.parent.glob(".reported.partial-*")):  # the new report is being drawn
         assert process.poll() is None and time.monotonic() < deadline, process.communicate()[1][-3000:]
         time.sleep(0.005)
     process.send_signal(signal.SIGINT)
@@ -276,7 +278,7 @@ def test_ctrl_c_while_a_report_is_rebuilt_is_one_line_and_leaves_the_report_as_i
     assert process.returncode == 130 and "Traceback" not in stderr, stderr[-3000:]
     assert stderr.strip().splitlines()[-1].startswith("interrupted: the report folder is whole or as it was"), stderr
     assert {p.name: p.read_bytes() for p in report.iterdir()} == before
-    assert [p.name for p in report.parent.iterdir()] == ["stopped"]
+    assert [p.name for p in report.parent.iterdir()] == ["reported"]
 
 
 @pytest.mark.parametrize("args,expected", [
