@@ -49,9 +49,10 @@ def request_stop(signum, frame) -> None:
 
 
 def redeliver_swallowed_stop(unraisable) -> None:
-    """sys.unraisablehook: the KeyboardInterrupt of a second signal can land in a finalizer (a weakref
-    callback of SQLAlchemy's, a __del__), where Python prints "Exception ignored" and goes on as if nothing
-    happened. It is raised again in the main thread's own code instead."""
+    """sys.unraisablehook: the KeyboardInterrupt of a stop that stops at once (a second signal here; any signal
+    in a command run by `pipeline.cli.run_command`) can land in a finalizer (a weakref callback of SQLAlchemy's,
+    a __del__), where Python prints "Exception ignored" and goes on as if nothing happened. It is raised again
+    in the main thread's own code instead."""
     global _redelivering
     if issubclass(unraisable.exc_type, KeyboardInterrupt) and stop_requested.is_set():
         _redelivering = True
