@@ -111,6 +111,7 @@ def train_backend(backend: str, parent_run_id: str | None = None) -> dict:
     """The grid's arms on one backend (this process's), each exactly as `python -m pipeline.run` runs it."""
     import os
 
+    from pipeline.interrupt import Interrupted, stop_requested
     from pipeline.record import run_name
     from pipeline.stages import run_configuration
     from pipeline.study import PARENT_RUN_ENV
@@ -119,6 +120,8 @@ def train_backend(backend: str, parent_run_id: str | None = None) -> dict:
     parent_run_id = parent_run_id or os.environ[PARENT_RUN_ENV]
     runs = {}
     for arm in arms(cfg, Backend(backend)):
+        if stop_requested.is_set():  # a stop after a run's last epoch, or before the first run: open no further run
+            raise Interrupted("stopped before the next run")
         name = run_name(arm)
         result = run_configuration(arm, OUT / "runs" / name, parent_run_id, model_path=MODELS / f"{name}.keras")
         runs[name] = {"run_id": result["run_id"], "formulation": arm.loss.formulation.value, "seed": arm.seed,
@@ -247,8 +250,10 @@ def main(argv: list[str] | None = None) -> int:
         else:
             STAGES[args.stage]()
     except KeyboardInterrupt:
-        print("interrupted: the current run ended KILLED with a checkpoint; `dvc repro` continues it",
-              file=sys.stderr, flush=True)
+        said = ("any run being trained ended KILLED with its checkpoint, and no further run started; `dvc repro` "
+                "continues from there" if args.stage in ("train", "train-backend") else
+                f"the {args.stage} stage stopped; its outputs are whole or as they were; run it again")
+        print(f"interrupted: {said}", file=sys.stderr, flush=True)
         sys.stdout.flush()
         import os
 

@@ -204,3 +204,25 @@ def test_ctrl_c_of_repro_ends_the_runs_killed_and_the_next_repro_resumes_them(re
     assert sorted(steps) == list(range(1, 201))
     # No half-finished duplicate: the configuration has exactly the one run, now complete.
     assert [r.info.run_id for r in runs_of(uri) if r.data.params.get("train.epochs") == "200"] == [killed.info.run_id]
+
+
+def test_a_stop_before_the_train_stages_next_run_opens_no_run(repo):
+    """A stop that came after a run's last epoch (or before the first run) opened the next run, which then stopped
+    after its first epoch, KILLED. Here SIGINT is pending when the stage installs its handlers: the stage's study
+    ends KILLED with no run, in one line, exit 130."""
+    process = subprocess.Popen([sys.executable, "-m", "pipeline.dvc_stages", "train"], cwd=repo, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, start_new_session=True,
+                               preexec_fn=lambda: signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT}))
+    process.send_signal(signal.SIGINT)  # pending until the stage takes it
+    try:
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == 130 and "Traceback" not in stderr, stderr[-3000:]
+    assert stderr.strip().splitlines()[-1].startswith("interrupted: any run being trained ended KILLED"), stderr
+    uri = f"sqlite:///{repo / 'mlruns' / 'mlflow.db'}"
+    runs = runs_of(uri)
+    study = max((r for r in runs if r.data.tags.get("role") == "study"), key=lambda r: r.info.start_time)
+    assert study.info.status == "KILLED"
+    assert not [r for r in runs if r.data.tags.get("mlflow.parentRunId") == study.info.run_id]
