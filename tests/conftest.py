@@ -207,6 +207,21 @@ def start_training_sweep(tmp_path: Path, uri: str, *overrides: str, epochs: int 
     return process
 
 
+def run_with_a_stop_pending(command: list[str], cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess:
+    """Runs `command` with SIGINT sent before it starts and held pending (blocked) until the process unblocks it
+    as it installs its stop handlers: a Ctrl-C at the earliest moment it can be taken, at the same point each time."""
+    process = subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True,
+                               preexec_fn=lambda: signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT}))
+    process.send_signal(signal.SIGINT)
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+
+
 def interrupt_sweep(tmp_path: Path, uri: str, *overrides: str, whole_group: bool = True,
                     times: int = 1) -> subprocess.CompletedProcess:
     """Starts a sweep of 400-epoch jobs and, once two of its runs train, sends SIGINT to its whole process

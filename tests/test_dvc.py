@@ -14,7 +14,7 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from conftest import runs_of, wait_for_first_epoch
+from conftest import run_with_a_stop_pending, runs_of, wait_for_first_epoch
 from pipeline.config import PROJECT_ROOT
 
 pytestmark = pytest.mark.slow
@@ -210,17 +210,10 @@ def test_a_stop_before_the_train_stages_next_run_opens_no_run(repo):
     """A stop that came after a run's last epoch (or before the first run) opened the next run, which then stopped
     after its first epoch, KILLED. Here SIGINT is pending when the stage installs its handlers: the stage's study
     ends KILLED with no run, in one line, exit 130."""
-    process = subprocess.Popen([sys.executable, "-m", "pipeline.dvc_stages", "train"], cwd=repo, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True, start_new_session=True,
-                               preexec_fn=lambda: signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT}))
-    process.send_signal(signal.SIGINT)  # pending until the stage takes it
-    try:
-        _, stderr = process.communicate(timeout=120)
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-    assert process.returncode == 130 and "Traceback" not in stderr, stderr[-3000:]
-    assert stderr.strip().splitlines()[-1].startswith("interrupted: any run being trained ended KILLED"), stderr
+    stopped = run_with_a_stop_pending([sys.executable, "-m", "pipeline.dvc_stages", "train"], repo)
+    assert stopped.returncode == 130 and "Traceback" not in stopped.stderr, stopped.stderr[-3000:]
+    assert stopped.stderr.strip().splitlines()[-1].startswith("interrupted: any run being trained ended KILLED"), \
+        stopped.stderr
     uri = f"sqlite:///{repo / 'mlruns' / 'mlflow.db'}"
     runs = runs_of(uri)
     study = max((r for r in runs if r.data.tags.get("role") == "study"), key=lambda r: r.info.start_time)

@@ -12,7 +12,7 @@ import time
 import mlflow
 import pytest
 
-from conftest import FAST_FLUSH, interrupt_sweep, runs_of, start_training_sweep, study_runs
+from conftest import FAST_FLUSH, interrupt_sweep, run_with_a_stop_pending, runs_of, start_training_sweep, study_runs
 from pipeline.config import PROJECT_ROOT
 from pipeline.processes import process_alive
 
@@ -48,28 +48,22 @@ def test_a_second_ctrl_c_stops_a_parallel_sweep_at_once_and_leaves_every_run_res
     assert len(list((tmp_path / "checkpoints").glob("*/state.npz"))) == 2
 
 
-def test_ctrl_c_while_a_study_command_starts_runs_nothing(tmp_path, data_dir):
-    """A Ctrl-C that comes while the command starts up (before its study opens) was acknowledged ("stopping the
-    study …") and then lost: the stop reached no job, so the whole study trained, and only then ended KILLED.
-    Here SIGINT is pending when the command installs its handlers, the earliest it can be taken: nothing is
-    opened or trained, one line, exit 130."""
+@pytest.mark.parametrize("multirun", [True, False], ids=["sweep", "run"])
+def test_ctrl_c_while_a_command_starts_runs_nothing(tmp_path, data_dir, multirun):
+    """A Ctrl-C that came while a study command started up (before its study opened) was acknowledged ("stopping
+    the study …") and then lost: the stop reached no job, so the whole study trained, and only then ended KILLED
+    (a single run opened and trained an epoch). Here SIGINT is pending when the command installs its handlers, the
+    earliest it can be taken: nothing is opened or trained, one line, exit 130."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    command = [sys.executable, "-m", "pipeline.run", "-m", "loss=probs,logits", "seed=0", "train.epochs=400", FAST_FLUSH,
-               f"data_dir={data_dir}", f"hydra.sweep.dir={tmp_path / 'sweep'}", f"reports_dir={tmp_path / 'reports'}",
-               f"checkpoints_dir={tmp_path / 'checkpoints'}", f"tracking.uri={uri}"]
-    process = subprocess.Popen(command, cwd=PROJECT_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               start_new_session=True,
-                               preexec_fn=lambda: signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT}))
-    process.send_signal(signal.SIGINT)  # pending until the command takes it
-    try:
-        _, stderr = process.communicate(timeout=120)
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-    assert process.returncode == 130, stderr[-3000:]
-    lines = [line for line in stderr.splitlines() if line.strip()]
-    assert lines[-1] == "interrupted: the sweep was not started; nothing ran", lines
-    assert "Traceback" not in stderr and len(lines) == 2, lines  # the notice, then that line
+    what = ["-m", "loss=probs,logits", f"hydra.sweep.dir={tmp_path / 'sweep'}"] if multirun else [
+        "loss=probs", f"hydra.run.dir={tmp_path / 'run'}"]
+    command = [sys.executable, "-m", "pipeline.run", *what, "seed=0", "train.epochs=400", FAST_FLUSH, f"data_dir={data_dir}",
+               f"reports_dir={tmp_path / 'reports'}", f"checkpoints_dir={tmp_path / 'checkpoints'}", f"tracking.uri={uri}"]
+    stopped = run_with_a_stop_pending(command, PROJECT_ROOT)
+    assert stopped.returncode == 130, stopped.stderr[-3000:]
+    lines = [line for line in stopped.stderr.splitlines() if line.strip()]
+    assert lines[-1] == f"interrupted: the {'sweep' if multirun else 'run'} was not started; nothing ran", lines
+    assert "Traceback" not in stopped.stderr and len(lines) == 2, lines  # the notice, then that line
     assert runs_of(uri) == []
 
 
