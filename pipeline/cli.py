@@ -1,6 +1,7 @@
 """How the pipeline's small commands and benchmarks end: a bad argument is one line, exit 2 (argparse prints
 its usage block and then the error; here the error comes first and the usage follows on the same line, so the
-line names what was wrong and what the command accepts), and a Ctrl-C is one line, exit 130.
+line names what was wrong and what the command accepts); in the report commands (`run_command`), a Ctrl-C is
+one line, exit 130.
 """
 
 from __future__ import annotations
