@@ -7,7 +7,6 @@ one line, exit 130.
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
 from typing import Callable, NoReturn
 
@@ -21,15 +20,9 @@ class OneLineParser(argparse.ArgumentParser):
 def run_command(main: Callable[[], int], left_as: str) -> NoReturn:
     """Exits with `main()`'s code; a Ctrl-C or SIGTERM stops the command at once instead, in one line saying what
     it `left_as`, exit 130: not Python's traceback, and not lost where it lands in a finalizer."""
-    from pipeline.interrupt import redeliver_swallowed_stop, stop_requested
+    from pipeline.interrupt import install_immediate_stop
 
-    def stop_now(signum, frame) -> NoReturn:
-        stop_requested.set()  # a KeyboardInterrupt that a finalizer swallows is raised again (redeliver_swallowed_stop)
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGINT, stop_now)
-    signal.signal(signal.SIGTERM, stop_now)
-    sys.unraisablehook = redeliver_swallowed_stop
+    install_immediate_stop()
     try:
         code = main()
     except KeyboardInterrupt:

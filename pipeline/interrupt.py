@@ -1,5 +1,6 @@
 """How a run is stopped: the first SIGINT/SIGTERM asks training to stop at the end of the epoch, a
-second one stops at once. Both entry points (pipeline.run, pipeline.dvc_stages) install the handlers."""
+second one stops at once. Both entry points (pipeline.run, pipeline.dvc_stages) install the handlers; the
+report commands, with no epoch to finish, stop at the first (`install_immediate_stop`)."""
 
 from __future__ import annotations
 
@@ -50,7 +51,7 @@ def request_stop(signum, frame) -> None:
 
 def redeliver_swallowed_stop(unraisable) -> None:
     """sys.unraisablehook: the KeyboardInterrupt of a stop that stops at once (a second signal here; any signal
-    in a command run by `pipeline.cli.run_command`) can land in a finalizer (a weakref callback of SQLAlchemy's,
+    after `install_immediate_stop`) can land in a finalizer (a weakref callback of SQLAlchemy's,
     a __del__), where Python prints "Exception ignored" and goes on as if nothing happened. It is raised again
     in the main thread's own code instead."""
     global _redelivering
@@ -107,6 +108,19 @@ def install_stop_handlers(notice: str | None = RUN_NOTICE) -> None:
     # A launcher's job may start with these blocked (see `shield_started_processes`); a stop that came
     # meanwhile is pending and arrives now.
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, RELAYED_STOP})
+
+
+def install_immediate_stop() -> None:
+    """For a short command with no epoch to finish (the report commands): the first SIGINT or SIGTERM raises
+    KeyboardInterrupt at once, raised again where a finalizer swallows it (`redeliver_swallowed_stop`)."""
+
+    def stop_now(signum, frame) -> None:
+        stop_requested.set()  # what redeliver_swallowed_stop asks before raising it again
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, stop_now)
+    signal.signal(signal.SIGTERM, stop_now)
+    sys.unraisablehook = redeliver_swallowed_stop
 
 
 def shield_started_processes() -> None:
