@@ -111,7 +111,7 @@ def train_backend(backend: str, parent_run_id: str | None = None) -> dict:
     """The grid's arms on one backend (this process's), each exactly as `python -m pipeline.run` runs it."""
     import os
 
-    from pipeline.interrupt import Interrupted, stop_requested
+    from pipeline.interrupt import stop_requested
     from pipeline.record import run_name
     from pipeline.stages import run_configuration
     from pipeline.study import PARENT_RUN_ENV
@@ -121,7 +121,7 @@ def train_backend(backend: str, parent_run_id: str | None = None) -> dict:
     runs = {}
     for arm in arms(cfg, Backend(backend)):
         if stop_requested.is_set():  # a stop after a run's last epoch, or before the first run: open no further run
-            raise Interrupted("stopped before the next run")
+            raise KeyboardInterrupt("stopped before the next run")  # no epoch was stopped: not `Interrupted`
         name = run_name(arm)
         result = run_configuration(arm, OUT / "runs" / name, parent_run_id, model_path=MODELS / f"{name}.keras")
         runs[name] = {"run_id": result["run_id"], "formulation": arm.loss.formulation.value, "seed": arm.seed,
