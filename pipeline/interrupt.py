@@ -123,6 +123,23 @@ def install_immediate_stop() -> None:
     sys.unraisablehook = redeliver_swallowed_stop
 
 
+@contextlib.contextmanager
+def stopping_at_once() -> Iterator[None]:
+    """Within the block the first SIGINT or SIGTERM raises KeyboardInterrupt at once, as after
+    `install_immediate_stop` (for work with no epoch left to finish: a study's report once its jobs have
+    ended); a stop that came just before the block raises it as the block starts. The handlers before
+    return after it."""
+    previous = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    install_immediate_stop()
+    try:
+        if stop_requested.is_set():
+            raise KeyboardInterrupt
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
 def shield_started_processes() -> None:
     """Processes started from this (main) thread from now on inherit SIGINT blocked; this process still
     gets it, on a helper thread, and handles it as before (Python runs the handler in the main thread).

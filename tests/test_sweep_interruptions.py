@@ -94,6 +94,45 @@ def test_ctrl_c_between_the_studies_of_a_command_starts_no_further_study(tmp_pat
     assert studies == {"study-seed_logistic": "FINISHED"}
 
 
+def test_ctrl_c_while_a_study_writes_its_report_stops_at_once_and_the_same_command_writes_it(tmp_path, data_dir):
+    """Once a study's jobs had ended, a Ctrl-C said "stopping the study after the current epoch of its jobs", then
+    let the report finish and exited 0: the stop was lost. Now it stops the report at once (nothing half-written),
+    ends the study KILLED with its runs FINISHED, says so in one line (exit 130), and the same command writes the
+    report, keeping the run instead of training it again."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    reports = tmp_path / "reports"
+    command = [sys.executable, "-m", "pipeline.run", "-m", "experiment=seed_logistic", "hydra.sweeper.params.loss=logits",
+               "hydra.sweeper.params.seed=0", "train.epochs=2", f"data_dir={data_dir}", f"hydra.sweep.dir={tmp_path / 'sweep'}",
+               f"reports_dir={reports}", f"checkpoints_dir={tmp_path / 'checkpoints'}", f"tracking.uri={uri}"]
+    process = subprocess.Popen(command, cwd=PROJECT_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not list(reports.glob(".seed_logistic.partial-*")):  # the jobs have ended; the report is being drawn
+            assert process.poll() is None and time.monotonic() < deadline, process.communicate()[1][-3000:]
+            time.sleep(0.005)
+        os.killpg(process.pid, signal.SIGINT)  # the terminal's Ctrl-C: the idle workers get it too
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == 130 and "Traceback" not in stderr, stderr[-3000:]
+    lines = [line for line in stderr.splitlines() if line.strip() and "INFO mlflow" not in line]
+    assert lines == ["interrupted: the study's jobs had all ended; its report stopped (the report folder is whole or as it "
+                     "was) and the study ended KILLED: run the same command again to write the report (it keeps the "
+                     "finished runs)"], lines
+    assert list(reports.iterdir()) == []
+    (study,) = [r for r in runs_of(uri) if r.data.tags.get("role") == "study"]
+    (run,) = [r for r in runs_of(uri) if r.data.tags.get("role") != "study"]
+    assert (study.info.status, run.info.status) == ("KILLED", "FINISHED")
+
+    again = subprocess.run(command, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"kept run {run.info.run_id}" in again.stdout + again.stderr
+    assert (reports / "seed_logistic" / "report.html").is_file()
+    assert [r.info.run_id for r in runs_of(uri) if r.data.tags.get("role") != "study"] == [run.info.run_id]
+
+
 def test_a_sweep_whose_worker_then_whose_launcher_is_killed_resumes_every_epoch_exactly_once(tmp_path):
     """A flaky machine kills a sweep twice; each time the same command picks up where it stopped.
 
