@@ -18,11 +18,11 @@ import sys
 from pathlib import Path
 
 from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import OmegaConfBaseException, ValidationError
 
 from pipeline.cli import OneLineParser
-from pipeline.config import (Backend, BackendConfig, Config, LossConfig, PipelineError, conf_digest, first_line,
-                             validate)
+from pipeline.config import (Backend, BackendConfig, Config, LossConfig, PipelineError, conf_digest, validate,
+                             value_problem)
 from pipeline.files import write_atomically, write_json
 
 PARAMS = Path("params.yaml")
@@ -45,8 +45,9 @@ def load_params() -> Config:
     try:
         cfg = validate(OmegaConf.load(PARAMS))
     except OmegaConfBaseException as error:  # a key the config lacks, a value of the wrong type: edited by hand
-        raise PipelineError(f"{PARAMS} is not accepted: {first_line(error)}; compose it from conf/ with `make params` "
-                            "(or `dvc exp run -S key=value`)") from None
+        where = f"{error.full_key}={error.value!r}: " if isinstance(error, ValidationError) and error.full_key else ""
+        raise PipelineError(f"{PARAMS} is not accepted: {where}{value_problem(error)}; compose it from conf/ with "
+                            "`make params` (or `dvc exp run -S key=value`)") from None
     if cfg.conf_digest != conf_digest():
         raise PipelineError(f"{PARAMS} was composed from another state of conf/ (conf_digest {cfg.conf_digest} != "
                             f"{conf_digest()}): run `make params` (or use `dvc exp run`) before `dvc repro`")

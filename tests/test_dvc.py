@@ -70,7 +70,7 @@ def test_params_yaml_is_up_to_date_with_conf(tmp_path):
 
 @pytest.mark.parametrize("edited,expected", [
     ("trian:\n  epochs: 3\n", "Key 'trian' not in 'Config'"),
-    ("train:\n  epochs: ten\n", "Value 'ten' of type 'str' could not be converted to Integer"),
+    ("train:\n  epochs: ten\n", "train.epochs='ten': expected a whole number"),
 ])
 def test_a_hand_edited_params_yaml_is_one_line_naming_what_is_wrong(tmp_path, edited, expected):
     from conftest import run_cli

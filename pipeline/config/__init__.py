@@ -61,6 +61,20 @@ def first_line(message: BaseException | str, limit: int = 300) -> str:
     return text.splitlines()[0][:limit]
 
 
+# What OmegaConf's "Value 'ten' of type 'str' could not be converted to Integer" means, as the pipeline's own
+# errors say what they accept.
+_OMEGACONF_TYPES = {"Integer": "a whole number", "Float": "a number", "Boolean": "true or false"}
+
+
+def value_problem(error: BaseException) -> str:
+    """What is wrong with a value OmegaConf refused: "expected a whole number" for a value of the wrong type,
+    else the first line of its error (a key the schema lacks, an option not among those it names)."""
+    converted = re.search(r"could not be converted to (\w+)", str(error))
+    if converted and converted.group(1) in _OMEGACONF_TYPES:
+        return f"expected {_OMEGACONF_TYPES[converted.group(1)]}"
+    return first_line(error)
+
+
 def error_summary(error: BaseException, limit: int = 300) -> str:
     """`Type: first line` of an error whose type tells more than its message alone (OSError, KeyError, ...)."""
     return f"{type(error).__name__}: {first_line(str(error), limit)}"

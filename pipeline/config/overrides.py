@@ -17,7 +17,7 @@ from typing import Iterator
 
 from omegaconf import OmegaConf
 
-from pipeline.config import PROJECT_ROOT, PipelineError, first_line, require_folder, validate
+from pipeline.config import PROJECT_ROOT, PipelineError, first_line, require_folder, validate, value_problem
 
 HYDRA_OUTPUT_DIRS = ("hydra.run.dir", "hydra.sweep.dir")  # Hydra creates them before any job runs
 
@@ -130,7 +130,7 @@ def composition_error(override: str, error: Exception) -> str:
         options = [line.strip() for line in message.split("Available options in", 1)[1].splitlines()[1:]
                    if line.startswith("\t") and "provider=" not in line]
         return f"{override} is not accepted: expected one of {', '.join(options)}"
-    return f"{override} is not accepted: {first_line(error.__cause__ or error)}"
+    return f"{override} is not accepted: {value_problem(error.__cause__ or error)}"
 
 
 def parse_error(lines: list[str], error: Exception) -> str:
@@ -297,6 +297,6 @@ def preset_sweep_problem(studies: list, parsed: list) -> str | None:
                 except PipelineError as error:  # names its key and value itself
                     return f"{error} (a sweep of hydra.sweeper.params)"
                 except Exception as error:  # noqa: BLE001 - a value of the wrong type, a key the schema lacks
-                    return (f"{sweep.key_or_group}={value} is not accepted (a sweep of hydra.sweeper.params): "
-                            f"{first_line(error)}")
+                    return (f"{sweep.key_or_group}={value} is not accepted: {value_problem(error)} "
+                            "(a sweep of hydra.sweeper.params)")
     return None
