@@ -162,11 +162,11 @@ def trainings_changed_by(overrides: list[str]) -> str | None:
 def main() -> int:
     if sys.argv[1:2] == [NOTE_SCRIPT]:  # one of note_scripts' processes: nothing of the pipeline's before Keras
         return note_script(*sys.argv[2:4])
-    from pipeline.cli import OneLineParser
+    from pipeline.cli import OneLineParser, whole_number
     from pipeline.config.overrides import precheck_overrides
 
     parser = OneLineParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=100)
+    parser.add_argument("--epochs", type=whole_number(1), default=100)
     parser.add_argument("--pipeline-args", default="", help="extra overrides for how the pipeline runs its studies "
                         "(e.g. hydra/launcher=basic), not for what they train")
     parser.add_argument("--no-throughput", action="store_true", help="skip the per-epoch throughput table")
@@ -174,8 +174,6 @@ def main() -> int:
                         help="also time the note's code as 30 scripts, one process per training (about 10 minutes)")
     args = parser.parse_args()
 
-    if args.epochs < 1:
-        parser.error(f"--epochs={args.epochs} is not accepted: expected a whole number > 0")
     problem = precheck_overrides(args.pipeline_args.split()) or trainings_changed_by(args.pipeline_args.split())
     if problem:
         parser.error(f"--pipeline-args: {problem}")

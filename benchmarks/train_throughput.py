@@ -37,7 +37,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import psutil  # noqa: E402
 
-from pipeline.cli import OneLineParser  # noqa: E402
+from pipeline.cli import OneLineParser, whole_number  # noqa: E402
 from pipeline.config import (Backend, BackendConfig, Config, ConfigError, DatasetConfig, FormulationName,  # noqa: E402
                              LossConfig, TrainConfig)
 from pipeline.data import Splits, fetch, load  # noqa: E402
@@ -151,9 +151,9 @@ def measure(splits: Splits, name: FormulationName, epochs: int, repetitions: int
 
 def main() -> int:
     parser = OneLineParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--examples", type=int, default=60_000)
-    parser.add_argument("--epochs", type=int, default=4, help="per repetition; the first is warm-up")
-    parser.add_argument("--repetitions", type=int, default=3)
+    parser.add_argument("--examples", type=whole_number(1), default=60_000)
+    parser.add_argument("--epochs", type=whole_number(2), default=4, help="per repetition; the first is warm-up")
+    parser.add_argument("--repetitions", type=whole_number(1), default=3)
     parser.add_argument("--formulations", default="probs,logits,probs_naive")
     parser.add_argument("--backends", default="tensorflow,jax" + (",torch" if importlib.util.find_spec("torch") else ""),
                         help="the pipeline's loop on these Keras backends (default: torch too where it is installed)")
@@ -163,9 +163,6 @@ def main() -> int:
     args = parser.parse_args()
     if args.quick:
         args.examples, args.epochs, args.repetitions = 6_000, 2, 1
-    for option, value, least in (("--examples", args.examples, 1), ("--epochs", args.epochs, 2), ("--repetitions", args.repetitions, 1)):
-        if value < least:
-            parser.error(f"{option}={value} is not accepted: expected a whole number >= {least}")
     accepted = {"--formulations": [f.value for f in FormulationName], "--backends": [b.value for b in Backend]}
     for option, value in (("--formulations", args.formulations), ("--backends", args.backends)):
         unknown = [v for v in value.split(",") if v not in accepted[option]]

@@ -283,6 +283,11 @@ def test_make_ui_refuses_a_bad_port_in_one_line_naming_it(tmp_path, port):
      "error: --pipeline-args: loss=bogus is not accepted: expected one of logits, probs, probs_naive; usage: "
      "study_speed.py [-h] [--epochs EPOCHS]"),
     ("study_speed.py", ["--epocs", "3"], "error: unrecognized arguments: --epocs 3; usage: study_speed.py [-h]"),
+    # argparse's own "invalid int value: 'abc'" said neither what is accepted nor, for 1, that it is out of range
+    ("study_speed.py", ["--epochs", "abc"], "error: argument --epochs: 'abc' is not accepted: expected a whole number >= 1; "
+                                           "usage: study_speed.py"),
+    ("train_throughput.py", ["--epochs", "1"], "error: argument --epochs: '1' is not accepted: expected a whole number >= 2; "
+                                               "usage: train_throughput.py"),
     # The pipeline's side would no longer run the trainings the note's code repeats (this one ran the atlas)
     ("study_speed.py", ["--pipeline-args", "experiment=atlas"],
      "error: --pipeline-args: experiment=atlas is not accepted: it changes the trainings the note's code repeats"),
