@@ -306,6 +306,43 @@ def test_the_benchmarks_refuse_bad_arguments_in_one_line(script, args, expected)
     assert line.startswith(expected), line
 
 
+def test_the_epoch_parts_benchmark_times_each_variant_and_takes_nothing_from_the_pipelines_epoch():
+    """benchmarks/epoch_parts.py's variant without updates applies none: the weights stay as built (its
+    "saves" column rests on that); its whole epoch is the pipeline's own `make_epoch_fn`."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).parents[1]
+    sys.path.insert(0, str(root / "benchmarks"))
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    from epoch_parts import NoUpdate
+    from pipeline.formulations import formulation
+    from pipeline.loops.tensorflow import make_epoch_fn
+    from pipeline.models import build_classifier
+
+    form = formulation("probs", "multiclass")
+    clf = build_classifier(form, 8, 10, [25, 15], "relu", seed=0)
+    before = [w.copy() for w in clf.model.get_weights()]
+    optimizer = keras.optimizers.Adam(1e-3)
+    optimizer.build(clf.model.trainable_variables)
+    rng = np.random.default_rng(0)
+    run_epoch = make_epoch_fn(clf.model, form.loss(), optimizer, 32, updater=NoUpdate())
+    loss = float(run_epoch(tf.constant(rng.random((100, 8), dtype=np.float32)), tf.constant(rng.integers(0, 10, 100)),
+                           tf.constant(rng.permutation(100).astype(np.int32))))
+    assert np.isfinite(loss) and loss > 0
+    assert all(np.array_equal(a, b) for a, b in zip(before, clf.model.get_weights()))
+
+    result = subprocess.run([sys.executable, str(root / "benchmarks" / "epoch_parts.py"), "--quick"], cwd=root,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [line.split() for line in result.stdout.splitlines()[-3:]]
+    assert [" ".join(row[:4]) for row in rows] == ["the epoch as the", "without the optimizer's update", "with 8 inputs instead"]
+    assert all(float(row[-1 if i == 0 else -2]) > 0 for i, row in enumerate(rows)), result.stdout
+
+
 FAKE_PYTHON = """#!/bin/sh
 # A stand-in for python3 that makes a venv in no time and whose pip records when it runs.
 if [ "$1" = "-m" ] && [ "$2" = "venv" ]; then mkdir -p "$3/bin" && cp "$0" "$3/bin/python" && exit 0; fi

@@ -106,10 +106,13 @@ class KerasUpdate:
         return state
 
 
-def make_epoch_fn(model: keras.Model, loss_fn, optimizer, batch_size: int) -> Callable:
-    """A compiled function that runs one epoch of minibatch updates and returns the mean loss."""
+def make_epoch_fn(model: keras.Model, loss_fn, optimizer, batch_size: int, updater=None) -> Callable:
+    """A compiled function that runs one epoch of minibatch updates and returns the mean loss. `updater`:
+    how the gradients are applied (FlatAdam or KerasUpdate, as the optimizer allows; benchmarks/epoch_parts.py
+    passes one that applies none, to time the rest of a step)."""
     variables = model.trainable_variables
-    updater = (FlatAdam if FlatAdam.fits(optimizer, variables) else KerasUpdate)(optimizer, variables)
+    if updater is None:
+        updater = (FlatAdam if FlatAdam.fits(optimizer, variables) else KerasUpdate)(optimizer, variables)
 
     def step(x, y, idx, state):
         xb, yb = tf.gather(x, idx), tf.gather(y, idx)
