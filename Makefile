@@ -53,8 +53,13 @@ ui: setup
 	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(PY) -m mlflow ui --backend-store-uri sqlite:///$(STORE)/mlflow.db \
 		--default-artifact-root $(STORE)/artifacts --host 127.0.0.1 --port $(UI_PORT)
 
+# Removes what the pipeline wrote besides the store (mlruns/) and the data: outputs/ (run and sweep folders,
+# checkpoints of unfinished runs) and the report folders it made (those holding its marker file); a folder of
+# anyone else's in reports/ stays, and so does reports/ then.
 clean-outputs:
-	rm -rf outputs multirun reports
+	rm -rf outputs
+	@for folder in reports/*/; do if [ -f "$$folder.fromlogits-report" ]; then rm -rf "$$folder"; fi; done; \
+		rmdir reports 2>/dev/null || true
 
 # Training speed: the note's model.fit vs the pipeline's loop, side by side (a few minutes).
 benchmark: setup

@@ -23,7 +23,8 @@ from typing import Callable, Iterator
 from pipeline.config import PipelineError
 from pipeline.processes import process_alive, process_tags
 
-MARKER = ".fromlogits-report"  # in every report folder the pipeline writes; nothing else is replaced
+# In every report folder the pipeline writes; nothing else is replaced, nor removed by `make clean-outputs`.
+MARKER = ".fromlogits-report"
 
 
 def _umask() -> int:

@@ -275,6 +275,32 @@ def test_make_ui_refuses_a_bad_port_in_one_line_naming_it(tmp_path, port):
     assert "Traceback" not in result.stderr
 
 
+def test_make_clean_outputs_removes_only_what_the_pipeline_made(tmp_path):
+    """`make clean-outputs` ran `rm -rf outputs multirun reports`: a top-level multirun/ (the pipeline's sweeps go
+    to outputs/multirun/) and a researcher's own files in reports/ went with it."""
+    import shutil
+    import subprocess
+
+    from pipeline.files import MARKER
+
+    shutil.copy(Path(__file__).parents[1] / "Makefile", tmp_path / "Makefile")
+    (tmp_path / "outputs" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "multirun" / "mine").mkdir(parents=True)
+    for study in ("seed_mnist", "a study"):
+        (tmp_path / "reports" / study).mkdir(parents=True)
+        (tmp_path / "reports" / study / MARKER).write_text("")
+    (tmp_path / "reports" / "notes").mkdir()
+    (tmp_path / "reports" / "notes" / "draft.md").write_text("mine")
+    result = subprocess.run(["make", "-s", "clean-outputs"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["Makefile", "multirun", "reports"]
+    assert [p.name for p in (tmp_path / "reports").iterdir()] == ["notes"]
+
+    shutil.rmtree(tmp_path / "reports" / "notes")
+    subprocess.run(["make", "-s", "clean-outputs"], cwd=tmp_path, check=True, capture_output=True, timeout=60)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["Makefile", "multirun"]  # an empty reports/ goes too
+
+
 @pytest.mark.parametrize("script,args,expected", [
     ("train_throughput.py", ["--formulations", "probs,bogus"],  # pipeline.cli's parser: the usage after the error
      "error: --formulations=probs,bogus is not accepted: expected a comma-separated list of probs, logits, probs_naive; "
