@@ -1,6 +1,7 @@
 """How a run is stopped: the first SIGINT/SIGTERM asks training to stop at the end of the epoch, a
 second one stops at once. Both entry points (pipeline.run, pipeline.dvc_stages) install the handlers; the
-report commands, with no epoch to finish, stop at the first (`install_immediate_stop`)."""
+report commands, with no epoch to finish, stop at the first (`install_immediate_stop`), and so does a study's
+report once its jobs have ended (`stopping_at_once`)."""
 
 from __future__ import annotations
 
