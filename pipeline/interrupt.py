@@ -65,6 +65,13 @@ def redeliver_swallowed_stop(unraisable) -> None:
     sys.__unraisablehook__(unraisable)
 
 
+def caused_by_stop(error: BaseException) -> bool:
+    """Whether `error` is a stop's doing: its KeyboardInterrupt, or any error raised once a stop was asked for.
+    Code that a stop-at-once KeyboardInterrupt lands in may turn it into an error of its own (a C extension being
+    imported, matplotlib's Agg backend as a report starts drawing, raises "ImportError: initialization failed")."""
+    return isinstance(error, KeyboardInterrupt) or stop_requested.is_set()
+
+
 @contextlib.contextmanager
 def ending() -> Iterator[None]:
     """Around the few seconds in which a stopping process closes its study and runs in MLflow: a second

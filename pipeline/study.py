@@ -386,7 +386,7 @@ class StudyCallback(Callback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         global _failed_jobs
-        from pipeline.interrupt import stop_requested, stopping_at_once
+        from pipeline.interrupt import caused_by_stop, stop_requested, stopping_at_once
         from pipeline.report import build_report, print_report
 
         if self.study is None or self.study.run_id is None:
@@ -401,13 +401,13 @@ class StudyCallback(Callback):
             with stopping_at_once():  # no epoch left to finish: a Ctrl-C now is for the report
                 report = build_report(self.uri, Path(cfg.reports_dir), parent_run_id=self.study.run_id, out_dir=out_dir,
                                       at_study_end=True)
-        except KeyboardInterrupt:
-            self._close_with_orphans(KeyboardInterrupt())
-            print("interrupted: the study's jobs had all ended; its report stopped (the report folder is whole or as it "
-                  "was) and the study ended KILLED: run the same command again to write the report (it keeps the "
-                  "finished runs)", file=sys.stderr, flush=True)
-            sys.exit(130)
-        except Exception as error:
+        except (KeyboardInterrupt, Exception) as error:
+            if caused_by_stop(error):
+                self._close_with_orphans(KeyboardInterrupt())
+                print("interrupted: the study's jobs had all ended; its report stopped (the report folder is whole or as "
+                      "it was) and the study ended KILLED: run the same command again to write the report (it keeps the "
+                      "finished runs)", file=sys.stderr, flush=True)
+                sys.exit(130)
             self.study.close(error)
             print(f"error: the study's report failed: {error}", file=sys.stderr, flush=True)
             # Hydra turns a callback's exception into a warning; a failed report must fail the command.

@@ -281,6 +281,28 @@ def test_ctrl_c_while_a_report_is_rebuilt_is_one_line_and_leaves_the_report_as_i
     assert [p.name for p in report.parent.iterdir()] == ["reported"]
 
 
+def test_a_stop_that_code_turns_into_another_error_still_ends_the_command_as_interrupted(tmp_path):
+    """A Ctrl-C that lands while a C extension is being imported (matplotlib's Agg backend, as the report starts
+    drawing) comes out of the import as "ImportError: initialization failed": the report command then printed that
+    traceback and exited 1. An error raised once a stop was asked for is the stop: one line, exit 130."""
+    script = tmp_path / "stopped.py"
+    script.write_text(
+        "import os, signal, time\n"
+        "from pipeline.cli import run_command\n"
+        "def main():\n"
+        "    try:\n"
+        "        os.kill(os.getpid(), signal.SIGINT)\n"
+        "        time.sleep(30)\n"
+        "    except KeyboardInterrupt:\n"
+        "        raise ImportError('initialization failed')  # what pybind11's module init makes of it\n"
+        "    return 0\n"
+        "run_command(main, 'nothing was written')\n")
+    result = subprocess.run([sys.executable, str(script)], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=60,
+                            env={**os.environ, "PYTHONPATH": str(PROJECT_ROOT)})
+    assert result.returncode == 130, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines() == ["interrupted: nothing was written"]
+
+
 @pytest.mark.parametrize("args,expected", [
     (["--study", "it's"], "error: --study=\"it's\" is not accepted: expected 1 to 64 letters"),
     (["--parent-run-id", "deadbeef"], "error: --parent-run-id 'deadbeef' is not a run in this store"),
