@@ -67,8 +67,10 @@ def redeliver_swallowed_stop(unraisable) -> None:
 
 def caused_by_stop(error: BaseException) -> bool:
     """Whether `error` is a stop's doing: its KeyboardInterrupt, or any error raised once a stop was asked for.
-    Code that a stop-at-once KeyboardInterrupt lands in may turn it into an error of its own (a C extension being
-    imported, matplotlib's Agg backend as a report starts drawing, raises "ImportError: initialization failed")."""
+    For work that stops at the first signal (`install_immediate_stop`, `stopping_at_once`), where code that the
+    KeyboardInterrupt lands in may turn it into an error of its own (a C extension being imported, matplotlib's
+    Agg backend as a report starts drawing, raises "ImportError: initialization failed"). Not for training,
+    whose first stop waits for the epoch's end: an error after it is an error."""
     return isinstance(error, KeyboardInterrupt) or stop_requested.is_set()
 
 
