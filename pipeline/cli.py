@@ -41,8 +41,8 @@ def run_command(main: Callable[[], int], left_as: str) -> NoReturn:
     install_immediate_stop()
     try:
         code = main()
-    except BaseException as error:
-        if isinstance(error, SystemExit) or not caused_by_stop(error):
+    except (KeyboardInterrupt, Exception) as error:
+        if not caused_by_stop(error):
             raise
         print(f"\ninterrupted: {left_as}", file=sys.stderr, flush=True)
         code = 130
