@@ -188,6 +188,15 @@ def wait_for_first_epoch(checkpoints: Path, runs: int = 1, timeout: float = 120)
     pytest.fail(f"{runs} run(s) did not finish an epoch in {timeout:.0f} s")
 
 
+def wait_until_drawn_into(report: Path, process: subprocess.Popen, timeout: float = 120) -> None:
+    """Until the new report of folder `report` is being written: its staging folder (`.<name>.partial-…`, made by
+    pipeline.files.staged_folder) exists beside it. Fails with `process`'s stderr if it ends first."""
+    deadline = time.monotonic() + timeout
+    while not list(report.parent.glob(f".{report.name}.partial-*")):
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()[1][-3000:]
+        time.sleep(0.005)
+
+
 def start_training_sweep(tmp_path: Path, uri: str, *overrides: str, epochs: int = 400) -> subprocess.Popen:
     """Starts a sweep of two `epochs`-epoch jobs in a session of its own; returns it once both runs train."""
     from pipeline.tracking import prepare_store

@@ -14,7 +14,7 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from conftest import run_with_a_stop_pending, runs_of, wait_for_first_epoch
+from conftest import run_with_a_stop_pending, runs_of, study_runs, wait_for_first_epoch
 from pipeline.config import PROJECT_ROOT
 
 pytestmark = pytest.mark.slow
@@ -214,8 +214,5 @@ def test_a_stop_before_the_train_stages_next_run_opens_no_run(repo):
     assert stopped.returncode == 130 and "Traceback" not in stopped.stderr, stopped.stderr[-3000:]
     assert stopped.stderr.strip().splitlines()[-1].startswith("interrupted: any run being trained ended KILLED"), \
         stopped.stderr
-    uri = f"sqlite:///{repo / 'mlruns' / 'mlflow.db'}"
-    runs = runs_of(uri)
-    study = max((r for r in runs if r.data.tags.get("role") == "study"), key=lambda r: r.info.start_time)
-    assert study.info.status == "KILLED"
-    assert not [r for r in runs if r.data.tags.get("mlflow.parentRunId") == study.info.run_id]
+    study, children = study_runs(f"sqlite:///{repo / 'mlruns' / 'mlflow.db'}", latest=True)
+    assert study.info.status == "KILLED" and children == []

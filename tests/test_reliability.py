@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import FAST_FLUSH, free_port, kill_server, run_cli, run_one, runs_of, start_mlflow_server, wait_for_first_epoch
+from conftest import (FAST_FLUSH, free_port, kill_server, run_cli, run_one, runs_of, start_mlflow_server,
+                      wait_for_first_epoch, wait_until_drawn_into)
 from pipeline.config import PROJECT_ROOT
 
 pytestmark = pytest.mark.slow
@@ -269,10 +270,7 @@ def test_ctrl_c_while_a_report_is_rebuilt_is_one_line_and_leaves_the_report_as_i
     before = {p.name: p.read_bytes() for p in report.iterdir()}
     command = [sys.executable, "-m", "pipeline.report", "--study", "reported", "--tracking-uri", uri, "--out", str(report)]
     process = subprocess.Popen(command, cwd=PROJECT_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while not list(report.parent.glob(".reported.partial-*")):  # the new report is being drawn
-        assert process.poll() is None and time.monotonic() < deadline, process.communicate()[1][-3000:]
-        time.sleep(0.005)
+    wait_until_drawn_into(report, process)
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == 130 and "Traceback" not in stderr, stderr[-3000:]

@@ -332,14 +332,14 @@ def test_the_benchmarks_refuse_bad_arguments_in_one_line(script, args, expected)
     assert line.startswith(expected), line
 
 
-def test_the_epoch_parts_benchmark_times_each_variant_and_takes_nothing_from_the_pipelines_epoch():
+def test_the_epoch_parts_benchmark_times_each_variant_and_takes_nothing_from_the_pipelines_epoch(monkeypatch):
     """benchmarks/epoch_parts.py's variant without updates applies none: the weights stay as built (its
     "saves" column rests on that); its whole epoch is the pipeline's own `make_epoch_fn`."""
     import subprocess
     import sys
 
     root = Path(__file__).parents[1]
-    sys.path.insert(0, str(root / "benchmarks"))
+    monkeypatch.syspath_prepend(str(root / "benchmarks"))
     import keras
     import numpy as np
     import tensorflow as tf

@@ -12,7 +12,8 @@ import time
 import mlflow
 import pytest
 
-from conftest import FAST_FLUSH, interrupt_sweep, run_with_a_stop_pending, runs_of, start_training_sweep, study_runs
+from conftest import (FAST_FLUSH, interrupt_sweep, run_with_a_stop_pending, runs_of, start_training_sweep, study_runs,
+                      wait_until_drawn_into)
 from pipeline.config import PROJECT_ROOT
 from pipeline.processes import process_alive
 
@@ -107,10 +108,7 @@ def test_ctrl_c_while_a_study_writes_its_report_stops_at_once_and_the_same_comma
     process = subprocess.Popen(command, cwd=PROJECT_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                start_new_session=True)
     try:
-        deadline = time.monotonic() + 120
-        while not list(reports.glob(".seed_logistic.partial-*")):  # the jobs have ended; the report is being drawn
-            assert process.poll() is None and time.monotonic() < deadline, process.communicate()[1][-3000:]
-            time.sleep(0.005)
+        wait_until_drawn_into(reports / "seed_logistic", process)  # the jobs have ended
         os.killpg(process.pid, signal.SIGINT)  # the terminal's Ctrl-C: the idle workers get it too
         _, stderr = process.communicate(timeout=60)
     finally:
@@ -122,8 +120,7 @@ def test_ctrl_c_while_a_study_writes_its_report_stops_at_once_and_the_same_comma
                      "was) and the study ended KILLED: run the same command again to write the report (it keeps the "
                      "finished runs)"], lines
     assert list(reports.iterdir()) == []
-    (study,) = [r for r in runs_of(uri) if r.data.tags.get("role") == "study"]
-    (run,) = [r for r in runs_of(uri) if r.data.tags.get("role") != "study"]
+    study, (run,) = study_runs(uri)
     assert (study.info.status, run.info.status) == ("KILLED", "FINISHED")
 
     again = subprocess.run(command, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=120)
