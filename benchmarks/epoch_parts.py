@@ -6,7 +6,8 @@ timed whole and with one part taken out, in one process.
 
 Variants: the epoch as the pipeline runs it; without the optimizer's update (the gradients are computed and
 summed, not applied: what Adam's arithmetic over the 20,175 weights costs); with 8 inputs instead of 784 (what
-the first layer's matrix products cost; everything else is the same ops on smaller tensors). The data are
+the 784-wide inputs cost: the first layer's matrix products and each batch's gather; everything else is the same
+ops on smaller tensors). The data are
 random: the time of these ops does not depend on the values. No variant's weights are compared: the parts
 show where a step's time goes, and benchmarks/train_throughput.py checks the whole epoch against `model.fit`.
 """
