@@ -86,6 +86,9 @@ def run_job(dcfg: DictConfig) -> float | None:
             stages.record_job_failure(dcfg, parent_run_id, " ".join(HydraConfig.get().overrides.task), error)
             return None
         if isinstance(error, PipelineError):
+            from pipeline import run_folder
+
+            run_folder.refused()
             print(f"error: {error}", file=sys.stderr)
             sys.exit(EXIT_BAD_INPUT)
         raise

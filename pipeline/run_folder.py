@@ -1,6 +1,7 @@
 """A single run's folder (`hydra.run.dir`), which Hydra makes and writes (its configs and log) before the run
 starts: when that fails (a full disk, a path where no folder can be made), one line names the folder and
-the cause, and what Hydra wrote there in this command is removed; nothing else is.
+the cause, and what Hydra wrote there in this command is removed; nothing else is. The same is removed when
+the run itself is refused (bad input, exit 2) while its folder holds nothing but Hydra's files.
 
 Hydra would report it as a traceback with exit 1 and leave empty files behind. A study's sweep folder is
 the study's concern (`pipeline.study`): its launcher writes it, and the study ends FAILED in one line.
@@ -9,6 +10,7 @@ the study's concern (`pipeline.study`): its launcher writes it, and the study en
 from __future__ import annotations
 
 import contextlib
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,6 +27,7 @@ class Plan:
     paths: list[Path]  # what Hydra may create, parents before children
     existed: set[Path] = field(default_factory=set)
     started: bool = False  # the run itself started: any later failure is the run's, not the folder's
+    made_at: float = field(default_factory=time.time)  # before Hydra wrote anything there
 
 
 _plan: Plan | None = None
@@ -54,11 +57,7 @@ class RunFolder(Callback):
             _plan.started = True
 
 
-def unwritable(error: BaseException) -> str | None:
-    """If `error` is Hydra failing to make or write this command's run folder before the run started: removes
-    what it wrote there and returns the one-line error; otherwise None."""
-    if _plan is None or _plan.started or not isinstance(error, OSError):
-        return None
+def _remove_what_hydra_wrote() -> None:
     for path in reversed(_plan.paths):  # children first; only what did not exist before this command
         if path not in _plan.existed:
             with contextlib.suppress(OSError):  # a folder is removed only if empty: never anything else in it
@@ -66,8 +65,28 @@ def unwritable(error: BaseException) -> str | None:
                     path.rmdir()
                 else:
                     path.unlink()
+
+
+def unwritable(error: BaseException) -> str | None:
+    """If `error` is Hydra failing to make or write this command's run folder before the run started: removes
+    what it wrote there and returns the one-line error; otherwise None."""
+    if _plan is None or _plan.started or not isinstance(error, OSError):
+        return None
+    _remove_what_hydra_wrote()
     cause = error.strerror or str(error)
     if error.filename:
         cause = f"{error.filename}: {cause}"
     return (f"could not write the run's folder {_plan.folder} ({cause}); nothing ran and nothing of it was kept: "
             f"fix that (e.g. free space there) or set hydra.run.dir= to another folder")
+
+
+def refused() -> None:
+    """The run was refused (bad input, exit 2): what Hydra wrote into its folder in this command is removed,
+    unless the run wrote there too (e.g. its metrics.json before a later step failed): then all of it stays."""
+    if _plan is None or not _plan.folder.is_dir():
+        return
+    hydras = set(_plan.paths)
+    with contextlib.suppress(OSError):
+        if any(path not in hydras and path.stat().st_mtime >= _plan.made_at for path in _plan.folder.iterdir()):
+            return
+        _remove_what_hydra_wrote()

@@ -53,6 +53,25 @@ def test_a_damaged_store_is_one_line_and_left_as_it_is(tmp_path, damage):
     assert database.read_bytes() == damaged  # nothing "repaired" or recreated over the user's file
 
 
+def test_a_run_refused_for_its_store_keeps_no_run_folder(tmp_path, data_dir):
+    """Hydra writes a run's folder (configs, log) before the run opens its store: a run refused there (exit 2,
+    nothing ran) left that folder behind. What this command wrote goes; a colleague's file beside it stays."""
+    database = tmp_path / "mlflow.db"
+    database.write_bytes(b"not a database" * 100)
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    (shared / "notes.txt").write_text("kept")
+    for folder in (tmp_path / "new" / "run", shared):
+        result = run_cli("pipeline.run", "train.epochs=1", f"data_dir={data_dir}", f"hydra.run.dir={folder}",
+                         f"checkpoints_dir={tmp_path / 'checkpoints'}", env={"MLFLOW_TRACKING_URI": f"sqlite:///{database}"})
+        assert result.returncode == 2, result.stderr[-3000:]
+        assert result.stderr.strip().splitlines()[-1].startswith(f"error: the MLflow store sqlite:///{database} cannot be")
+    assert not (tmp_path / "new").exists()
+    assert sorted(p.name for p in shared.iterdir()) == ["notes.txt"] and (shared / "notes.txt").read_text() == "kept"
+    assert not (tmp_path / "checkpoints").exists()
+    assert database.read_bytes() == b"not a database" * 100
+
+
 @pytest.fixture
 def small_disk(tmp_path):
     """A real 2 MB filesystem (tmpfs), unmounted after the test; skipped where mounting is not allowed."""
