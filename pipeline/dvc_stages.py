@@ -234,7 +234,7 @@ STAGES = {"params": params, "fetch": fetch, "train": train, "train-backend": tra
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pipeline.interrupt import install_stop_handlers
+    from pipeline.interrupt import caused_by_stop, install_stop_handlers
 
     parser = OneLineParser(prog="python -m pipeline.dvc_stages", description="DVC stage entry points")
     parser.add_argument("stage", choices=sorted(STAGES))
@@ -250,18 +250,20 @@ def main(argv: list[str] | None = None) -> int:
             STAGES[args.stage](*args.overrides[:1])
         else:
             STAGES[args.stage]()
-    except KeyboardInterrupt:
-        said = ("any run being trained ended KILLED with its checkpoint, and no further run started; `dvc repro` "
-                "continues from there" if args.stage in ("train", "train-backend") else
-                f"the {args.stage} stage stopped; its outputs are whole or as they were; run it again")
-        print(f"interrupted: {said}", file=sys.stderr, flush=True)
-        sys.stdout.flush()
-        import os
+    except (KeyboardInterrupt, Exception) as error:
+        if caused_by_stop(error):
+            said = ("any run being trained ended KILLED with its checkpoint, and no further run started; `dvc repro` "
+                    "continues from there" if args.stage in ("train", "train-backend") else
+                    f"the {args.stage} stage stopped; its outputs are whole or as they were; run it again")
+            print(f"interrupted: {said}", file=sys.stderr, flush=True)
+            sys.stdout.flush()
+            import os
 
-        os._exit(130)
-    except PipelineError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+            os._exit(130)
+        if isinstance(error, PipelineError):
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+        raise
     return 0
 
 

@@ -18,6 +18,9 @@ T = TypeVar("T")
 # epoch's metrics and checkpoint are saved. Raising from the handler itself could land anywhere
 # (inside a TensorFlow call, a garbage-collector callback) and be lost.
 stop_requested = threading.Event()
+# Set when a stop raises KeyboardInterrupt at once (a second signal; any signal where stops are immediate): the code
+# it lands in may turn it into an error of its own (`caused_by_stop`).
+stopped_at_once = threading.Event()
 
 
 RUN_NOTICE = "stopping after this epoch (again to stop now)"
@@ -41,6 +44,7 @@ def request_stop(signum, frame) -> None:
             print(f"\n{signal.Signals(signum).name} again: stopping now", file=sys.stderr, flush=True)
         _redelivering = False
         if not _ending.locked():
+            stopped_at_once.set()
             raise KeyboardInterrupt
         return
     stop_requested.set()
@@ -66,12 +70,11 @@ def redeliver_swallowed_stop(unraisable) -> None:
 
 
 def caused_by_stop(error: BaseException) -> bool:
-    """Whether `error` is a stop's doing: its KeyboardInterrupt, or any error raised once a stop was asked for.
-    For work that stops at the first signal (`install_immediate_stop`, `stopping_at_once`), where code that the
-    KeyboardInterrupt lands in may turn it into an error of its own (a C extension being imported, matplotlib's
-    Agg backend as a report starts drawing, raises "ImportError: initialization failed"). Not for training,
-    whose first stop waits for the epoch's end: an error after it is an error."""
-    return isinstance(error, KeyboardInterrupt) or stop_requested.is_set()
+    """Whether `error` is a stop's doing: its KeyboardInterrupt, or any error raised once a stop at once was
+    delivered, since the code that KeyboardInterrupt lands in may turn it into an error of its own (a C extension
+    being imported, matplotlib's Agg backend as a report starts drawing or MLflow's model logging, raises
+    "ImportError: initialization failed"). After a first stop that waits for the epoch's end, an error is an error."""
+    return isinstance(error, KeyboardInterrupt) or stopped_at_once.is_set()
 
 
 @contextlib.contextmanager
@@ -126,6 +129,7 @@ def install_immediate_stop() -> None:
 
     def stop_now(signum, frame) -> None:
         stop_requested.set()  # what redeliver_swallowed_stop asks before raising it again
+        stopped_at_once.set()
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGINT, stop_now)
@@ -143,6 +147,7 @@ def stopping_at_once() -> Iterator[None]:
     install_immediate_stop()
     try:
         if stop_requested.is_set():
+            stopped_at_once.set()
             raise KeyboardInterrupt
         yield
     finally:

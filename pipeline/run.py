@@ -40,7 +40,7 @@ def run_job(dcfg: DictConfig) -> float | None:
     from pipeline import study
     from pipeline.keras_backend import run_elsewhere, select
 
-    from pipeline.interrupt import Interrupted, install_stop_handlers, stop_requested
+    from pipeline.interrupt import Interrupted, caused_by_stop, install_stop_handlers, stop_requested
 
     in_sweep = HydraConfig.get().mode is RunMode.MULTIRUN
     in_worker = in_sweep and study.active_study() is None  # a launcher's worker process, not the launching one
@@ -71,15 +71,15 @@ def run_job(dcfg: DictConfig) -> float | None:
 
         metrics = stages.run_configuration(cfg, output_dir, parent_run_id, job,
                                            interrupted_attempt=study.interrupted_attempt() if in_sweep else None)
-    except KeyboardInterrupt as error:
-        print("interrupted: the run ended KILLED with its persisted epochs and a checkpoint; "
-              "run the same command again to resume it", file=sys.stderr, flush=True)
-        if in_worker and isinstance(error, Interrupted):
-            return None  # stopped at an epoch boundary; the launching process ends the study KILLED
-        study.end_active_study(KeyboardInterrupt())
-        sys.stdout.flush()
-        os._exit(EXIT_INTERRUPTED)  # the training thread may still be inside TensorFlow: do not wait for it
-    except Exception as error:
+    except (KeyboardInterrupt, Exception) as error:
+        if caused_by_stop(error):
+            print("interrupted: the run ended KILLED with its persisted epochs and a checkpoint; "
+                  "run the same command again to resume it", file=sys.stderr, flush=True)
+            if in_worker and isinstance(error, Interrupted):
+                return None  # stopped at an epoch boundary; the launching process ends the study KILLED
+            study.end_active_study(KeyboardInterrupt())
+            sys.stdout.flush()
+            os._exit(EXIT_INTERRUPTED)  # the training thread may still be inside TensorFlow: do not wait for it
         if in_sweep:  # other jobs go on; the study's report names this one from MLflow
             from pipeline import stages
 

@@ -320,6 +320,51 @@ def test_a_stop_that_code_turns_into_another_error_still_ends_the_command_as_int
     assert result.stderr.strip().splitlines() == ["interrupted: nothing was written"]
 
 
+STOPPED_WHILE_LOGGING = """
+import os, runpy, signal, sys, time
+import pipeline.stages as stages
+
+log_model = stages.log_model
+
+def stopped_in_an_import(clf, x_example):  # the model logging's first import, as a Ctrl-C twice lands there
+    try:
+        os.kill(os.getpid(), signal.SIGINT)  # the first stop: after this epoch (training has ended)
+        time.sleep(0.5)
+        os.kill(os.getpid(), signal.SIGINT)  # the second: at once
+        time.sleep(30)
+    except KeyboardInterrupt:
+        raise ImportError("initialization failed")  # what a C extension's module init makes of it
+    return log_model(clf, x_example)
+
+stages.log_model = stopped_in_an_import
+sys.argv[0] = "pipeline.run"
+runpy.run_module("pipeline.run", run_name="__main__")
+"""
+
+
+def test_a_second_stop_that_code_turns_into_another_error_ends_the_run_killed(tmp_path, data_dir):
+    """The same in a run: a second Ctrl-C (stop at once) landing in an import while the run logs its model was
+    an ImportError, so the run ended FAILED with that error and the command printed its traceback (exit 1).
+    An error once a stop at once was delivered is the stop: the run ends KILLED, one line, exit 130; and the same
+    command resumes it to FINISHED. After only the first stop (after this epoch), an error is still an error."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    script = tmp_path / "stopped.py"
+    script.write_text(STOPPED_WHILE_LOGGING)
+    overrides = [f"data_dir={data_dir}", f"hydra.run.dir={tmp_path / 'out'}", f"checkpoints_dir={tmp_path / 'checkpoints'}",
+                 "train.epochs=2"]
+    result = subprocess.run([sys.executable, str(script), *overrides], cwd=PROJECT_ROOT, capture_output=True, text=True,
+                            timeout=300, env={**os.environ, "PYTHONPATH": str(PROJECT_ROOT), "MLFLOW_TRACKING_URI": uri})
+    assert result.returncode == 130, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr and "ImportError" not in result.stderr, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines()[-1].startswith("interrupted: the run ended KILLED"), result.stderr[-3000:]
+    (run,) = runs_of(uri)
+    assert run.info.status == "KILLED" and "error" not in run.data.tags
+    again = run_one(tmp_path, data_dir, uri, "train.epochs=2")
+    assert again.returncode == 0, again.stderr[-3000:]
+    (run,) = runs_of(uri)
+    assert run.info.status == "FINISHED"
+
+
 @pytest.mark.parametrize("args,expected", [
     (["--study", "it's"], "error: --study=\"it's\" is not accepted: expected 1 to 64 letters"),
     (["--parent-run-id", "deadbeef"], "error: --parent-run-id 'deadbeef' is not a run in this store"),

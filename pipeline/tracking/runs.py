@@ -18,7 +18,7 @@ from mlflow.entities import Metric, Run, RunStatus
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from pipeline.interrupt import Interrupted, stop_requested
+from pipeline.interrupt import Interrupted, caused_by_stop, stop_requested
 from pipeline.record import STUDY_ROLE, Tag
 from pipeline.config import first_line
 from pipeline.files import WriteError
@@ -27,10 +27,10 @@ from pipeline.tracking.store import TrackingUnavailable
 
 
 def end_status(error: BaseException | None) -> str:
-    """FINISHED without an error, KILLED for an interruption, FAILED for anything else."""
+    """FINISHED without an error, KILLED for an interruption (`caused_by_stop`), FAILED for anything else."""
     if error is None:
         return RunStatus.to_string(RunStatus.FINISHED)
-    if isinstance(error, KeyboardInterrupt):
+    if caused_by_stop(error):
         return RunStatus.to_string(RunStatus.KILLED)
     return RunStatus.to_string(RunStatus.FAILED)
 
@@ -59,7 +59,7 @@ def tracked_run(uri: str, experiment_id: str, run_name: str | None = None, tags:
     try:
         yield run
     except BaseException as raised:
-        if not isinstance(raised, KeyboardInterrupt):
+        if not caused_by_stop(raised):
             with contextlib.suppress(Exception):
                 mlflow.set_tag(Tag.ERROR, describe(raised))
             raised.mlflow_run_id = run.info.run_id  # lets a sweep know the failure is on record
