@@ -376,6 +376,7 @@ def test_a_second_stop_that_code_turns_into_another_error_ends_the_run_killed(tm
     (["--study", "x", "--out", "/dev/null/report"], "error: --out='/dev/null/report' is not accepted: /dev/null is not a "
                                                     "folder; expected a folder that exists or can be created and written"),
     (["--study", "x", "--out", "/proc/fromlogits-report"], "error: --out='/proc/fromlogits-report' is not accepted: /proc "),
+    (["--study", "x", "--out", ""], "error: --out='' is not accepted: it is empty; expected the path of a folder"),
 ])
 def test_report_cli_bad_input_is_one_line(tmp_path, args, expected, capsys):
     """The first case as a user types it; the others through the same main(), in this process."""

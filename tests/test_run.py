@@ -138,6 +138,12 @@ BAD_INPUT = [
     ("output_dir=/dev/null", "output_dir='/dev/null' is not accepted: /dev/null is not a folder"),
     ("hydra.run.dir=/dev/null/run", "hydra.run.dir='/dev/null/run' is not accepted: /dev/null is not a folder"),
     ("-m hydra.sweep.dir=/dev/null/sweep", "hydra.sweep.dir='/dev/null/sweep' is not accepted: /dev/null is not a folder"),
+    # An empty folder path would be the project root (data_dir=: the dataset was written there) or Hydra's start.
+    ("data_dir=", "data_dir='' is not accepted: it is empty; expected the path of a folder"),
+    ("checkpoints_dir=''", "checkpoints_dir='' is not accepted: it is empty; expected the path of a folder"),
+    ("-m reports_dir=", "reports_dir='' is not accepted: it is empty; expected the path of a folder"),
+    ("output_dir=", "output_dir='' is not accepted: it is empty; expected the path of a folder"),
+    ("hydra.run.dir=", "hydra.run.dir='' is not accepted: it is empty; expected the path of a folder"),
     # A folder that takes no new folders although access() says it is writable (root, in /proc): found before the
     # study trains, not when its report is written.
     ("-m reports_dir=/proc/fromlogits-reports", "reports_dir='/proc/fromlogits-reports' is not accepted: /proc "),

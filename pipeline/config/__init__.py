@@ -100,7 +100,10 @@ SEED_LIMIT = 2**32  # numpy's and Keras's seeds are unsigned 32-bit
 
 def require_folder(key: str, value: str, path: Path, writable: bool) -> None:
     """A folder the pipeline uses: an existing folder (writable if `writable`), or one that can be created
-    (its nearest existing parent is a writable folder). Leaves nothing behind (see `_takes_new_folders`)."""
+    (its nearest existing parent is a writable folder). Leaves nothing behind (see `_takes_new_folders`).
+    An empty `value` is refused: it would be the folder the path is relative to (the project root, say)."""
+    if not value.strip():
+        raise ConfigError(f"{key}={value!r} is not accepted: it is empty; expected the path of a folder")
     try:
         existing = next(p for p in (path, *path.parents) if p.exists())
         written = writable or existing != path

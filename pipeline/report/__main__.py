@@ -19,21 +19,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--parent-run-id", help="report on this parent run instead")
     parser.add_argument("--experiment", default=DEFAULT_EXPERIMENT)
     parser.add_argument("--tracking-uri", default=None)
-    parser.add_argument("--out", type=Path, default=None, help="report folder (default <reports_dir>/<study>)")
+    parser.add_argument("--out", default=None, help="report folder (default <reports_dir>/<study>)")
     args = parser.parse_args(argv)
     if not args.study and not args.parent_run_id:
         parser.error("give --study NAME or --parent-run-id ID")
     try:
         check_name("--experiment", args.experiment)
-        if args.out is not None:  # before anything is read: the report is written last
-            require_folder("--out", str(args.out), args.out.absolute(), writable=True)
+        out = None if args.out is None else Path(args.out)  # as typed: Path("") would be the working directory
+        if out is not None:  # before anything is read: the report is written last
+            require_folder("--out", args.out, out.absolute(), writable=True)
         uri = tracking_uri(args.tracking_uri)
         if not uri.startswith("sqlite:///") or Path(uri.removeprefix("sqlite:///")).exists():
             prepare_store(uri, args.experiment)
         else:  # reading must never create an empty store where the user mistyped a path
             print(f"error: there is no MLflow store at {uri.removeprefix('sqlite:///')}", file=sys.stderr)
             return 2
-        report = build_report(uri, Path(Config().reports_dir), args.experiment, args.study, args.parent_run_id, args.out)
+        report = build_report(uri, Path(Config().reports_dir), args.experiment, args.study, args.parent_run_id, out)
     except PipelineError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
