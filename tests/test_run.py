@@ -112,7 +112,12 @@ BAD_INPUT = [
     ("experiment=nope", "experiment=nope is not accepted: expected one of atlas, backends, high_lr, mixed_float16, raw_pixels, seed_logistic, seed_mnist"),
     ("train.epochs=0", "train.epochs=0 is not accepted: expected a whole number > 0"),
     ("train.batch_size=0", "train.batch_size=0 is not accepted: expected a whole number > 0"),
-    ("train.learning_rate=-1e-3", "train.learning_rate=-0.001 is not accepted: expected a number > 0"),
+    ("train.learning_rate=-1e-3", "train.learning_rate=-0.001 is not accepted: expected a finite number > 0"),
+    # Not a number to train or wait with: inf trained to NaN in one step (a DIVERGED run, exit 0).
+    ("train.learning_rate=inf", "train.learning_rate=inf is not accepted: expected a finite number > 0"),
+    ("tracking.timeout_seconds=inf", "tracking.timeout_seconds=inf is not accepted: expected a finite number > 0"),
+    ("tracking.flush_seconds=nan", "tracking.flush_seconds=nan is not accepted: expected a finite number >= 0"),
+    ("tracking.give_up_seconds=inf", "tracking.give_up_seconds=inf is not accepted: expected a finite number >= "),
     ("dataset.validation_fraction=1", "dataset.validation_fraction=1.0 is not accepted: expected a number in [0, 1)"),
     ("train.epochs=ten", "train.epochs=ten is not accepted: expected a whole number"),
     # OmegaConf's "Value '1.5' of type 'float' could not be converted to Integer", said as the pipeline says it

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import enum
 import importlib.util
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -195,7 +196,8 @@ class TrainConfig:
     def __post_init__(self):
         _require(self.epochs > 0, "train.epochs", self.epochs, "a whole number > 0")
         _require(self.batch_size > 0, "train.batch_size", self.batch_size, "a whole number > 0")
-        _require(self.learning_rate > 0, "train.learning_rate", self.learning_rate, "a number > 0")
+        _require(math.isfinite(self.learning_rate) and self.learning_rate > 0, "train.learning_rate", self.learning_rate,
+                 "a finite number > 0")
         _require(self.diagnostics_examples > 0, "train.diagnostics_examples", self.diagnostics_examples, "a whole number > 0")
 
 
@@ -249,10 +251,12 @@ class TrackingConfig:
 
     def __post_init__(self):
         check_name("tracking.experiment", self.experiment)
-        _require(self.timeout_seconds > 0, "tracking.timeout_seconds", self.timeout_seconds, "a number > 0")
-        _require(self.flush_seconds >= 0, "tracking.flush_seconds", self.flush_seconds, "a number >= 0")
-        _require(self.give_up_seconds >= self.timeout_seconds, "tracking.give_up_seconds", self.give_up_seconds,
-                 "a number >= tracking.timeout_seconds")
+        _require(math.isfinite(self.timeout_seconds) and self.timeout_seconds > 0, "tracking.timeout_seconds",
+                 self.timeout_seconds, "a finite number > 0")
+        _require(math.isfinite(self.flush_seconds) and self.flush_seconds >= 0, "tracking.flush_seconds",
+                 self.flush_seconds, "a finite number >= 0")
+        _require(math.isfinite(self.give_up_seconds) and self.give_up_seconds >= self.timeout_seconds,
+                 "tracking.give_up_seconds", self.give_up_seconds, "a finite number >= tracking.timeout_seconds")
 
 
 @dataclass
