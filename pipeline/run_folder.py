@@ -1,7 +1,7 @@
 """A single run's folder (`hydra.run.dir`), which Hydra makes and writes (its configs and log) before the run
 starts: when that fails (a full disk, a path where no folder can be made), one line names the folder and
 the cause, and what Hydra wrote there in this command is removed; nothing else is. The same is removed when
-the run itself is refused (bad input, exit 2) while its folder holds nothing but Hydra's files.
+the run itself is refused (bad input, exit 2) before it wrote anything of its own there.
 
 Hydra would report it as a traceback with exit 1 and leave empty files behind. A study's sweep folder is
 the study's concern (`pipeline.study`): its launcher writes it, and the study ends FAILED in one line.
