@@ -15,6 +15,7 @@ import fcntl
 import glob
 import json
 import os
+import secrets
 import shutil
 import tempfile
 from pathlib import Path
@@ -140,10 +141,13 @@ def staged_folder(final: Path) -> Iterator[Path]:
                 _refuse_unless_ours(final)
                 _remove_abandoned(final)
         final.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=_writer_name(final, "partial") + "-", dir=final.parent))
     except OSError as error:
         raise WriteError(f"could not write to {final.parent}: {error.strerror or error}") from None
-    try:  # from the folder's first moment: a stop (Ctrl-C) that comes now also removes it
+    # Named before it is made (not by tempfile.mkdtemp, whose name is known only once it returns): a stop (Ctrl-C)
+    # that comes as it is made, or any moment after, also removes it.
+    staging = final.parent / f"{_writer_name(final, 'partial')}-{secrets.token_hex(4)}"
+    try:
+        staging.mkdir(mode=0o700)  # its name holds this process's id and start: never another writer's folder
         os.chmod(staging, FOLDER_MODE)
         (staging / MARKER).write_text("written by fromlogits; the next report of this study replaces this folder\n")
         yield staging
