@@ -17,7 +17,6 @@ import json
 import os
 import secrets
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -46,17 +45,17 @@ class WriteError(PipelineError):
 def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
     """Calls `write(tmp)` for a temporary sibling of `path`, then renames it into place. A file system's
     refusal (a full disk, no permission) is a WriteError that names `path`."""
-    tmp = None
+    # Named before it is made (tempfile.mkstemp names it only on return): a stop that comes as it is made also
+    # removes it. Its name holds this process's id, so no other writer's temporary file is ever taken for it.
+    tmp = path.parent / f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp"
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        tmp = Path(name)
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
         write(tmp)
         os.chmod(tmp, FILE_MODE)
         os.replace(tmp, path)
     except BaseException as error:
-        if tmp is not None:
+        with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)
         if isinstance(error, OSError):
             raise WriteError(f"could not write {path}: {error.strerror or error}; its previous version, if any, "
@@ -121,7 +120,7 @@ def _remove_abandoned(final: Path) -> None:
         prefix = f".{final.name}.{kind}-"
         for folder in final.parent.glob(glob.escape(prefix) + "*"):
             pid, _, rest = folder.name.removeprefix(prefix).partition("-")
-            started = rest.partition("-")[0]  # a staging folder's name goes on with mkdtemp's suffix
+            started = rest.partition("-")[0]  # a staging folder's name goes on with its random suffix
             if (folder / MARKER).is_file() and not process_alive(pid, started):
                 shutil.rmtree(folder, ignore_errors=True)
 

@@ -24,7 +24,7 @@ def test_outputs_follow_the_umask_not_the_private_temporary_modes(tmp_path):
             (staging / "report.md").write_text("x")
     finally:
         os.umask(old)
-    # Computed from the umask at import (0o022 in CI and here), not from mkstemp's 0600 / mkdtemp's 0700.
+    # Computed from the umask at import (0o022 in CI and here), not from the temporary file's 0600 / folder's 0700.
     from pipeline.files import FILE_MODE, FOLDER_MODE
 
     assert mode(tmp_path / "metrics.json") == FILE_MODE and FILE_MODE & 0o044 == 0o044
@@ -100,6 +100,26 @@ def test_a_stop_as_the_staging_folder_is_made_leaves_nothing_beside_the_report(t
         with staged_folder(final) as staging:
             (staging / "report.md").write_text("a report\n")
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_a_stop_as_a_files_temporary_sibling_is_made_leaves_only_its_previous_version(tmp_path, monkeypatch):
+    """The same for a single file (metrics.json, a checkpoint): tempfile.mkstemp named its file only on return."""
+    path = tmp_path / "metrics.json"
+    write_json(path, {"epoch": 1})
+    opened = os.open
+
+    def interrupted(name, flags, *args, **kwargs):
+        fd = opened(name, flags, *args, **kwargs)
+        if os.path.basename(name).startswith(".metrics.json."):
+            os.close(fd)
+            raise KeyboardInterrupt  # the signal, right after the file exists
+        return fd
+
+    monkeypatch.setattr(os, "open", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        write_json(path, {"epoch": 2})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json"]
+    assert path.read_text() == '{\n  "epoch": 1\n}'
 
 
 def test_writers_of_one_report_folder_at_once_take_turns(tmp_path):

@@ -11,6 +11,7 @@ an out-of-range value fails before any data is touched or any MLflow run is open
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import importlib.util
 import math
@@ -120,11 +121,17 @@ def require_folder(key: str, value: str, path: Path, writable: bool) -> None:
 
 def _takes_new_folders(folder: Path) -> str | None:
     """None if a folder can be created in `folder`, else why not. Tried, with an empty temporary folder removed
-    at once: access() cannot tell, as root passes it everywhere (/proc, /sys, where mkdir fails)."""
-    import tempfile
+    at once: access() cannot tell, as root passes it everywhere (/proc, /sys, where mkdir fails). Named before it
+    is made, so that a stop (Ctrl-C) landing as it is made removes it too; its name holds this process's id."""
+    import secrets
 
+    probe = folder / f".fromlogits-check-{os.getpid()}-{secrets.token_hex(4)}"
     try:
-        os.rmdir(tempfile.mkdtemp(prefix=".fromlogits-check-", dir=folder))
+        try:
+            probe.mkdir()
+        finally:
+            with contextlib.suppress(OSError):
+                probe.rmdir()
     except OSError as error:
         return f"{folder} takes no new folders ({error.strerror})"
     return None
