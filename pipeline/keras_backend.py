@@ -50,10 +50,11 @@ def run_child(module: str, args: list[str], backend: str, env: dict[str, str] | 
     return code
 
 
-def run_elsewhere(backend: str, overrides: list[str], output_dir: Path, parent_run_id: str | None,
+def run_elsewhere(backend: str, config: dict, overrides: list[str], output_dir: Path, parent_run_id: str | None,
                   job: int | None) -> dict:
-    """Runs one job (its Hydra overrides) in this sweep's worker for `backend`; returns the worker's
-    answer: {"run_id", "test_nll"} or {"failed": message}. Raises KeyboardInterrupt if it was interrupted."""
+    """Runs one job in this sweep's worker for `backend`; returns the worker's answer: {"run_id", "test_nll"} or
+    {"failed": message}. Raises KeyboardInterrupt if it was interrupted. `config`: the job's config, resolved here,
+    where Hydra's values for the job (`${hydra:job.num}`) are set; `overrides`: its Hydra overrides, to name it."""
     if backend not in _workers:
         read_end, write_end = os.pipe()
         process = subprocess.Popen([sys.executable, "-m", "pipeline.keras_backend"], cwd=PROJECT_ROOT,
@@ -66,8 +67,8 @@ def run_elsewhere(backend: str, overrides: list[str], output_dir: Path, parent_r
 
     process, replies = _workers[backend]
     # The worker may have started in an earlier study of this command: it takes this one's variables.
-    request = {"overrides": overrides, "output_dir": str(output_dir), "parent_run_id": parent_run_id, "job": job,
-               "environment": study_environment()}
+    request = {"config": config, "overrides": overrides, "output_dir": str(output_dir), "parent_run_id": parent_run_id,
+               "job": job, "environment": study_environment()}
     try:
         process.stdin.write(json.dumps(request) + "\n")
         process.stdin.flush()
@@ -95,38 +96,35 @@ def _stop_worker(backend: str) -> None:
 
 def serve() -> int:
     """The worker: runs each job it is sent, as `python -m pipeline.run <overrides>` would, and answers."""
-    from hydra import compose
+    from omegaconf import OmegaConf
 
-    from pipeline.config import register_configs, validate
-    from pipeline.config.overrides import project_hydra
+    from pipeline.config import validate
     from pipeline.interrupt import install_stop_handlers
 
-    register_configs()
     install_stop_handlers(notice=None)  # the process that sent the job acknowledges a Ctrl-C
     from pipeline import stages, study  # after KERAS_BACKEND is set: stages imports Keras
     from pipeline.tracking import tracking_uri
 
     replies = os.fdopen(int(os.environ[REPLY_FD_ENV]), "w")
-    with project_hydra():
-        for line in sys.stdin:
-            request = json.loads(line)
-            os.environ.update(request["environment"])
-            dcfg = compose(config_name="config", overrides=request["overrides"])
-            try:
-                cfg = validate(dcfg)
-                study.stop_with_launcher(tracking_uri(cfg.tracking.uri), request["parent_run_id"])  # as its sender does
-                with study.job():
-                    result = stages.run_configuration(cfg, Path(request["output_dir"]), request["parent_run_id"],
-                                                      request["job"], interrupted_attempt=study.interrupted_attempt())
-                answer = {"run_id": result["run_id"], "test_nll": result["test_nll"]}
-            except KeyboardInterrupt:
-                sys.stdout.flush()
-                os._exit(130)  # the training thread may still be inside the backend: do not wait for it
-            except Exception as error:  # noqa: BLE001 - recorded like any failed sweep job; the sweep goes on
-                stages.record_job_failure(dcfg, request["parent_run_id"], " ".join(request["overrides"]), error)
-                answer = {"failed": str(error)}
-            replies.write(json.dumps(answer) + "\n")
-            replies.flush()
+    for line in sys.stdin:
+        request = json.loads(line)
+        os.environ.update(request["environment"])
+        dcfg = OmegaConf.create(request["config"])
+        try:
+            cfg = validate(dcfg)
+            study.stop_with_launcher(tracking_uri(cfg.tracking.uri), request["parent_run_id"])  # as its sender does
+            with study.job():
+                result = stages.run_configuration(cfg, Path(request["output_dir"]), request["parent_run_id"],
+                                                  request["job"], interrupted_attempt=study.interrupted_attempt())
+            answer = {"run_id": result["run_id"], "test_nll": result["test_nll"]}
+        except KeyboardInterrupt:
+            sys.stdout.flush()
+            os._exit(130)  # the training thread may still be inside the backend: do not wait for it
+        except Exception as error:  # noqa: BLE001 - recorded like any failed sweep job; the sweep goes on
+            stages.record_job_failure(dcfg, request["parent_run_id"], " ".join(request["overrides"]), error)
+            answer = {"failed": str(error)}
+        replies.write(json.dumps(answer) + "\n")
+        replies.flush()
     return 0
 
 

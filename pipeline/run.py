@@ -17,7 +17,7 @@ from pathlib import Path
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from pipeline.config import PipelineError, register_configs, validate
 from pipeline.config.overrides import precheck_overrides
@@ -64,8 +64,8 @@ def run_job(dcfg: DictConfig) -> float | None:
                       file=sys.stderr, flush=True)
                 return None
         if not select(cfg.backend.name.value):  # this process already runs another Keras backend
-            answer = run_elsewhere(cfg.backend.name.value, list(HydraConfig.get().overrides.task), output_dir,
-                                   parent_run_id, job)
+            answer = run_elsewhere(cfg.backend.name.value, OmegaConf.to_container(dcfg, resolve=True),
+                                   list(HydraConfig.get().overrides.task), output_dir, parent_run_id, job)
             return answer.get("test_nll")
         from pipeline import stages
 

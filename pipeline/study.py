@@ -24,7 +24,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline.config import TFDS_VERSION, PipelineError, error_summary, validate
-from pipeline.config.overrides import count_jobs, sweep_values
+from pipeline.config.overrides import as_first_job, count_jobs, sweep_values
 from pipeline.progress import STUDY_JOBS_ENV, STUDY_STARTED_ENV, STUDY_WORKERS_ENV
 
 PARENT_RUN_ENV = "FROMLOGITS_PARENT_RUN_ID"
@@ -297,7 +297,8 @@ class StudyCallback(Callback):
 
         forget_relays()  # an earlier study's, in a command that runs several
         _failed_jobs = 0
-        cfg = validate(config)
+        with as_first_job(config, multirun=True):
+            cfg = validate(config)
         self.uri = tracking_uri(cfg.tracking.uri)
         experiment_id = prepare_store(self.uri, cfg.tracking.experiment, cfg.tracking)
         if not looks_prepared(cfg.dataset.name, cfg.dataset.version, cfg.data_dir):
@@ -308,7 +309,7 @@ class StudyCallback(Callback):
             raise StoppedBeforeStart()
         sweep_params = OmegaConf.select(config, "hydra.sweeper.params")
         preset = OmegaConf.to_container(sweep_params, resolve=False) if sweep_params is not None else {}
-        overrides = list(config.hydra.overrides.task)
+        overrides = OmegaConf.to_container(config.hydra.overrides.task, resolve=False)  # as typed: ${hydra:job.num} is a job's
         _, sweeps = sweep_values([f"{k}={v}" for k, v in preset.items()] + overrides)
         jobs = count_jobs(sweeps)
         self.study = Study(self.uri, experiment_id, cfg.study or "sweep", {"sweep_dir": str(config.hydra.sweep.dir)})
@@ -393,7 +394,8 @@ class StudyCallback(Callback):
             return  # on_multirun_start failed; Hydra has already shown why
         if stop_requested.is_set():  # Ctrl-C reached the workers too
             self.end_interrupted()
-        cfg = validate(config)
+        with as_first_job(config, multirun=True):
+            cfg = validate(config)
         # A named study's report goes to <reports_dir>/<study>; an ad-hoc sweep's stays in its sweep dir.
         out_dir = Path(config.hydra.sweep.dir) / "report" if cfg.study is None else Path(cfg.reports_dir) / cfg.study
         report_started = time.monotonic()

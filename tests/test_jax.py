@@ -5,6 +5,8 @@ process, so JAX runs happen in subprocesses here."""
 
 from __future__ import annotations
 
+import json
+
 import mlflow
 import numpy as np
 import pytest
@@ -27,7 +29,8 @@ def mixed_sweep(tmp_path_factory, data_dir):
     # the store first; a job that loses the dataset race finds the row on its next try).
     result = run_cli("pipeline.run", "-m", "backend=tensorflow,jax", "loss=probs,probs_naive", "seed=0",
                      "train.epochs=2", f"data_dir={data_dir}", "study=mixed", f"hydra.sweep.dir={root / 'sweep'}",
-                     f"reports_dir={root / 'reports'}", env={"MLFLOW_TRACKING_URI": uri})
+                     f"reports_dir={root / 'reports'}", f"output_dir={root / 'metrics'}/${{hydra:job.num}}",
+                     env={"MLFLOW_TRACKING_URI": uri})
     assert result.returncode == 0, result.stderr[-3000:]
     return uri, root, result
 
@@ -47,6 +50,10 @@ def test_a_parallel_sweep_mixing_backends_runs_each_job_on_its_backend_and_loses
     assert by_arm["probs"] == by_arm["probs_naive"]  # on JAX the note's original code trains exactly like probs_naive
     report = (root / "reports" / "mixed" / "report.md").read_text()
     assert "## Setting: backend.name=jax" in report and "## Setting: backend.name=tensorflow" in report
+    # The jax jobs ran in a worker of the other backend (both joblib workers began with tensorflow's), which
+    # once composed the job's config again, where ${hydra:job.num} does not resolve: each job's own folder.
+    written = [json.loads((root / "metrics" / str(job) / "metrics.json").read_text())["run_id"] for job in range(4)]
+    assert sorted(written) == sorted(r.info.run_id for r in children)
 
 
 def test_a_jax_trained_model_loads_back_and_predicts_as_evaluated(mixed_sweep, data_dir):

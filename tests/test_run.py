@@ -192,6 +192,11 @@ BAD_INPUT = [
      "hydra.sweeper.max_batch_size=0 is not accepted: expected a whole number > 0 of jobs per batch, or null"),
     ("-m experiment=seed_logistic +hydra.sweeper.params.train.epochs='1,2'",
      "+hydra.sweeper.params.train.epochs='1,2' is not accepted: "),
+    # One output folder for a sweep's jobs: each wrote its metrics.json there over the one before, and one was left.
+    ("-m seed=0,1 output_dir=/tmp/fromlogits-out", "output_dir='/tmp/fromlogits-out' is not accepted in a sweep of 2 jobs: "
+                                                   "each would write its metrics.json there over the one before; expected"),
+    ("-m experiment=seed_logistic loss=logits output_dir=out", "output_dir='out' is not accepted in a sweep of 5 jobs"),
+    ("-m seed=0,1 output_dir=a,b loss=probs,logits", "output_dir='a' is not accepted in a sweep of 8 jobs"),
 ]
 
 
@@ -215,6 +220,13 @@ def test_good_overrides_pass_the_precheck():
     # Hydra settings that need another before them on the command line (a launcher's own keys after the launcher).
     assert precheck_overrides(["-m", "hydra.launcher.partition=x", "hydra/launcher=submitit_slurm"]) is None
     assert precheck_overrides(["-m", "hydra.launcher.n_jobs=-5", "hydra.sweeper.max_batch_size=3"]) is None
+    # Values that read Hydra's job (its number, its folder) resolve as in the job: the pre-check once refused
+    # them ("HydraConfig was not set"). A sweep's jobs may then each have an output folder of their own.
+    assert precheck_overrides(["checkpoints_dir=${hydra:runtime.output_dir}/checkpoints"]) is None
+    assert precheck_overrides(["-m", "seed=0,1", "output_dir=out/${hydra:job.num}"]) is None
+    assert precheck_overrides(["-m", "experiment=seed_logistic", "output_dir=${hydra:runtime.output_dir}/m"]) is None
+    assert precheck_overrides(["-m", "seed=0", "output_dir=out"]) is None  # a sweep of one job
+    assert precheck_overrides(["-m", "seed=0", "output_dir=a,b"]) is None  # each job its own value
 
 
 def test_a_glob_sweep_of_a_config_group_is_checked_as_its_options():

@@ -23,10 +23,20 @@ def study(tmp_path_factory, data_dir):
     result = run_cli(
         "pipeline.run", "-m", "experiment=seed_mnist", "seed=0,1", "train.epochs=2", f"data_dir={data_dir}",
         "study=tiny", "hydra/launcher=basic", f"hydra.sweep.dir={root / 'sweep'}", f"reports_dir={root / 'reports'}",
-        env={"MLFLOW_TRACKING_URI": uri},
+        f"output_dir={root / 'metrics'}/${{hydra:job.num}}", env={"MLFLOW_TRACKING_URI": uri},
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return uri, root, result
+
+
+def test_each_job_writes_its_metrics_where_its_output_dir_names_it(study):
+    """A sweep's output_dir must name a folder per job (tests/test_run.py: one shared was refused), as this one does."""
+    uri, root, _ = study
+    _, children = study_runs(uri)
+    written = [json.loads((root / "metrics" / str(job) / "metrics.json").read_text()) for job in range(6)]
+    assert sorted(w["run_id"] for w in written) == sorted(r.info.run_id for r in children)
+    assert all(w["test_nll"] == next(r for r in children if r.info.run_id == w["run_id"]).data.metrics["test_nll"]
+               for w in written)
 
 
 def test_one_parent_run_with_every_arm_and_seed_as_children(study):
@@ -106,6 +116,9 @@ def test_two_presets_in_one_command_run_as_two_studies_the_second_in_the_first_o
     ("hydra.sweep.dir=out", "hydra.sweep.dir=out is not accepted with experiment=seed_mnist,seed_logistic: every study "
                             "would share it; expected a sweep folder that differs by study, e.g. "
                             "hydra.sweep.dir='<folder>/${study}'"),
+    ("output_dir=o/${hydra:job.num}", "output_dir=o/${hydra:job.num} is not accepted with experiment=seed_mnist,seed_logistic: "
+                                      "every study would share it; expected an output folder that differs by study and job, "
+                                      "e.g. output_dir='<folder>/${study}/${hydra:job.num}'"),
 ])
 def test_two_presets_refuse_what_their_studies_would_share(shared, expected):
     from pipeline.config import PipelineError
@@ -121,6 +134,8 @@ def test_two_presets_refuse_what_their_studies_would_share(shared, expected):
     with pytest.raises(PipelineError):  # an interpolation, but one the studies share within the hour
         studies_of(["-m", "experiment=seed_mnist,seed_logistic", "hydra.sweep.dir=out/${now:%H}"])
     assert len(studies_of(["-m", "experiment=seed_mnist,seed_logistic", "hydra.sweep.dir=o/${oc.select:study,x}"])) == 2
+    for own in ("o/${study}/${hydra:job.num}", "${hydra:runtime.output_dir}"):  # the job's folder names its study
+        assert len(studies_of(["-m", "experiment=seed_mnist,seed_logistic", f"output_dir={own}"])) == 2
 
 
 def test_a_bad_value_in_a_sweep_fails_before_any_job_runs(tmp_path, data_dir):
@@ -359,7 +374,7 @@ def test_a_job_handed_to_another_backends_worker_hands_on_its_studys_variables(m
     monkeypatch.setitem(keras_backend._workers, "jax", (Worker, io.StringIO('{"run_id": "r", "test_nll": 0.5}\n')))
     monkeypatch.setenv(PARENT_RUN_ENV, "second-study")
     monkeypatch.setenv(INTERRUPTED_ATTEMPT_ENV, "")
-    answer = keras_backend.run_elsewhere("jax", ["loss=probs"], Path("out"), "second-study", 3)
+    answer = keras_backend.run_elsewhere("jax", {"loss": {"formulation": "probs"}}, ["loss=probs"], Path("out"), "second-study", 3)
     assert answer == {"run_id": "r", "test_nll": 0.5}
     request = json.loads(Worker.stdin.getvalue())
     assert request["environment"][PARENT_RUN_ENV] == "second-study" and request["environment"][INTERRUPTED_ATTEMPT_ENV] == ""

@@ -2,14 +2,16 @@
 
 `precheck_overrides` composes every value of a sweep with the fixed overrides and validates it, checks
 every value a study preset sweeps (its `hydra.sweeper.params`) and composes the command line's own Hydra
-settings, so a typo in the fifth value fails in one line before the study opens; `sweep_values`/`count_jobs`
-expand a sweep the way Hydra's basic sweeper does (glob sweeps through Hydra's config loader, `parse_overrides`),
-for the pre-check and the study's progress count alike.
+settings, so a typo in the fifth value fails in one line before the study opens; it also refuses an output_dir
+that a sweep's jobs would share. `sweep_values`/`count_jobs` expand a sweep the way Hydra's basic sweeper does
+(glob sweeps through Hydra's config loader, `parse_overrides`), for the pre-check and the study's progress count
+alike; `as_first_job` resolves a config as in its first job, where Hydra has set its runtime values.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import re
 from pathlib import Path
@@ -20,6 +22,8 @@ from omegaconf import OmegaConf
 from pipeline.config import PROJECT_ROOT, PipelineError, first_line, require_folder, validate, value_problem
 
 HYDRA_OUTPUT_DIRS = ("hydra.run.dir", "hydra.sweep.dir")  # Hydra creates them before any job runs
+# An output_dir naming a folder of each job's own: Hydra's number, id or overrides of the job, or the job's folder.
+PER_JOB = re.compile(r"\$\{hydra:(job\.(num|id|override_dirname)|runtime\.output_dir)\}")
 
 
 def override_lines(argv: list[str]) -> list[str]:
@@ -104,14 +108,20 @@ def studies_of(argv: list[str]) -> dict[str | None, list[str]]:
         return {None: argv}
     swept = presets[-1]
     names = list(swept.sweep_string_iterator())
+    names_study = lambda line: re.search(r"\$\{[^}]*\bstudy\b", line)  # ${study}, ${oc.select:study,…}  # noqa: E731
+    expected = {
+        "study": "expected each study's own name (leave study out)",
+        "hydra.sweep.dir": "expected a sweep folder that differs by study, e.g. hydra.sweep.dir='<folder>/${study}'",
+        "output_dir": "expected an output folder that differs by study and job, e.g. "
+                      "output_dir='<folder>/${study}/${hydra:job.num}'",
+    }
     for override in parsed:
-        shared = override.key_or_group == "study" or (  # a sweep folder must name the study: ${study}, ${oc.select:study,…}
-            override.key_or_group == "hydra.sweep.dir" and not re.search(r"\$\{[^}]*\bstudy\b", override.input_line))
+        key, line = override.key_or_group, override.input_line
+        shared = key == "study" or (key == "hydra.sweep.dir" and not names_study(line)) or (
+            # the job's own folder lies in its study's sweep folder, which names the study (above)
+            key == "output_dir" and not names_study(line) and "${hydra:runtime.output_dir}" not in line)
         if shared:
-            raise PipelineError(
-                f"{override.input_line} is not accepted with {swept.input_line}: every study would share it; "
-                + ("expected a sweep folder that differs by study, e.g. hydra.sweep.dir='<folder>/${study}'"
-                   if override.key_or_group == "hydra.sweep.dir" else "expected each study's own name (leave study out)"))
+            raise PipelineError(f"{line} is not accepted with {swept.input_line}: every study would share it; {expected[key]}")
     key = swept.input_line.split("=", 1)[0]
     return {name: [f"{key}={name}" if arg == swept.input_line else arg for arg in argv] for name in names}
 
@@ -154,10 +164,56 @@ def precheck_overrides(argv: list[str]) -> str | None:
     (each with the fixed overrides), so a typo in the fifth value fails before the first job starts.
     """
     with project_hydra():
-        return _precheck(override_lines(argv))
+        return _precheck(override_lines(argv), multirun="-m" in argv or "--multirun" in argv)
 
 
-def _precheck(lines: list[str]) -> str | None:
+@contextlib.contextmanager
+def as_first_job(config, multirun: bool) -> Iterator[None]:
+    """Hydra's runtime config set for the block as Hydra sets it for the first job of `config` (a composition with
+    Hydra's config): its number and id in a sweep, and its folder. A value that reads them (`${hydra:job.num}`,
+    `${hydra:runtime.output_dir}`) then resolves as it will in the job; without, the pre-check refused it
+    ("HydraConfig was not set"), as did a study's launching process, where Hydra sets none. `config` is left as
+    it is; the runtime config set before is restored."""
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict, read_write
+
+    holder = HydraConfig.instance()
+    before = holder.cfg
+    config = copy.deepcopy(config)  # a launcher's own config, or a composition the pre-check reads again
+    try:
+        if multirun:  # as Hydra's launchers number their jobs
+            with read_write(config.hydra), open_dict(config.hydra):
+                config.hydra.job.num, config.hydra.job.id = 0, "0"
+        holder.set_config(config)  # the folder's name may read the job's choices (${hydra:runtime.choices.loss})
+        folder = Path(str(config.hydra.sweep.dir), str(config.hydra.sweep.subdir)) if multirun else Path(config.hydra.run.dir)
+        with read_write(config.hydra), open_dict(config.hydra):  # set_config made it read-only
+            config.hydra.runtime.output_dir = str(folder.absolute())
+        holder.set_config(config)
+        yield
+    finally:
+        holder.cfg = before
+
+
+def shared_output_problem(studies: list, lines: list[str]) -> str | None:
+    """An output_dir that several jobs of a study would share, as one line; None if none. Each job writes its
+    metrics.json there: one over the other, one left. `studies`: each study's composed config; `lines`: the
+    command line's overrides. A study's jobs share a value that does not name the job (`PER_JOB`); that studies
+    (`experiment=a,b`) share it is `studies_of`'s to refuse."""
+    for config in studies:
+        params = OmegaConf.select(config, "hydra.sweeper.params") or {}
+        _, sweeps = sweep_values([f"{key}={value}" for key, value in params.items()] + lines)
+        sweeps.pop("experiment", None)
+        values = sweeps.pop("output_dir", None) or [OmegaConf.to_container(config, resolve=False)["output_dir"]]
+        jobs = count_jobs(sweeps)  # of each output_dir value
+        for value in values:
+            if value is not None and jobs > 1 and not PER_JOB.search(str(value)):
+                return (f"output_dir={str(value)!r} is not accepted in a sweep of {jobs * len(values)} jobs: each would "
+                        f"write its metrics.json there over the one before; expected it unset (each job writes in "
+                        f"its own folder, hydra.sweep.subdir) or a folder per job, e.g. output_dir='{value}/${{hydra:job.num}}'")
+    return None
+
+
+def _precheck(lines: list[str], multirun: bool) -> str | None:
     """`precheck_overrides` of the override lines, inside `project_hydra`."""
     from hydra import compose
     from hydra.errors import OverrideParseException
@@ -198,7 +254,8 @@ def _precheck(lines: list[str]) -> str | None:
         try:
             config = compose(config_name="config", overrides=[*overrides, *sweeper_params] if with_sweeper_params
                              else overrides, return_hydra_config=True)
-            validate(config)
+            with as_first_job(config, multirun):
+                validate(config)
         except Exception as error:  # noqa: BLE001 - every composition or validation error becomes one line
             return None, error
         return config, None
@@ -224,7 +281,8 @@ def _precheck(lines: list[str]) -> str | None:
         if override is None:  # the fixed overrides together: name the first that fails on its own
             override = next((line for line in fixed if composed([line], False)[1] is not None), " ".join(fixed))
         return composition_error(override, error)
-    return hydra_settings_problem(fixed, parsed) or preset_sweep_problem(studies, parsed)
+    return (hydra_settings_problem(fixed, parsed) or preset_sweep_problem(studies, parsed)
+            or (shared_output_problem(studies, lines) if multirun else None))
 
 
 def hydra_settings_problem(fixed: list[str], parsed: list) -> str | None:
@@ -286,17 +344,18 @@ def preset_sweep_problem(studies: list, parsed: list) -> str | None:
         if problem:
             return f"{problem} (a sweep of hydra.sweeper.params)"
         plain = OmegaConf.to_container(config)  # plain data: any value can be set into a copy, validate types it
-        for sweep in sweeps:
-            if loader.get_group_options(sweep.key_or_group):
-                continue  # a config group's option: checked above
-            for value in sweep.sweep_iterator() if sweep.is_sweep_override() else [sweep.value()]:
-                trial = OmegaConf.create(plain)
-                OmegaConf.update(trial, sweep.key_or_group, value, force_add=True)
-                try:
-                    validate(trial)
-                except PipelineError as error:  # names its key and value itself
-                    return f"{error} (a sweep of hydra.sweeper.params)"
-                except Exception as error:  # noqa: BLE001 - a value of the wrong type, a key the schema lacks
-                    return (f"{sweep.key_or_group}={value} is not accepted: {value_problem(error)} "
-                            "(a sweep of hydra.sweeper.params)")
+        with as_first_job(config, multirun=True):  # the study's Hydra config; a preset's sweep runs only as one
+            for sweep in sweeps:
+                if loader.get_group_options(sweep.key_or_group):
+                    continue  # a config group's option: checked above
+                for value in sweep.sweep_iterator() if sweep.is_sweep_override() else [sweep.value()]:
+                    trial = OmegaConf.create(plain)
+                    OmegaConf.update(trial, sweep.key_or_group, value, force_add=True)
+                    try:
+                        validate(trial)
+                    except PipelineError as error:  # names its key and value itself
+                        return f"{error} (a sweep of hydra.sweeper.params)"
+                    except Exception as error:  # noqa: BLE001 - a value of the wrong type, a key the schema lacks
+                        return (f"{sweep.key_or_group}={value} is not accepted: {value_problem(error)} "
+                                "(a sweep of hydra.sweeper.params)")
     return None
