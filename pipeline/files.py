@@ -82,7 +82,9 @@ def write_arrays(path: Path, **arrays) -> None:
     write_atomically(path, write)
 
 
-def _refuse_unless_ours(folder: Path) -> None:
+def refuse_unless_ours(folder: Path) -> None:
+    """Raises WriteError if `folder` exists and is not a report folder the pipeline made (it holds MARKER):
+    a report never replaces anyone else's folder."""
     if folder.exists() and not (folder / MARKER).exists():
         raise WriteError(f"{folder} exists and is not a report folder of this pipeline (no {MARKER} in it); "
                          "choose another study name or output folder, or remove it yourself")
@@ -137,7 +139,7 @@ def staged_folder(final: Path) -> Iterator[Path]:
     try:
         if final.parent.is_dir():
             with folder_lock(final.parent):
-                _refuse_unless_ours(final)
+                refuse_unless_ours(final)
                 _remove_abandoned(final)
         final.parent.mkdir(parents=True, exist_ok=True)
     except OSError as error:
@@ -155,7 +157,7 @@ def staged_folder(final: Path) -> Iterator[Path]:
                 os.chmod(item, FILE_MODE)
         previous = final.with_name(_writer_name(final, "previous"))
         with folder_lock(final.parent):
-            _refuse_unless_ours(final)  # it may have been made meanwhile
+            refuse_unless_ours(final)  # it may have been made meanwhile
             if final.exists():
                 final.rename(previous)
             staging.rename(final)

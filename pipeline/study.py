@@ -271,6 +271,12 @@ def share_with_jobs(config: DictConfig, environment: dict[str, str]) -> None:
         config.hydra.overrides.hydra.extend([f"++hydra.job.env_set.{key}='{value}'" for key, value in environment.items()])
 
 
+def report_folder(config: DictConfig, cfg) -> Path:
+    """Where a study's report goes: <reports_dir>/<study> for a named study, an ad-hoc sweep's in its sweep folder.
+    `config`: the study's Hydra config; `cfg`: its validated config."""
+    return Path(config.hydra.sweep.dir) / "report" if cfg.study is None else Path(cfg.reports_dir) / cfg.study
+
+
 class StudyCallback(Callback):
     def __init__(self) -> None:
         self.study = None
@@ -292,6 +298,7 @@ class StudyCallback(Callback):
 
     def _start(self, config: DictConfig) -> None:
         global _active, _failed_jobs
+        from pipeline.files import refuse_unless_ours
         from pipeline.interrupt import StoppedBeforeStart, forget_relays, stop_requested
         from pipeline.tracking import Study, prepare_store, tracking_uri
 
@@ -299,6 +306,7 @@ class StudyCallback(Callback):
         _failed_jobs = 0
         with as_first_job(config, multirun=True):
             cfg = validate(config)
+        refuse_unless_ours(report_folder(config, cfg))  # found after every job had trained, before
         self.uri = tracking_uri(cfg.tracking.uri)
         experiment_id = prepare_store(self.uri, cfg.tracking.experiment, cfg.tracking)
         if not looks_prepared(cfg.dataset.name, cfg.dataset.version, cfg.data_dir):
@@ -396,8 +404,7 @@ class StudyCallback(Callback):
             self.end_interrupted()
         with as_first_job(config, multirun=True):
             cfg = validate(config)
-        # A named study's report goes to <reports_dir>/<study>; an ad-hoc sweep's stays in its sweep dir.
-        out_dir = Path(config.hydra.sweep.dir) / "report" if cfg.study is None else Path(cfg.reports_dir) / cfg.study
+        out_dir = report_folder(config, cfg)
         report_started = time.monotonic()
         try:
             with stopping_at_once():  # no epoch left to finish: a Ctrl-C now is for the report
