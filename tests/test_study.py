@@ -190,21 +190,28 @@ def test_the_same_command_after_a_job_did_not_finish_keeps_the_finished_runs_and
     assert sorted(r.info.status for r in children) == ["FAILED", "FAILED", "FINISHED", "FINISHED"]
 
 
-def test_a_study_whose_report_folder_is_someone_elses_is_refused_before_it_trains(tmp_path, data_dir):
+def test_a_study_whose_report_folder_is_someone_elses_is_refused_before_it_trains(tmp_path, data_dir, capsys):
     """The report goes to <reports_dir>/<study>; a folder there without the pipeline's marker is never replaced.
     That was found only once every job had trained: the study then ended FAILED, exit 1."""
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    from hydra import compose, initialize_config_dir
+
+    from pipeline.config import PROJECT_ROOT
+    from pipeline.study import StudyCallback
+
     theirs = tmp_path / "reports" / "mine"
     theirs.mkdir(parents=True)
     (theirs / "notes.txt").write_text("precious")
-    result = run_cli("pipeline.run", "-m", "loss=logits", "seed=0", "train.epochs=1", "study=mine", f"data_dir={data_dir}",
-                     f"reports_dir={tmp_path / 'reports'}", f"hydra.sweep.dir={tmp_path / 'sweep'}",
-                     env={"MLFLOW_TRACKING_URI": uri})
-    assert result.returncode == 2, result.stderr[-3000:]
-    assert result.stderr.strip().splitlines()[-1] == (
+    with initialize_config_dir(config_dir=str(PROJECT_ROOT / "conf"), version_base="1.3"):
+        config = compose("config", overrides=["study=mine", f"reports_dir={tmp_path / 'reports'}", f"data_dir={data_dir}",
+                                              f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+                                              f"hydra.sweep.dir={tmp_path / 'sweep'}"], return_hydra_config=True)
+    with pytest.raises(SystemExit) as stopped:
+        StudyCallback().on_multirun_start(config)
+    assert stopped.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
         f"error: {theirs} exists and is not a report folder of this pipeline (no .fromlogits-report in it); "
-        "choose another study name or output folder, or remove it yourself")
-    assert "epoch" not in result.stdout and runs_of(uri) == []
+        "choose another study name or output folder, or remove it yourself"]
+    assert not (tmp_path / "mlflow.db").exists()  # no study opened, no store made
     assert [p.name for p in theirs.iterdir()] == ["notes.txt"] and (theirs / "notes.txt").read_text() == "precious"
 
 
