@@ -110,6 +110,8 @@ def test_identical_arms_are_identical_without_statistics():
     assert text == "test NLL (float64, from logits), `probs` vs `logits`: identical in all 3 seeds."
     c = results[0].comparison("probs", "test_nll")
     assert math.isnan(c.p_value) and not c.shown
+    one_seed = study([2.0], [1.0], probs_nll=[1.0])  # a study of one seed said "identical in all 1 seeds"
+    assert nll_sentence(one_seed, "probs") == "test NLL (float64, from logits), `probs` vs `logits`: identical in its one seed."
 
 
 def test_a_diverged_seed_is_left_out_and_said():

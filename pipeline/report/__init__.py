@@ -136,6 +136,11 @@ class EpochRatio:
 EPOCH_RATIO_RULE = "geometric mean over the seeds where both are finite; in how many of them higher"
 
 
+def identical_in(seeds: int) -> str:
+    """How an arm equal to the baseline in every seed is worded, in the report and the README's blocks alike."""
+    return "identical in its one seed" if seeds == 1 else f"identical in all {seeds} seeds"
+
+
 def epoch_ratios(setting: Setting, arm: str, key: str = "val_nll_float64") -> list[EpochRatio]:
     """`arm` against the baseline at RATIO_EPOCHS and the last epoch, pairing values by epoch (step), so a
     resumed run's history is read where it was logged."""

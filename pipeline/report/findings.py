@@ -18,7 +18,7 @@ from pathlib import Path
 
 from pipeline.cli import OneLineParser
 from pipeline.files import write_text
-from pipeline.report import COMPARED, EPOCH_RATIO_RULE, EpochRatio
+from pipeline.report import COMPARED, EPOCH_RATIO_RULE, EpochRatio, identical_in
 from pipeline.report.stats import LEVEL
 
 DOCS = Path("docs") / "findings"  # <study>.json: the findings the README quotes, copied from reports/<study>/
@@ -41,7 +41,7 @@ def effect(entry: dict | None) -> str:
     if entry is None:
         return "-"
     if entry["identical"]:
-        return f"identical in all {entry['n']} seeds"
+        return identical_in(entry["n"])
     verdict = ("round-off" if entry["roundoff"] else "**shown**" if entry["shown"] else "not shown")
     p = entry["p_holm"]
     return (f"{size(entry)}; higher in {entry['higher']}/{entry['n']} seeds; "

@@ -13,7 +13,7 @@ import markdown as markdown_lib
 
 from pipeline.files import write_text
 from pipeline.record import Tag
-from pipeline.report import (BASELINE, COMPARED, EPOCH_RATIO_RULE, METRICS, SPECS, Report, SettingResult,
+from pipeline.report import (BASELINE, COMPARED, EPOCH_RATIO_RULE, METRICS, SPECS, Report, SettingResult, identical_in,
                              epoch_ratios)
 from pipeline.report.findings import provenance
 from pipeline.report.stats import DECISION_RULE, LEVEL, Comparison
@@ -55,7 +55,7 @@ def sentence(c: Comparison) -> str:
     left_out = f" ({c.nonfinite} pair(s) with a non-finite value left out)" if c.nonfinite else ""
     head = f"{spec.description}, `{c.arm}` vs `{BASELINE}`"
     if c.identical:
-        return f"{head}: identical in all {c.n} seeds{left_out}."
+        return f"{head}: {identical_in(c.n)}{left_out}."
     if c.difference is None or c.n < 2 or not math.isfinite(c.p_value):
         return f"{head}: {c.n} finite pair(s){left_out}: too few to decide."
     size = (f"×{fmt(c.ratio.estimate, 3)} (95% CI ×{fmt(c.ratio.low, 3)} to ×{fmt(c.ratio.high, 3)}; "
