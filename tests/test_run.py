@@ -197,6 +197,10 @@ BAD_INPUT = [
                                                    "each would write its metrics.json there over the one before; expected"),
     ("-m experiment=seed_logistic loss=logits output_dir=out", "output_dir='out' is not accepted in a sweep of 5 jobs"),
     ("-m seed=0,1 output_dir=a,b loss=probs,logits", "output_dir='a' is not accepted in a sweep of 8 jobs"),
+    # Hydra's flags for one configuration with -m: Hydra's ValueError as a traceback, exit 1.
+    ("-m experiment=seed_logistic --cfg job", "--cfg is not accepted with -m: it shows or runs one configuration; "
+                                              "expected it without -m"),
+    ("experiment=seed_logistic --info -m", "--info is not accepted with -m"),
 ]
 
 

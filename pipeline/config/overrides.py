@@ -22,6 +22,8 @@ from omegaconf import OmegaConf
 from pipeline.config import PROJECT_ROOT, PipelineError, first_line, require_folder, validate, value_problem
 
 HYDRA_OUTPUT_DIRS = ("hydra.run.dir", "hydra.sweep.dir")  # Hydra creates them before any job runs
+# Hydra's flags for one configuration, which it refuses with --multirun (-m).
+ONE_CONFIG_FLAGS = ("--cfg", "-c", "--info", "-i", "--run", "-r", "--shell-completion", "-sc")
 # An output_dir naming a folder of each job's own: Hydra's number, id or overrides of the job, or the job's folder.
 PER_JOB = re.compile(r"\$\{hydra:(job\.(num|id|override_dirname)|runtime\.output_dir)\}")
 
@@ -163,8 +165,13 @@ def precheck_overrides(argv: list[str]) -> str | None:
     should instead read which value is wrong and what is accepted. Every value of a sweep is checked
     (each with the fixed overrides), so a typo in the fifth value fails before the first job starts.
     """
+    multirun = "-m" in argv or "--multirun" in argv
+    one_config = next((a for a in argv if a.split("=", 1)[0] in ONE_CONFIG_FLAGS), None) if multirun else None
+    if one_config:  # Hydra's ValueError, as a traceback
+        return (f"{one_config} is not accepted with -m: it shows or runs one configuration; expected it without -m, "
+                "e.g. python -m pipeline.run experiment=seed_mnist --cfg job")
     with project_hydra():
-        return _precheck(override_lines(argv), multirun="-m" in argv or "--multirun" in argv)
+        return _precheck(override_lines(argv), multirun)
 
 
 @contextlib.contextmanager
