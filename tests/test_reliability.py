@@ -406,6 +406,17 @@ def test_report_cli_never_creates_a_store_where_none_is(tmp_path):
     assert not missing.parent.exists()
 
 
+
+def test_report_cli_refuses_an_empty_store_uri_which_read_the_local_store(capsys):
+    """--tracking-uri "$SERVER" with SERVER unset reported on the project's local store as if none was given."""
+    from pipeline.report.__main__ import main
+
+    assert main(["--study", "seed_mnist", "--tracking-uri", ""]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "error: --tracking-uri='' is not accepted: it is empty; expected a store's URI (sqlite:///<file>, "
+        "http://<host>:<port>, …), or leave it out for $MLFLOW_TRACKING_URI, else the local store"]
+
+
 def test_a_tracking_server_that_dies_mid_run_fails_the_run_within_its_limit(tmp_path, data_dir):
     """Killed at the epoch a real server has seen; the run gives up after tracking.give_up_seconds, in one
     line, keeps its checkpoint; once the server is back, the next invocation marks the run FAILED."""

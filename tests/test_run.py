@@ -149,6 +149,12 @@ BAD_INPUT = [
     ("-m reports_dir=", "reports_dir='' is not accepted: it is empty; expected the path of a folder"),
     ("output_dir=", "output_dir='' is not accepted: it is empty; expected the path of a folder"),
     ("hydra.run.dir=", "hydra.run.dir='' is not accepted: it is empty; expected the path of a folder"),
+    # An empty store (tracking.uri=$SERVER with SERVER unset) went to the local store as if none was given.
+    ("tracking.uri=", "tracking.uri='' is not accepted: it is empty; expected a store's URI (sqlite:///<file>, "
+                      "http://<host>:<port>, …), or null for $MLFLOW_TRACKING_URI, else the local store"),
+    # A word that is no override (key=value, ~key, +key=value): Hydra's parse error over two lines, exit 1.
+    ("loss probs", "loss is not accepted: expected key=value in Hydra's override grammar (e.g. loss=probs)"),
+    ("-m seed=0,1 probs", "probs is not accepted: expected key=value"),
     # A folder that takes no new folders although access() says it is writable (root, in /proc): found before the
     # study trains, not when its report is written.
     ("-m reports_dir=/proc/fromlogits-reports", "reports_dir='/proc/fromlogits-reports' is not accepted: /proc "),
@@ -231,6 +237,8 @@ def test_good_overrides_pass_the_precheck():
     assert precheck_overrides(["-m", "experiment=seed_logistic", "output_dir=${hydra:runtime.output_dir}/m"]) is None
     assert precheck_overrides(["-m", "seed=0", "output_dir=out"]) is None  # a sweep of one job
     assert precheck_overrides(["-m", "seed=0", "output_dir=a,b"]) is None  # each job its own value
+    # Hydra's flags keep their values; a deletion (~key) needs no value.
+    assert precheck_overrides(["--cfg", "job", "-p", "train", "~seed", "--config-name", "config", "-cp", "../conf"]) is None
 
 
 def test_a_glob_sweep_of_a_config_group_is_checked_as_its_options():

@@ -143,6 +143,15 @@ def check_name(key: str, value: str) -> str:
     return value
 
 
+def check_store_uri(key: str, value: str, unset: str) -> str:
+    """A tracking store's URI as typed: an empty one (tracking.uri=$SERVER, SERVER unset) would mean the local store,
+    as none given does (`unset`: how to give none)."""
+    if not value.strip():
+        raise ConfigError(f"{key}={value!r} is not accepted: it is empty; expected a store's URI (sqlite:///<file>, "
+                          f"http://<host>:<port>, …), or {unset} for $MLFLOW_TRACKING_URI, else the local store")
+    return value
+
+
 # "1/255" maps pixels to [0, 1]; "none" keeps raw 0..255, the setting where probabilities saturate early.
 PIXEL_SCALES = {"1/255": 1.0 / 255.0, "none": 1.0}
 
@@ -257,6 +266,8 @@ class TrackingConfig:
     flush_seconds: float = 5.0
 
     def __post_init__(self):
+        if self.uri is not None:
+            check_store_uri("tracking.uri", self.uri, unset="null")
         check_name("tracking.experiment", self.experiment)
         _require(math.isfinite(self.timeout_seconds) and self.timeout_seconds > 0, "tracking.timeout_seconds",
                  self.timeout_seconds, "a finite number > 0")

@@ -24,8 +24,23 @@ from pipeline.config import PROJECT_ROOT, PipelineError, first_line, require_fol
 HYDRA_OUTPUT_DIRS = ("hydra.run.dir", "hydra.sweep.dir")  # Hydra creates them before any job runs
 # Hydra's flags for one configuration, which it refuses with --multirun (-m).
 ONE_CONFIG_FLAGS = ("--cfg", "-c", "--info", "-i", "--run", "-r", "--shell-completion", "-sc")
+# Hydra's flags that take the next argument as their value; --info takes one of its choices if one follows.
+VALUED_FLAGS = ("--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn", "--config-dir", "-cd",
+                "--experimental-rerun")
+INFO_FLAGS, INFO_CHOICES = ("--info", "-i"), ("all", "config", "defaults", "defaults-tree", "plugins", "searchpath")
 # An output_dir naming a folder of each job's own: Hydra's number, id or overrides of the job, or the job's folder.
 PER_JOB = re.compile(r"\$\{hydra:(job\.(num|id|override_dirname)|runtime\.output_dir)\}")
+
+
+def not_an_override(argv: list[str]) -> str | None:
+    """The first argument that is neither a flag, a flag's value nor an override (key=value, ~key), or None."""
+    previous = None
+    for arg in argv:
+        a_value = previous in VALUED_FLAGS or (previous in INFO_FLAGS and arg in INFO_CHOICES)
+        if not a_value and not arg.startswith(("-", "~")) and "=" not in arg:
+            return arg
+        previous = arg
+    return None
 
 
 def override_lines(argv: list[str]) -> list[str]:
@@ -165,6 +180,9 @@ def precheck_overrides(argv: list[str]) -> str | None:
     should instead read which value is wrong and what is accepted. Every value of a sweep is checked
     (each with the fixed overrides), so a typo in the fifth value fails before the first job starts.
     """
+    stray = not_an_override(argv)
+    if stray:  # Hydra's parse error, over two lines
+        return f"{stray} is not accepted: expected key=value in Hydra's override grammar (e.g. loss=probs), or a flag"
     multirun = "-m" in argv or "--multirun" in argv
     one_config = next((a for a in argv if a.split("=", 1)[0] in ONE_CONFIG_FLAGS), None) if multirun else None
     if one_config:  # Hydra's ValueError, as a traceback

@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 from pipeline.cli import OneLineParser
-from pipeline.config import PipelineError, check_name, require_folder
+from pipeline.config import PipelineError, check_name, check_store_uri, require_folder
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,6 +28,8 @@ def main(argv: list[str] | None = None) -> int:
         out = None if args.out is None else Path(args.out)  # as typed: Path("") would be the working directory
         if out is not None:  # before anything is read: the report is written last
             require_folder("--out", args.out, out.absolute(), writable=True)
+        if args.tracking_uri is not None:
+            check_store_uri("--tracking-uri", args.tracking_uri, unset="leave it out")
         uri = tracking_uri(args.tracking_uri)
         if not uri.startswith("sqlite:///") or Path(uri.removeprefix("sqlite:///")).exists():
             prepare_store(uri, args.experiment)
