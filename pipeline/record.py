@@ -45,7 +45,34 @@ class Tag:
     ERROR = "error"
     FAILED_REASON = "failed_reason"
     CONFIG_DIGEST = "config_digest"  # which configuration a run trains, recorded where (config_digest)
+    # A resumed run's earlier attempts made with another commit, package set or CPU than the attempt after them:
+    # a JSON list of their PROVENANCE tags, oldest first (the run's own PROVENANCE tags are its last attempt's).
+    EARLIER_PROVENANCE = "earlier_provenance"
     PARENT = "mlflow.parentRunId"
+
+
+# Where a run's numbers were made: a chaotic setting's digits depend on the code, the packages and the CPU.
+PROVENANCE = (Tag.GIT_COMMIT, Tag.GIT_DIRTY, Tag.VERSIONS, Tag.CPU)
+
+
+def changed_provenance(before: dict[str, str], now: dict[str, str]) -> list[str]:
+    """The PROVENANCE tags a run resumed with tags `now` changes from `before` (a tag not given stays as it is)."""
+    return [tag for tag in PROVENANCE if tag in before and tag in now and before[tag] != now[tag]]
+
+
+def resumed_provenance(before: dict[str, str], now: dict[str, str]) -> str | None:
+    """The EARLIER_PROVENANCE tag of a run resumed with tags `now`, whose tags were `before`: what it held, and the
+    previous attempt's PROVENANCE if it differs from this one's; None while every attempt was made alike."""
+    earlier = json.loads(before.get(Tag.EARLIER_PROVENANCE, "[]"))
+    if changed_provenance(before, now):
+        earlier.append({tag: before[tag] for tag in PROVENANCE if tag in before})
+    return json.dumps(earlier) if earlier else None
+
+
+def provenances(tags: dict[str, str]) -> list[dict[str, str]]:
+    """Every PROVENANCE a run's epochs were made with: its last attempt's, then its earlier ones' that differed."""
+    made = [tags, *json.loads(tags.get(Tag.EARLIER_PROVENANCE, "[]"))]
+    return [{tag: attempt.get(tag, "not recorded") for tag in PROVENANCE} for attempt in made]
 
 
 STUDY_ROLE = "study"

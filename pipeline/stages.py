@@ -24,7 +24,7 @@ from pipeline.data import Splits, fetch, load
 from pipeline.files import exclusive, write_json
 from pipeline.models import Classifier
 from pipeline.progress import EpochProgress
-from pipeline.record import MODEL_NAME, DatasetRef, RunRecord, Tag, run_record
+from pipeline.record import MODEL_NAME, DatasetRef, RunRecord, Tag, changed_provenance, run_record
 from pipeline.tracking import (MetricBuffer, discard_unfinished_models, has_logged_model, last_logged_steps,
                                out_of_space, prepare_store, resumable, tracked_run, tracking_uri, unlogged)
 from pipeline.interrupt import interruptible
@@ -106,7 +106,10 @@ def run_configuration(cfg: Config, output_dir: Path, parent_run_id: str | None =
             run_id = run.info.run_id
             write_json(folder / "run.json", {"run_id": run_id})
             if resume_id:  # its params and inputs were logged by the first attempt
-                print(f"resuming run {resume_id} from its checkpoint ({folder})", flush=True)
+                changed = changed_provenance(run.data.tags, record.tags)  # the run's tags as this attempt found them
+                print(f"resuming run {resume_id} from its checkpoint ({folder})" + (
+                    f"; its earlier epochs were made with another {', '.join(changed)} (its {Tag.EARLIER_PROVENANCE} "
+                    "tag keeps them)" if changed else ""), flush=True)
             else:
                 with clock("logging"):
                     log_inputs(cfg, record, dataset, splits)

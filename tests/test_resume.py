@@ -209,3 +209,43 @@ def test_two_identical_commands_at_once_share_nothing(tmp_path, data_dir):
     assert len(written) == 2  # each its own output folder
     assert {json.loads(p.read_text())["run_id"] for p in written} == {r.info.run_id for r in runs}
     assert not [p for p in (tmp_path / "checkpoints").iterdir() if p.is_dir()]  # both cleaned up after themselves
+
+
+def test_a_run_resumed_with_another_cpu_or_code_keeps_where_its_earlier_epochs_were_made(tmp_path, capsys):
+    """A resumed run took the last attempt's commit, packages and CPU tags and lost the first's: a run half
+    trained elsewhere (another machine's kernels round differently) looked made in one place. The earlier
+    provenance is kept in a tag of its own, and a report lists it with the run's name."""
+    from pipeline.record import PROVENANCE, Tag, provenances
+    from pipeline.tracking import prepare_store
+    from pipeline.tracking.runs import tracked_run
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    experiment_id = prepare_store(uri, "fromlogits")
+    first = {Tag.GIT_COMMIT: "a" * 40, Tag.GIT_DIRTY: "false", Tag.VERSIONS: "tensorflow==2.21.0", Tag.CPU: "cpu A (avx2)"}
+    with tracked_run(uri, experiment_id, "logits-seed0", first) as run:
+        run_id = run.info.run_id
+    with tracked_run(uri, experiment_id, "logits-seed0", first, run_id=run_id):
+        pass  # resumed where it began: nothing to keep
+    assert Tag.EARLIER_PROVENANCE not in mlflow.MlflowClient(uri).get_run(run_id).data.tags
+    second = {**first, Tag.CPU: "cpu B (sse4.1)"}
+    third = {**second, Tag.GIT_COMMIT: "c" * 40}
+    for tags in (second, third):
+        with tracked_run(uri, experiment_id, "logits-seed0", tags, run_id=run_id):
+            pass
+    kept = mlflow.MlflowClient(uri).get_run(run_id).data.tags
+    assert {t: kept[t] for t in PROVENANCE} == third  # the last attempt's, which evaluated and logged the model
+    assert json.loads(kept[Tag.EARLIER_PROVENANCE]) == [first, second]
+    assert provenances(kept) == [third, first, second]
+
+    from pipeline.report import Report
+    from pipeline.report.findings import provenance
+    from pipeline.report.runs import RunData, Setting
+    from pipeline.report import analyse
+
+    runs = [RunData(run_id, "logits-seed0", "FINISHED", "logits", 0, {**kept, "formulation": "logits"}, {}, {"test_nll": 1.0}),
+            RunData("other", "logits-seed1", "FINISHED", "logits", 1, {**third, "formulation": "logits"}, {}, {"test_nll": 1.0})]
+    environment = Report("s", "parent", "1", [analyse(Setting({}, runs))], [], [], {}).environment
+    assert environment[Tag.CPU] == ["cpu A (avx2)", "cpu B (sse4.1)"] and environment[Tag.GIT_COMMIT] == ["a" * 40, "c" * 40]
+    assert environment["resumed_elsewhere"] == ["logits-seed0"]
+    assert provenance(environment).endswith(
+        " 1 run was resumed with another commit, package set or CPU than an earlier attempt of it had: logits-seed0.")

@@ -16,7 +16,7 @@ import numpy as np
 
 from pipeline.config import FormulationName
 from pipeline.files import staged_folder, write_json
-from pipeline.record import Tag
+from pipeline.record import PROVENANCE, Tag, provenances
 from pipeline.report import plots
 from pipeline.report.runs import RunData, Setting, StudyNotFound, group_settings, log_report, read_study
 from pipeline.report.stats import Comparison, compare_arm, holm
@@ -78,11 +78,13 @@ class Report:
 
     @property
     def environment(self) -> dict[str, list[str]]:
-        """Where the numbers were made: each distinct commit, package set and CPU among the finished runs
-        (a chaotic setting's digits depend on all three; a study resumed elsewhere lists more than one)."""
+        """Where the numbers were made: each distinct commit, package set and CPU among the finished runs and
+        their earlier attempts (a chaotic setting's digits depend on all three; a study resumed elsewhere lists
+        more than one), and under "resumed_elsewhere" the runs whose attempts differed."""
         runs = [run for result in self.results for run in result.setting.runs]
-        return {tag: sorted({run.tags.get(tag, "not recorded") for run in runs})
-                for tag in (Tag.GIT_COMMIT, Tag.GIT_DIRTY, Tag.VERSIONS, Tag.CPU)}
+        made = {run.name: provenances(run.tags) for run in runs}
+        return {**{tag: sorted({p[tag] for attempts in made.values() for p in attempts}) for tag in PROVENANCE},
+                "resumed_elsewhere": sorted(name for name, attempts in made.items() if len(attempts) > 1)}
 
 
 def metric_values(setting: Setting, arm: str, metric: str) -> dict[int, float]:

@@ -54,7 +54,10 @@ def provenance(env: dict[str, list[str]] | None) -> str:
         return "Where these runs were made (commit, packages, CPU) was not recorded."
     commits = ", ".join(f"`{c[:7]}`" for c in env["git_commit"])
     dirty = " with uncommitted changes" if "true" in env["git_dirty"] else ""
-    return (f"Made at commit {commits}{dirty} on {'; '.join(env['cpu'])}, with {'; '.join(env['versions'])}.")
+    mixed = env.get("resumed_elsewhere", [])  # not in older findings.json files
+    return (f"Made at commit {commits}{dirty} on {'; '.join(env['cpu'])}, with {'; '.join(env['versions'])}."
+            + (f" {len(mixed)} run{' was' if len(mixed) == 1 else 's were'} resumed with another commit, package set or "
+               f"CPU than an earlier attempt of {'it' if len(mixed) == 1 else 'them'} had: {', '.join(mixed)}." if mixed else ""))
 
 
 def factors(setting: dict) -> dict[str, str]:

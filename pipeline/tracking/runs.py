@@ -19,7 +19,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from pipeline.interrupt import Interrupted, caused_by_stop, stop_requested
-from pipeline.record import STUDY_ROLE, Tag
+from pipeline.record import STUDY_ROLE, Tag, resumed_provenance
 from pipeline.config import first_line
 from pipeline.files import WriteError
 from pipeline.processes import process_tags
@@ -49,6 +49,9 @@ def tracked_run(uri: str, experiment_id: str, run_name: str | None = None, tags:
         tags[Tag.PARENT] = parent_run_id
     if run_id:
         run = mlflow.start_run(run_id=run_id)
+        earlier = resumed_provenance(run.data.tags, tags)  # the tags below are this attempt's
+        if earlier:
+            tags[Tag.EARLIER_PROVENANCE] = earlier
         mlflow.set_tags(tags)
         client = MlflowClient(uri)
         for stale_tag in (Tag.FAILED_REASON, Tag.ERROR):  # the earlier attempt's failure is history now
