@@ -34,8 +34,8 @@ def whole_number(least: int) -> Callable[[str], int]:
 
 
 def run_command(main: Callable[[], int], left_as: str) -> NoReturn:
-    """Exits with `main()`'s code; a Ctrl-C or SIGTERM stops the command at once instead, in one line saying what
-    it `left_as`, exit 130: not Python's traceback, and not lost where it lands in a finalizer."""
+    """Exits with `main()`'s code; a Ctrl-C, SIGTERM or hang-up stops the command at once instead, in one line saying
+    what it `left_as`, exit 130: not Python's traceback, and not lost where it lands in a finalizer."""
     from pipeline.interrupt import caused_by_stop, install_immediate_stop
 
     install_immediate_stop()

@@ -1,18 +1,26 @@
-"""How a run is stopped: the first SIGINT/SIGTERM asks training to stop at the end of the epoch, a
-second one stops at once. Both entry points (pipeline.run, pipeline.dvc_stages) install the handlers; the
-report commands, with no epoch to finish, stop at the first (`install_immediate_stop`), and so does a study's
-report once its jobs have ended (`stopping_at_once`)."""
+"""How a run is stopped: the first SIGINT/SIGTERM/SIGHUP asks training to stop at the end of the epoch, a
+second one stops at once; after a SIGHUP, output meant for the hung-up terminal goes nowhere. Both entry
+points (pipeline.run, pipeline.dvc_stages) install the handlers; the report commands, with no epoch to
+finish, stop at the first (`install_immediate_stop`), and so does a study's report once its jobs have ended
+(`stopping_at_once`)."""
 
 from __future__ import annotations
 
 import _thread
 import contextlib
+import errno
+import os
 import signal
 import sys
+import termios
 import threading
 from typing import Callable, Iterator, TypeVar
 
 T = TypeVar("T")
+
+# Ctrl-C; a scheduler's or a user's kill; the terminal closing (an ssh connection dropped, a window closed), which
+# would otherwise kill the process outright and leave its run RUNNING.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 # Set by `request_stop`; the loop stops at the next epoch boundary, after the
 # epoch's metrics and checkpoint are saved. Raising from the handler itself could land anywhere
@@ -29,16 +37,39 @@ _notice: str | None = RUN_NOTICE
 # A stop relayed by a launching process to its jobs: always "after this epoch", never "now", so a job that
 # also got the terminal's Ctrl-C is not stopped twice.
 RELAYED_STOP = signal.SIGUSR1
+# What a launcher's processes start with blocked (`shield_started_processes`): the stops a terminal sends its
+# whole process group, and the relayed one.
+SHIELDED = {signal.SIGINT, signal.SIGHUP, RELAYED_STOP}
 _relays: list[Callable[[], None]] = []
 _redelivering = False  # request_stop is called again for a stop that a finalizer swallowed: say it once
 _ending = threading.Lock()  # held while this process ends its study: a second stop waits for that
 
 
+def silence_hung_up_terminal(signum: int) -> None:
+    """After SIGHUP, standard output and error that were the terminal that hung up go to /dev/null: writing to it
+    fails (EIO), which would fail the run at its next progress line instead of letting it stop."""
+    if signum != signal.SIGHUP:
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                termios.tcgetattr(stream.fileno())
+            except termios.error as error:
+                if error.args[0] == errno.EIO:  # a terminal, hung up (any other file: ENOTTY)
+                    os.dup2(devnull, stream.fileno())
+            except (OSError, ValueError):  # no file descriptor (a test's capture, a closed stream)
+                pass
+    finally:
+        os.close(devnull)
+
+
 def request_stop(signum, frame) -> None:
-    """SIGINT/SIGTERM: stop at the end of the current epoch (its checkpoint saved, the run KILLED);
+    """SIGINT/SIGTERM/SIGHUP: stop at the end of the current epoch (its checkpoint saved, the run KILLED);
     a second signal stops at once (the entry points wait for training in a helper thread, so the
     main thread, where Python runs this, is always free to)."""
     global _redelivering
+    silence_hung_up_terminal(signum)
     if stop_requested.is_set():
         if _notice and not _redelivering:  # a launcher's worker leaves it to its launching process, as below
             print(f"\n{signal.Signals(signum).name} again: stopping now", file=sys.stderr, flush=True)
@@ -114,36 +145,37 @@ def install_stop_handlers(notice: str | None = RUN_NOTICE) -> None:
     if threading.current_thread() is not threading.main_thread():
         return  # Python takes signal handlers in the main thread only; a thread pool's job keeps the defaults
     _notice = notice
-    signal.signal(signal.SIGTERM, request_stop)
-    signal.signal(signal.SIGINT, request_stop)
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, request_stop)
     signal.signal(RELAYED_STOP, lambda signum, frame: stop_requested.set())
     sys.unraisablehook = redeliver_swallowed_stop
     # A launcher's job may start with these blocked (see `shield_started_processes`); a stop that came
     # meanwhile is pending and arrives now.
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, RELAYED_STOP})
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, SHIELDED)
 
 
 def install_immediate_stop() -> None:
-    """For a short command with no epoch to finish (the report commands): the first SIGINT or SIGTERM raises
+    """For a short command with no epoch to finish (the report commands): the first stop signal raises
     KeyboardInterrupt at once, raised again where a finalizer swallows it (`redeliver_swallowed_stop`)."""
 
     def stop_now(signum, frame) -> None:
+        silence_hung_up_terminal(signum)
         stop_requested.set()  # what redeliver_swallowed_stop asks before raising it again
         stopped_at_once.set()
         raise KeyboardInterrupt
 
-    signal.signal(signal.SIGINT, stop_now)
-    signal.signal(signal.SIGTERM, stop_now)
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, stop_now)
     sys.unraisablehook = redeliver_swallowed_stop
 
 
 @contextlib.contextmanager
 def stopping_at_once() -> Iterator[None]:
-    """Within the block the first SIGINT or SIGTERM raises KeyboardInterrupt at once, as after
+    """Within the block the first stop signal raises KeyboardInterrupt at once, as after
     `install_immediate_stop` (for work with no epoch left to finish: a study's report once its jobs have
     ended); a stop that came just before the block raises it as the block starts. The handlers before
     return after it."""
-    previous = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    previous = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
     install_immediate_stop()
     try:
         if stop_requested.is_set():
@@ -156,19 +188,19 @@ def stopping_at_once() -> Iterator[None]:
 
 
 def shield_started_processes() -> None:
-    """Processes started from this (main) thread from now on inherit SIGINT blocked; this process still
-    gets it, on a helper thread, and handles it as before (Python runs the handler in the main thread).
+    """Processes started from this (main) thread from now on inherit SIGINT and SIGHUP blocked; this process still
+    gets them, on a helper thread, and handles it as before (Python runs the handler in the main thread).
 
     For a launcher's processes: Ctrl-C reaches the terminal's whole process group, and a submitit
     controller that gets it prints a KeyboardInterrupt traceback and SIGKILLs its job a second later.
     Shielded, it waits instead while its job, which unblocks SIGINT when it installs its handlers (a
     Ctrl-C during its start-up stays pending until then), stops at the end of its epoch and ends its run
-    KILLED. RELAYED_STOP is blocked the same way, so a relayed stop never kills a job or a joblib worker
+    KILLED; the same for a terminal that hangs up. RELAYED_STOP is blocked the same way, so a relayed stop never kills a job or a joblib worker
     that is still starting (its default action would).
     """
     helper = threading.Thread(target=threading.Event().wait, name="signals", daemon=True)
-    helper.start()  # created before the block: its mask keeps SIGINT deliverable
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, RELAYED_STOP})
+    helper.start()  # created before the block: its mask keeps SIGINT and SIGHUP deliverable
+    signal.pthread_sigmask(signal.SIG_BLOCK, SHIELDED)
 
 
 def interruptible(work: Callable[[], T]) -> T:

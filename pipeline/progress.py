@@ -90,7 +90,12 @@ class EpochProgress:
         if epoch == self.epochs and self.study_jobs:
             _JOB_ENDS.setdefault(self.study_started, []).append(now)
         if self.interactive:
-            end = "\n" if epoch == self.epochs else ""
-            print(f"\r\033[K{self.line(epoch, metrics, now)}", end=end, file=self.stream, flush=True)
+            self.show(f"\r\033[K{self.line(epoch, metrics, now)}", end="\n" if epoch == self.epochs else "")
         elif epoch == self.first_epoch or epoch == self.epochs or epoch % self.every == 0:
-            print(self.line(epoch, metrics, now), file=self.stream, flush=True)
+            self.show(self.line(epoch, metrics, now))
+
+    def show(self, line: str, end: str = "\n") -> None:
+        try:
+            print(line, end=end, file=self.stream, flush=True)
+        except OSError:  # a terminal that hung up (its SIGHUP stops the run after this epoch), a full disk under
+            pass  # redirected output: the run's metrics are in the store; a line not shown must not fail it

@@ -67,7 +67,7 @@ def run_configuration(cfg: Config, output_dir: Path, parent_run_id: str | None =
     """fetch -> train -> evaluate for one configuration, in one MLflow run; returns the run's id
     (`run_id`) and its test metrics.
 
-    An interrupted run (SIGINT/SIGTERM) ends KILLED with a checkpoint of its last persisted epoch;
+    An interrupted run (SIGINT/SIGTERM/SIGHUP) ends KILLED with a checkpoint of its last persisted epoch;
     running the same configuration again continues it in the same MLflow run (unless `resume=false`).
     A run this configuration FINISHED in the study's `interrupted_attempt` (its parent run) is kept, not
     trained again: it moves under `parent_run_id`. Two identical commands at once never share a checkpoint

@@ -3,8 +3,8 @@
 Registered as a Hydra callback in conf/config.yaml, so it works with every launcher: the parent run
 is created in the launching process before any job starts (which also creates the store, the
 experiment and the prepared dataset once: parallel first writers race on all three), and its id
-reaches the jobs through the environment, which local and SLURM workers inherit. A stop (Ctrl-C, SIGTERM)
-is passed on to the jobs; jobs on the launching process's machine also stop if it dies without one.
+reaches the jobs through the environment, which local and SLURM workers inherit. A stop (Ctrl-C, SIGTERM, a
+hang-up) is passed on to the jobs; jobs on the launching process's machine also stop if it dies without one.
 """
 
 from __future__ import annotations

@@ -197,16 +197,30 @@ def wait_until_drawn_into(report: Path, process: subprocess.Popen, timeout: floa
         time.sleep(0.005)
 
 
-def start_training_sweep(tmp_path: Path, uri: str, *overrides: str, epochs: int = 400) -> subprocess.Popen:
-    """Starts a sweep of two `epochs`-epoch jobs in a session of its own; returns it once both runs train."""
+def in_terminal(terminal: int) -> dict:
+    """Popen's arguments for a command run in a terminal: the pseudo-terminal `terminal` (the side a shell would
+    hold) as its standard streams and its controlling terminal, in a session of its own, as an ssh login gives."""
+    import fcntl
+    import termios
+
+    return {"stdin": terminal, "stdout": terminal, "stderr": terminal, "start_new_session": True,
+            "preexec_fn": lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0)}
+
+
+def start_training_sweep(tmp_path: Path, uri: str, *overrides: str, epochs: int = 400,
+                         terminal: int | None = None) -> subprocess.Popen:
+    """Starts a sweep of two `epochs`-epoch jobs in a session of its own (in the pseudo-terminal `terminal`, if given;
+    its output captured otherwise); returns it once both runs train."""
     from pipeline.tracking import prepare_store
 
     prepare_store(uri, "fromlogits")
     command = [sys.executable, "-m", "pipeline.run", "-m", "loss=probs,logits", "seed=0", f"train.epochs={epochs}", FAST_FLUSH,
                f"hydra.sweep.dir={tmp_path / 'sweep'}", f"reports_dir={tmp_path / 'reports'}",
                f"checkpoints_dir={tmp_path / 'checkpoints'}", *overrides]
-    process = subprocess.Popen(command, cwd=PROJECT_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               env={**os.environ, "MLFLOW_TRACKING_URI": uri}, start_new_session=True)
+    streams = (in_terminal(terminal) if terminal is not None
+               else {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "start_new_session": True})
+    process = subprocess.Popen(command, cwd=PROJECT_ROOT, text=True, env={**os.environ, "MLFLOW_TRACKING_URI": uri},
+                               **streams)
     try:
         wait_for_first_epoch(tmp_path / "checkpoints", runs=2, timeout=180)
     except BaseException:

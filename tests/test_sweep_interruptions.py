@@ -4,6 +4,8 @@ launching process killed hard (a file of its own, so the test workers share the 
 from __future__ import annotations
 
 import os
+import pty
+import select
 import signal
 import subprocess
 import sys
@@ -47,6 +49,34 @@ def test_a_second_ctrl_c_stops_a_parallel_sweep_at_once_and_leaves_every_run_res
     assert len(children) == 2 and all(r.info.status == "KILLED" for r in children), \
         [(r.info.run_name, r.info.status) for r in children]
     assert len(list((tmp_path / "checkpoints").glob("*/state.npz"))) == 2
+
+
+def test_a_terminal_that_hangs_up_stops_a_parallel_sweep_as_ctrl_c_does(tmp_path):
+    """An ssh connection that drops, or a terminal window closed, hangs up the sweep's terminal: SIGHUP to its
+    process group, and writing to the terminal fails (EIO). That killed the launching process and its workers
+    outright, their runs left RUNNING; now it stops the sweep as Ctrl-C does, with no terminal to say so to."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    controller, terminal = pty.openpty()
+    try:
+        process = start_training_sweep(tmp_path, uri, "train.epochs=400", terminal=terminal)
+    finally:
+        os.close(terminal)
+    try:
+        shown, deadline = b"", time.monotonic() + 1
+        while time.monotonic() < deadline:  # what it has shown so far (a pseudo-terminal holds only so much)
+            if select.select([controller], [], [], 0.1)[0]:
+                shown += os.read(controller, 65536)
+        assert b"study" in shown, shown[-2000:]  # the sweep's terminal is this one
+        os.close(controller)  # it hangs up
+        assert process.wait(timeout=120) == 130
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    parent, children = study_runs(uri)
+    assert parent.info.status == "KILLED"
+    assert len(children) == 2 and all(r.info.status == "KILLED" for r in children), \
+        [(r.info.run_name, r.info.status) for r in children]
+    assert len(list((tmp_path / "checkpoints").glob("*/state.npz"))) == 2  # each resumes from its last epoch
 
 
 @pytest.mark.parametrize("multirun", [True, False], ids=["sweep", "run"])
