@@ -217,6 +217,20 @@ def test_every_bad_override_is_one_line_naming_the_value(overrides, expected):
     assert precheck_overrides(overrides.split()).startswith(expected)
 
 
+def test_a_command_whose_later_study_has_someone_elses_report_folder_is_refused_before_any_study(tmp_path):
+    """`experiment=a,b` with b's report folder someone else's: a trained whole, then b was refused as it opened."""
+    from pipeline.config.overrides import precheck_overrides
+
+    theirs = tmp_path / "seed_logistic"
+    theirs.mkdir()
+    (theirs / "notes.txt").write_text("precious")
+    assert precheck_overrides(["-m", "experiment=seed_mnist,seed_logistic", f"reports_dir={tmp_path}"]) == (
+        f"{theirs} exists and is not a report folder of this pipeline (no .fromlogits-report in it); "
+        "choose another study name or output folder, or remove it yourself")
+    assert [p.name for p in theirs.iterdir()] == ["notes.txt"]
+    assert precheck_overrides(["-m", "experiment=seed_mnist", f"reports_dir={tmp_path}"]) is None  # its own is free
+
+
 def test_good_overrides_pass_the_precheck():
     from pipeline.config.overrides import precheck_overrides
 

@@ -238,6 +238,22 @@ def shared_output_problem(studies: list, lines: list[str]) -> str | None:
     return None
 
 
+def foreign_report_folder_problem(studies: list) -> str | None:
+    """A study whose report folder is someone else's, as one line; None if none. `studies`: each study's composed
+    config. The study refuses it as it opens too (a folder made meanwhile); here, with `experiment=a,b`, no study
+    of the command has trained yet when b's is found."""
+    from pipeline.files import refuse_unless_ours
+    from pipeline.study import report_folder
+
+    for config in studies:
+        with as_first_job(config, multirun=True):
+            try:
+                refuse_unless_ours(report_folder(config, validate(config)))
+            except PipelineError as error:
+                return str(error)
+    return None
+
+
 def _precheck(lines: list[str], multirun: bool) -> str | None:
     """`precheck_overrides` of the override lines, inside `project_hydra`."""
     from hydra import compose
@@ -307,7 +323,7 @@ def _precheck(lines: list[str], multirun: bool) -> str | None:
             override = next((line for line in fixed if composed([line], False)[1] is not None), " ".join(fixed))
         return composition_error(override, error)
     return (hydra_settings_problem(fixed, parsed) or preset_sweep_problem(studies, parsed)
-            or (shared_output_problem(studies, lines) if multirun else None))
+            or (shared_output_problem(studies, lines) or foreign_report_folder_problem(studies) if multirun else None))
 
 
 def hydra_settings_problem(fixed: list[str], parsed: list) -> str | None:
