@@ -19,7 +19,7 @@ from typing import Callable
 import mlflow
 from mlflow.entities import Metric, RunTag
 
-from pipeline.config import Config
+from pipeline.config import Config, first_line
 from pipeline.data import Splits, fetch, load
 from pipeline.files import exclusive, write_json
 from pipeline.models import Classifier
@@ -43,7 +43,11 @@ def previous_attempt(uri: str, folder: Path) -> str | None:
     marker, state = folder / "run.json", folder / "state.npz"
     if not (marker.exists() and state.exists()):
         return None
-    run_id = json.loads(marker.read_text())["run_id"]
+    try:
+        run_id = json.loads(marker.read_text())["run_id"]
+    except (OSError, ValueError, KeyError, TypeError) as error:  # damaged outside the pipeline, which writes it whole
+        print(f"discarding the checkpoint in {folder}: its run.json cannot be read ({first_line(error)})", flush=True)
+        return None
     if resumable(uri, run_id):
         return run_id
     print(f"discarding the checkpoint in {folder}: its run {run_id} was deleted or cannot be continued",
@@ -99,7 +103,8 @@ def run_configuration(cfg: Config, output_dir: Path, parent_run_id: str | None =
             return {"run_id": kept.info.run_id, **metrics}
         resume_id = previous_attempt(uri, folder) if cfg.resume and owned else None
         checkpoint = Checkpoint(folder / "state.npz")
-        if not resume_id:
+        unreadable = checkpoint.unreadable() if resume_id else None
+        if not resume_id or unreadable:  # an unreadable one: its run trains again from the first epoch
             checkpoint.remove()
         with tracked_run(uri, experiment_id, record.name, record.tags, parent_run_id=parent_run_id,
                          run_id=resume_id) as run:
@@ -107,13 +112,15 @@ def run_configuration(cfg: Config, output_dir: Path, parent_run_id: str | None =
             write_json(folder / "run.json", {"run_id": run_id})
             if resume_id:  # its params and inputs were logged by the first attempt
                 changed = changed_provenance(run.data.tags, record.tags)  # the run's tags as this attempt found them
-                print(f"resuming run {resume_id} from its checkpoint ({folder})" + (
+                print(f"resuming run {resume_id} " + (
+                    f"from its first epoch: its checkpoint {checkpoint.path} cannot be read ({unreadable}); the epochs "
+                    "it stored are trained again, not sent again" if unreadable else f"from its checkpoint ({folder})") + (
                     f"; its earlier epochs were made with another {', '.join(changed)} (its {Tag.EARLIER_PROVENANCE} "
                     "tag keeps them)" if changed else ""), flush=True)
             else:
                 with clock("logging"):
                     log_inputs(cfg, record, dataset, splits)
-            first_epoch = checkpoint.epoch() + 1 if resume_id else 1
+            first_epoch = checkpoint.epoch() + 1 if checkpoint.exists() else 1
             # What an earlier attempt stored: its process may have died after a write its checkpoint
             # does not know of (an epoch's metrics, the evaluation, the model); none is written twice.
             logged = last_logged_steps(mlflow.MlflowClient(), run_id) if resume_id else {}

@@ -24,7 +24,7 @@ from typing import Callable
 import keras
 import numpy as np
 
-from pipeline.config import Config, Precision
+from pipeline.config import Config, Precision, first_line
 from pipeline.data import Splits
 from pipeline.files import write_arrays
 from pipeline.formulations import Formulation, Task, formulation as make_formulation
@@ -149,6 +149,18 @@ class Checkpoint:
     def epoch(self) -> int:
         with np.load(self.path) as saved:
             return int(saved["epoch"])
+
+    def unreadable(self) -> str | None:
+        """Why the file cannot be read back whole (cut short as it was copied, a disk error), in one line; None if
+        it can. It is written atomically, so only damage from outside the pipeline does this."""
+        try:
+            with np.load(self.path) as saved:
+                for name in saved.files:
+                    saved[name]  # read: each array's checksum is checked
+                int(saved["epoch"])
+        except Exception as error:  # noqa: BLE001 - whatever numpy, zipfile or the OS raise for a damaged file
+            return first_line(error)
+        return None
 
     def remove(self) -> None:
         self.path.unlink(missing_ok=True)

@@ -85,6 +85,35 @@ def test_a_checkpoint_resumes_only_where_it_belongs_and_a_deleted_run_does_not_b
     assert fresh.info.run_id != killed.info.run_id and fresh.info.status == "FINISHED"
 
 
+def test_a_damaged_checkpoint_is_trained_again_not_a_traceback_on_every_rerun(tmp_path, data_dir):
+    """A checkpoint cut short outside the pipeline (a full disk as it was copied, a disk error): every rerun of its
+    configuration failed with numpy's traceback, exit 1, its run FAILED. Now the run trains again from the first
+    epoch, each epoch stored once (the steps the store has are not sent again)."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    config = ["train.epochs=80", "seed=6"]
+    killed = interrupt_once(tmp_path, data_dir, uri, *config)
+    (state,) = (tmp_path / "checkpoints").glob("*/state.npz")
+    state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
+
+    again = run_one(tmp_path, data_dir, uri, *config, name="again")
+    assert again.returncode == 0 and "Traceback" not in again.stderr, again.stderr[-2000:]
+    assert f"resuming run {killed.info.run_id} from its first epoch: its checkpoint {state} cannot be read (" in again.stdout
+    (finished,) = runs_of(uri)
+    assert finished.info.run_id == killed.info.run_id and finished.info.status == "FINISHED"
+    steps = [m.step for m in mlflow.MlflowClient(uri).get_metric_history(finished.info.run_id, "val_nll_float64")]
+    assert sorted(steps) == list(range(1, 81))  # none missing, none twice
+
+
+def test_a_checkpoint_whose_run_json_is_damaged_is_discarded_in_one_line(tmp_path, capsys):
+    """Its run cannot be known: json's traceback on every rerun; now its configuration starts a new run."""
+    from pipeline.stages import previous_attempt
+
+    (tmp_path / "state.npz").write_bytes(b"")
+    (tmp_path / "run.json").write_text('{"run_id": "12')  # cut short
+    assert previous_attempt(f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path) is None
+    assert capsys.readouterr().out.startswith(f"discarding the checkpoint in {tmp_path}: its run.json cannot be read (")
+
+
 # `pipeline.run` SIGKILLed where the OOM killer can strike between two writes: "checkpoint" kills it as it
 # is about to save its 6th checkpoint (epoch 6's metrics are in the store, its checkpoint is not);
 # "model" kills it once its model is logged (its test metrics and model are in the store, the run is open).
