@@ -178,12 +178,16 @@ def start_one(tmp_path, data_dir, uri, *overrides, name="out"):
     )
 
 
-def wait_for_first_epoch(checkpoints: Path, runs: int = 1, timeout: float = 120) -> None:
-    """Until `runs` runs have finished an epoch: their checkpoints (written after an epoch) exist in `checkpoints`."""
+def wait_for_first_epoch(checkpoints: Path, runs: int = 1, timeout: float = 120,
+                         process: subprocess.Popen | None = None) -> None:
+    """Until `runs` runs have finished an epoch: their checkpoints (written after an epoch) exist in `checkpoints`.
+    Fails at once if `process`, the command training them, ends first."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if len(list(checkpoints.glob("*/state.npz"))) >= runs:
             return
+        if process is not None and process.poll() is not None:
+            pytest.fail(f"the command ended (exit {process.returncode}) before {runs} run(s) finished an epoch")
         time.sleep(0.2)
     pytest.fail(f"{runs} run(s) did not finish an epoch in {timeout:.0f} s")
 
@@ -222,10 +226,12 @@ def start_training_sweep(tmp_path: Path, uri: str, *overrides: str, epochs: int 
     process = subprocess.Popen(command, cwd=PROJECT_ROOT, text=True, env={**os.environ, "MLFLOW_TRACKING_URI": uri},
                                **streams)
     try:
-        wait_for_first_epoch(tmp_path / "checkpoints", runs=2, timeout=180)
+        wait_for_first_epoch(tmp_path / "checkpoints", runs=2, timeout=180, process=process)
     except BaseException:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.communicate(timeout=60)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        _, stderr = process.communicate(timeout=60)
+        print(f"the sweep's stderr:\n{(stderr or '')[-5000:]}", file=sys.stderr)  # shown with the failure
         raise
     return process
 
