@@ -188,15 +188,15 @@ def stopping_at_once() -> Iterator[None]:
 
 
 def shield_started_processes() -> None:
-    """Processes started from this (main) thread from now on inherit SIGINT and SIGHUP blocked; this process still
-    gets them, on a helper thread, and handles it as before (Python runs the handler in the main thread).
+    """Processes started from this (main) thread from now on inherit SIGINT and SIGHUP blocked; this process
+    still gets them, on a helper thread, and handles them as before (Python runs the handler in the main thread).
 
     For a launcher's processes: Ctrl-C reaches the terminal's whole process group, and a submitit
     controller that gets it prints a KeyboardInterrupt traceback and SIGKILLs its job a second later.
     Shielded, it waits instead while its job, which unblocks SIGINT when it installs its handlers (a
     Ctrl-C during its start-up stays pending until then), stops at the end of its epoch and ends its run
-    KILLED; the same for a terminal that hangs up. RELAYED_STOP is blocked the same way, so a relayed stop never kills a job or a joblib worker
-    that is still starting (its default action would).
+    KILLED; the same for a terminal that hangs up. RELAYED_STOP is blocked the same way, so a relayed stop
+    never kills a job or a joblib worker that is still starting (its default action would).
     """
     helper = threading.Thread(target=threading.Event().wait, name="signals", daemon=True)
     helper.start()  # created before the block: its mask keeps SIGINT and SIGHUP deliverable
