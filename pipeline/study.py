@@ -277,6 +277,18 @@ def report_folder(config: DictConfig, cfg) -> Path:
     return Path(config.hydra.sweep.dir) / "report" if cfg.study is None else Path(cfg.reports_dir) / cfg.study
 
 
+def validated_study(config: DictConfig):
+    """A study's validated config (as in its first job) from its Hydra config; raises WriteError if its report
+    folder is someone else's, which the study would find only once every job had trained. The command's
+    pre-check calls it for each study of `experiment=a,b`; the study again as it opens (a folder made meanwhile)."""
+    from pipeline.files import refuse_unless_ours
+
+    with as_first_job(config, multirun=True):
+        cfg = validate(config)
+    refuse_unless_ours(report_folder(config, cfg))
+    return cfg
+
+
 class StudyCallback(Callback):
     def __init__(self) -> None:
         self.study = None
@@ -298,15 +310,12 @@ class StudyCallback(Callback):
 
     def _start(self, config: DictConfig) -> None:
         global _active, _failed_jobs
-        from pipeline.files import refuse_unless_ours
         from pipeline.interrupt import StoppedBeforeStart, forget_relays, stop_requested
         from pipeline.tracking import Study, prepare_store, tracking_uri
 
         forget_relays()  # an earlier study's, in a command that runs several
         _failed_jobs = 0
-        with as_first_job(config, multirun=True):
-            cfg = validate(config)
-        refuse_unless_ours(report_folder(config, cfg))  # found after every job had trained, before
+        cfg = validated_study(config)
         self.uri = tracking_uri(cfg.tracking.uri)
         experiment_id = prepare_store(self.uri, cfg.tracking.experiment, cfg.tracking)
         if not looks_prepared(cfg.dataset.name, cfg.dataset.version, cfg.data_dir):

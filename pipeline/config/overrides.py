@@ -240,17 +240,14 @@ def shared_output_problem(studies: list, lines: list[str]) -> str | None:
 
 def foreign_report_folder_problem(studies: list) -> str | None:
     """A study whose report folder is someone else's, as one line; None if none. `studies`: each study's composed
-    config. The study refuses it as it opens too (a folder made meanwhile); here, with `experiment=a,b`, no study
-    of the command has trained yet when b's is found."""
-    from pipeline.files import refuse_unless_ours
-    from pipeline.study import report_folder
+    config. Here, with `experiment=a,b`, no study of the command has trained yet when b's is found."""
+    from pipeline.study import validated_study
 
     for config in studies:
-        with as_first_job(config, multirun=True):
-            try:
-                refuse_unless_ours(report_folder(config, validate(config)))
-            except PipelineError as error:
-                return str(error)
+        try:
+            validated_study(config)
+        except PipelineError as error:
+            return str(error)
     return None
 
 
