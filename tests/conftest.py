@@ -22,10 +22,11 @@ CONF_DIR = PROJECT_ROOT / "conf"
 register_configs()
 
 
-def compose_config(*overrides: str):
-    """The config `python -m pipeline.run <overrides>` would get (without Hydra's runtime keys)."""
+def compose_config(*overrides: str, hydra: bool = False):
+    """The config `python -m pipeline.run <overrides>` would get (without Hydra's runtime keys; with its `hydra`
+    node, e.g. the launcher's settings, if `hydra`)."""
     with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
-        return compose(config_name="config", overrides=list(overrides))
+        return compose(config_name="config", overrides=list(overrides), return_hydra_config=hydra)
 
 
 @pytest.fixture(autouse=True)

@@ -14,15 +14,36 @@ import mlflow
 import numpy as np
 import pytest
 
-from conftest import PROJECT_ROOT, interrupt_sweep, run_cli, start_mlflow_server, start_training_sweep, study_runs
+from conftest import PROJECT_ROOT, compose_config, interrupt_sweep, run_cli, start_mlflow_server, start_training_sweep, study_runs
 
 pytestmark = pytest.mark.slow
 
-# submitit's local controller opens its job's log under submitit_folder with %j = its own pid, a folder the launching
-# process makes only after starting it: on a busy machine the controller can look first and die (FileNotFoundError),
-# its job never run. A submitit_folder without %j exists before any controller starts (README: Scaling out).
-LOCAL_JOBS = ("hydra/launcher=submitit_local", "hydra.launcher.submitit_folder=${hydra.sweep.dir}/.submitit",
-              "hydra.launcher.timeout_min=10")
+LOCAL_JOBS = ("hydra/launcher=local_processes", "hydra.launcher.timeout_min=10")
+
+
+@pytest.mark.parametrize("launcher", ["submitit_local", "local_processes"])
+def test_local_processes_run_a_job_whose_controller_starts_before_its_folder_is_made(tmp_path, monkeypatch, launcher):
+    """submitit 1.5's local executor starts a job's controller, then makes the job's folder; with the plugin's
+    `submitit_folder` (…/%j: the controller's pid) a controller that opens its log there first dies and its job
+    never runs. Seen in a sweep on a busy machine; here made certain by a pause after each start. The project's
+    `local_processes` launcher names a folder that exists before any controller starts."""
+    import submitit
+    from submitit.local.local import LocalExecutor
+
+    launcher_config = compose_config(f"hydra/launcher={launcher}", f"hydra.sweep.dir={tmp_path}", hydra=True).hydra.launcher
+    start = LocalExecutor._submit_command
+
+    def start_then_pause(self, command):
+        job = start(self, command)
+        time.sleep(2)  # the launching process delayed (a busy machine) before it makes the job's folder
+        return job
+
+    monkeypatch.setattr(LocalExecutor, "_submit_command", start_then_pause)
+    job = submitit.AutoExecutor(folder=launcher_config.submitit_folder, cluster="local").submit(sum, [1, 2])
+    if launcher == "submitit_local":  # the race, reproduced: the controller died before the job started
+        assert job._process.wait(timeout=60) != 0 and not job.paths.result_pickle.exists()
+    else:
+        assert job.result() == 3
 
 
 def sweep(tmp_path: Path, data_dir: str, uri: str, *overrides: str, env: dict | None = None):

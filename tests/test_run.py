@@ -161,7 +161,7 @@ BAD_INPUT = [
     # A config group's value is one of its files, never a path into another group's folder.
     ("loss=../experiment/atlas", "loss=../experiment/atlas is not accepted: expected one of logits, probs, probs_naive"),
     ("-m experiment=../config", "experiment=../config is not accepted: expected one of atlas, backends, high_lr"),
-    ("hydra/launcher=../../x", "hydra/launcher=../../x is not accepted: expected one of basic, joblib, submitit_local"),
+    ("hydra/launcher=../../x", "hydra/launcher=../../x is not accepted: expected one of basic, joblib, local_processes, submitit_local"),
     # A key added with + must be one the config has (a typo would otherwise be carried along unread).
     ("+trian.epochs=3", "+trian.epochs=3 is not accepted: Key 'trian' not in 'Config'"),
     # The override at fault is named, wherever it stands.
