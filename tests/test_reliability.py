@@ -38,6 +38,20 @@ def test_unwritable_store_is_a_clear_error(tmp_path, data_dir):
     assert not (tmp_path / "out" / "metrics.json").exists()
 
 
+@pytest.mark.parametrize("database", ["mlruns-here/mlflow.db", "~/mlflow.db"])
+def test_a_store_with_a_relative_path_is_refused_before_anything_is_made(tmp_path, monkeypatch, database):
+    """sqlite:///<relative path> (three slashes, or a '~' no shell expanded): the folder and the database were made,
+    then MLflow failed on the artifacts' location ("relative path can't be expressed as a file URI")."""
+    from pipeline.tracking import TrackingUnavailable, prepare_store
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(TrackingUnavailable) as error:
+        prepare_store(f"sqlite:///{database}", "fromlogits")
+    assert str(error.value) == (f"tracking URI 'sqlite:///{database}' is not accepted: its database path {database!r} "
+                                "is relative; expected an absolute one, sqlite:////<folder>/mlflow.db (four slashes)")
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("damage", ["truncated", "garbage"])
 def test_a_damaged_store_is_one_line_and_left_as_it_is(tmp_path, damage):
     from pipeline.tracking import TrackingUnavailable, prepare_store

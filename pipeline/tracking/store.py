@@ -85,6 +85,9 @@ def _check_server(uri: str, timeout: float) -> None:
 def _check_local_store(uri: str) -> None:
     if uri.startswith("sqlite:///"):
         database = Path(uri.removeprefix("sqlite:///"))
+        if not database.is_absolute():  # MLflow cannot name the artifacts beside it: it failed once both were made
+            raise TrackingUnavailable(f"tracking URI {uri!r} is not accepted: its database path {str(database)!r} is "
+                                      "relative; expected an absolute one, sqlite:////<folder>/mlflow.db (four slashes)")
         try:
             database.parent.mkdir(parents=True, exist_ok=True)
             probe = database.parent / f".write-test-{os.getpid()}"
