@@ -14,7 +14,7 @@ import mlflow
 import numpy as np
 import pytest
 
-from conftest import run_cli, runs_of
+from conftest import PROJECT_ROOT, run_cli, runs_of
 from pipeline.record import ISA_CAPS
 
 pytestmark = pytest.mark.slow
@@ -149,6 +149,15 @@ BAD_INPUT = [
     ("-m reports_dir=", "reports_dir='' is not accepted: it is empty; expected the path of a folder"),
     ("output_dir=", "output_dir='' is not accepted: it is empty; expected the path of a folder"),
     ("hydra.run.dir=", "hydra.run.dir='' is not accepted: it is empty; expected the path of a folder"),
+    # '~' quoted past the shell (or from a YAML file) is not a home folder here: it was made as a folder named '~'.
+    ("checkpoints_dir='~/ck'", f"checkpoints_dir='~/ck' is not accepted: '~' is not expanded here, so it would be a "
+                               f"folder named '~' in {PROJECT_ROOT}; expected the path written out, e.g. {Path.home()}/ck"),
+    ("data_dir='~'", f"data_dir='~' is not accepted: '~' is not expanded here, so it would be a folder named '~' in "
+                     f"{PROJECT_ROOT}; expected the path written out, e.g. {Path.home()}"),
+    ("-m hydra.sweep.dir='~nobody-here/sweeps'", "hydra.sweep.dir='~nobody-here/sweeps' is not accepted: '~' is not "
+                                                 "expanded here, so it would be a folder named '~nobody-here' in "),
+    ("output_dir='~/o'", "output_dir='~/o' is not accepted: '~' is not expanded here"),
+    ("-m reports_dir='~/r'", "reports_dir='~/r' is not accepted: '~' is not expanded here"),
     # An empty store (tracking.uri=$SERVER with SERVER unset) went to the local store as if none was given.
     ("tracking.uri=", "tracking.uri='' is not accepted: it is empty; expected a store's URI (sqlite:///<file>, "
                       "http://<host>:<port>, …), or null for $MLFLOW_TRACKING_URI, else the local store"),

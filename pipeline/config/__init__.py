@@ -103,9 +103,17 @@ SEED_LIMIT = 2**32  # numpy's and Keras's seeds are unsigned 32-bit
 def require_folder(key: str, value: str, path: Path, writable: bool) -> None:
     """A folder the pipeline uses: an existing folder (writable if `writable`), or one that can be created
     (its nearest existing parent is a writable folder). Leaves nothing behind (see `_takes_new_folders`).
-    An empty `value` is refused: it would be the folder the path is relative to (the project root, say)."""
+    An empty `value` is refused: it would be the folder the path is relative to (the project root, say); so is
+    one starting with '~', which would be a folder of that name there, not a home folder."""
     if not value.strip():
         raise ConfigError(f"{key}={value!r} is not accepted: it is empty; expected the path of a folder")
+    home = Path(value).parts[0]
+    if home.startswith("~"):  # a shell expands it; Python does not: `rm -rf ~` would then remove the wrong folder
+        within = path.parents[len(Path(value).parts) - 1]
+        written_out = os.path.expanduser(value)
+        raise ConfigError(f"{key}={value!r} is not accepted: '~' is not expanded here, so it would be a folder named "
+                          f"{home!r} in {within}; expected the path written out"
+                          + (f", e.g. {written_out}" if written_out != value else ""))
     try:
         existing = next(p for p in (path, *path.parents) if p.exists())
         written = writable or existing != path
