@@ -8,6 +8,8 @@ what to do offline, instead of TFDS's minutes of retries.
 from __future__ import annotations
 
 import logging
+import re
+import shutil
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,6 +106,7 @@ def fetch(dataset: DatasetConfig, data_dir: str, allow_download: bool = True) ->
     # One preparer at a time: the jobs of a study prepare a dataset the study found prepared in another
     # version only (pipeline/study.py); TFDS's own preparation fails when two processes race.
     with exclusive(Path(data_dir) / f".{dataset.name}.lock", wait=True):
+        remove_dead_preparations(Path(builder.data_dir))
         try:
             builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=str(manual)))
         except PipelineError:
@@ -121,6 +124,16 @@ def fetch(dataset: DatasetConfig, data_dir: str, allow_download: bool = True) ->
                 f"({error_summary(error, 200)}); "
                 f"{advice}") from None
     return DatasetRef(dataset.name, str(builder.version), data_dir, BUNDLED.get(dataset.name))
+
+
+def remove_dead_preparations(version_dir: Path) -> None:
+    """TFDS prepares a version into `incomplete.<6 capitals or digits>_<version>` beside it and renames that
+    folder when done; a preparer killed outright (SIGKILL, the OOM killer, power loss) leaves it there for good.
+    Called under the dataset's lock, when no preparer is alive: removes those folders of this version, nothing else."""
+    leftover = re.compile(rf"incomplete\.[A-Z0-9]{{6}}_{re.escape(version_dir.name)}")
+    for folder in version_dir.parent.glob("incomplete.*"):
+        if leftover.fullmatch(folder.name) and folder.is_dir() and not folder.is_symlink():
+            shutil.rmtree(folder)
 
 
 @dataclass

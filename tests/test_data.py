@@ -155,6 +155,23 @@ def test_a_damaged_prepared_file_is_named_even_after_a_good_read(tmp_path):
     assert good.x_train.shape == (3600, 784)
 
 
+def test_what_a_preparer_killed_outright_left_is_removed_by_the_next_and_nothing_else(tmp_path):
+    """A SIGKILL during TFDS's preparation left its `incomplete.XXXXXX_<version>` folder (a partial shard) in
+    data_dir for good; the next preparation, under the dataset's lock, removes it."""
+    from tensorflow_datasets.core.utils.file_utils import _get_incomplete_dir  # TFDS's own name for it
+
+    version_dir = tmp_path / "mnist_sample" / "1.0.0"
+    dead = Path(_get_incomplete_dir(str(version_dir)))
+    dead.mkdir(parents=True)
+    (dead / "mnist_sample-train.array_record-00000-of-00001").write_bytes(b"partial")
+    kept = [tmp_path / "mnist_sample" / "incomplete.notes", tmp_path / "mnist_sample" / "incomplete.ABC123_2.0.0"]
+    for folder in kept:
+        folder.mkdir()
+    fetch(DatasetConfig(), str(tmp_path))
+    assert sorted(p.name for p in (tmp_path / "mnist_sample").iterdir()) == sorted(["1.0.0", *(f.name for f in kept)])
+    assert load(DatasetConfig(), str(tmp_path)).x_train.shape == (3600, 784)
+
+
 def test_junk_in_the_manual_folder_is_one_line_naming_it(tmp_path):
     manual = tmp_path / "downloads" / "manual"
     manual.mkdir(parents=True)
