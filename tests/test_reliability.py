@@ -52,6 +52,38 @@ def test_a_store_with_a_relative_path_is_refused_before_anything_is_made(tmp_pat
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("how", ["deleted", "removed for good"])
+def test_metrics_for_a_run_deleted_while_it_trains_fail_at_once_naming_it(tmp_path, how):
+    """A run deleted in the MLflow UI while it trained (or a study's parent run, at its report): every flush
+    was retried for give_up_seconds (45 s) as if the store were away, then said "run the same command again when
+    the store is back", though the store was fine. Retries cannot mend it: one line at once, saying what can."""
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.tracking import MetricBuffer, RunDeleted, TrackingUnavailable, prepare_store
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    run_id = client.create_run(prepare_store(uri, "fromlogits")).info.run_id
+    if how == "deleted":
+        client.delete_run(run_id)
+    else:  # `mlflow gc` removes a deleted run from the store: its id is then unknown, as a made-up one is
+        run_id = "0" * 32
+    buffer = MetricBuffer(client, run_id, give_up_seconds=20)
+    buffer.log({"loss": 1.0}, step=1)
+    with pytest.raises(RunDeleted) as error:
+        buffer.flush()
+    assert not isinstance(error.value, TrackingUnavailable)
+    assert str(error.value) == (
+        f"run {run_id} was deleted from the MLflow store while this command logged to it (in the MLflow UI?); "
+        f"nothing more can be logged to it: restore it (mlflow runs restore --run-id {run_id}) and run the same "
+        "command again")
+    working = client.create_run(client.get_experiment_by_name("fromlogits").experiment_id).info.run_id
+    buffer = MetricBuffer(client, working)  # a run that is there takes the metrics as before
+    buffer.log({"loss": 1.0}, step=1)
+    buffer.flush()
+    assert [m.value for m in client.get_metric_history(working, "loss")] == [1.0]
+
+
 @pytest.mark.parametrize("damage", ["truncated", "garbage"])
 def test_a_damaged_store_is_one_line_and_left_as_it_is(tmp_path, damage):
     from pipeline.tracking import TrackingUnavailable, prepare_store

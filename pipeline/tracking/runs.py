@@ -20,7 +20,7 @@ from mlflow.tracking import MlflowClient
 
 from pipeline.interrupt import Interrupted, caused_by_stop, stop_requested
 from pipeline.record import STUDY_ROLE, Tag, resumed_provenance
-from pipeline.config import first_line
+from pipeline.config import PipelineError, first_line
 from pipeline.files import WriteError
 from pipeline.processes import process_tags
 from pipeline.tracking.store import TrackingUnavailable
@@ -175,6 +175,27 @@ def has_logged_model(client: MlflowClient, run: Run, name: str) -> bool:
     return any(model.status == LoggedModelStatus.READY for model in logged_models(client, run, name))
 
 
+class RunDeleted(PipelineError):
+    """The run this process logs to was deleted (the MLflow UI's Delete) or removed (`mlflow gc`): no retry helps."""
+
+
+def raise_if_deleted(client: MlflowClient, run_id: str, error: Exception) -> None:
+    """Raises RunDeleted if `error`, from logging to `run_id`, came from that run being deleted or removed; the
+    store answered, so the error is a client error (MLflow refuses a deleted run's metrics as an invalid value)."""
+    if not (isinstance(error, MlflowException) and error.error_code in ("INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST")):
+        return
+    try:
+        deleted = client.get_run(run_id).info.lifecycle_stage == "deleted"
+    except MlflowException as lookup:
+        deleted = lookup.error_code == "RESOURCE_DOES_NOT_EXIST"
+    except Exception:  # noqa: BLE001 - the store went away meanwhile: left to the retries
+        deleted = False
+    if deleted:
+        raise RunDeleted(f"run {run_id} was deleted from the MLflow store while this command logged to it (in the "
+                         f"MLflow UI?); nothing more can be logged to it: restore it (mlflow runs restore --run-id "
+                         f"{run_id}) and run the same command again") from None
+
+
 class MetricBuffer:
     """Collects per-epoch metrics and sends them in batches (SQLite logging costs ~65 ms a call).
 
@@ -215,6 +236,7 @@ class MetricBuffer:
             except Exception as error:  # noqa: BLE001 - any failure to reach the store is retried, then reported
                 if stop_requested.is_set():  # asked to stop while the store is away: do not wait for it
                     raise Interrupted(f"stopped while the tracking store was unreachable ({first_line(error)})") from None
+                raise_if_deleted(self.client, self.run_id, error)
                 self.failing_since = self.failing_since or time.monotonic()
                 waited = time.monotonic() - self.failing_since
                 if waited >= self.give_up_seconds:
