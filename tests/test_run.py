@@ -212,6 +212,16 @@ BAD_INPUT = [
                                                    "each would write its metrics.json there over the one before; expected"),
     ("-m experiment=seed_logistic loss=logits output_dir=out", "output_dir='out' is not accepted in a sweep of 5 jobs"),
     ("-m seed=0,1 output_dir=a,b loss=probs,logits", "output_dir='a' is not accepted in a sweep of 8 jobs"),
+    # One job folder for a sweep's jobs (output_dir unset: Hydra's hydra.sweep.dir/hydra.sweep.subdir), as above.
+    ("-m seed=0,1 hydra.sweep.subdir=", "hydra.sweep.subdir='' is not accepted in a sweep of 2 jobs: each job's folder "
+                                        "would be the same, and each job would write its metrics.json there over the "
+                                        "one before; expected a folder per job, e.g. hydra.sweep.subdir='${hydra.job.num}'"),
+    ("-m experiment=seed_logistic hydra.sweep.subdir=all", "hydra.sweep.subdir='all' is not accepted in a sweep of 15 jobs"),
+    # A job folder that cannot be one: the study opened, then its launcher failed (exit 1, the parent run FAILED).
+    ("-m seed=0 hydra.sweep.subdir=/dev/null/x", "hydra.sweep.subdir='/dev/null/x' is not accepted: /dev/null is not a "
+                                                 "folder"),
+    ("-m seed=0 hydra.sweep.dir=/tmp hydra.sweep.subdir='~/x'", "hydra.sweep.subdir='~/x' is not accepted: '~' is not "
+                                                                "expanded here, so it would be a folder named '~' in /tmp"),
     # Hydra's flags for one configuration with -m: Hydra's ValueError as a traceback, exit 1.
     ("-m experiment=seed_logistic --cfg job", "--cfg is not accepted with -m: it shows or runs one configuration; "
                                               "expected it without -m"),
@@ -260,6 +270,9 @@ def test_good_overrides_pass_the_precheck():
     assert precheck_overrides(["-m", "experiment=seed_logistic", "output_dir=${hydra:runtime.output_dir}/m"]) is None
     assert precheck_overrides(["-m", "seed=0", "output_dir=out"]) is None  # a sweep of one job
     assert precheck_overrides(["-m", "seed=0", "output_dir=a,b"]) is None  # each job its own value
+    assert precheck_overrides(["-m", "seed=0,1", "hydra.sweep.subdir=${hydra.job.override_dirname}"]) is None
+    assert precheck_overrides(["-m", "seed=0,1", "hydra.sweep.subdir=", "output_dir=out/${hydra:job.num}"]) is None
+    assert precheck_overrides(["-m", "seed=0", "hydra.sweep.subdir="]) is None  # one job: its folder is the sweep's
     # Hydra's flags keep their values; a deletion (~key) needs no value.
     assert precheck_overrides(["--cfg", "job", "-p", "train", "~seed", "--config-name", "config", "-cp", "../conf"]) is None
 

@@ -30,6 +30,8 @@ VALUED_FLAGS = ("--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--con
 INFO_FLAGS, INFO_CHOICES = ("--info", "-i"), ("all", "config", "defaults", "defaults-tree", "plugins", "searchpath")
 # An output_dir naming a folder of each job's own: Hydra's number, id or overrides of the job, or the job's folder.
 PER_JOB = re.compile(r"\$\{hydra:(job\.(num|id|override_dirname)|runtime\.output_dir)\}")
+# A job folder (hydra.sweep.subdir, inside Hydra's own node) of each job's own: the job's number, id or overrides.
+PER_JOB_SUBDIR = re.compile(r"\$\{hydra[.:]job\.(num|id|override_dirname)\}")
 
 
 def not_an_override(argv: list[str]) -> str | None:
@@ -219,22 +221,48 @@ def as_first_job(config, multirun: bool) -> Iterator[None]:
         holder.cfg = before
 
 
-def shared_output_problem(studies: list, lines: list[str]) -> str | None:
+def shared_output_problem(studies: list, lines: list[str], subdir: str | None = None) -> str | None:
     """An output_dir that several jobs of a study would share, as one line; None if none. Each job writes its
     metrics.json there: one over the other, one left. `studies`: each study's composed config; `lines`: the
     command line's overrides. A study's jobs share a value that does not name the job (`PER_JOB`); that studies
-    (`experiment=a,b`) share it is `studies_of`'s to refuse."""
+    (`experiment=a,b`) share it is `studies_of`'s to refuse. With output_dir unset, each job writes into its Hydra
+    folder, hydra.sweep.subdir under hydra.sweep.dir, which must then name the job (`PER_JOB_SUBDIR`): `subdir` as
+    typed on the command line, else each study's own."""
     for config in studies:
         params = OmegaConf.select(config, "hydra.sweeper.params") or {}
         _, sweeps = sweep_values([f"{key}={value}" for key, value in params.items()] + lines)
         sweeps.pop("experiment", None)
         values = sweeps.pop("output_dir", None) or [OmegaConf.to_container(config, resolve=False)["output_dir"]]
         jobs = count_jobs(sweeps)  # of each output_dir value
+        folder = str(OmegaConf.to_container(config.hydra.sweep, resolve=False)["subdir"]) if subdir is None else subdir
+        if values == [None] and jobs > 1 and not PER_JOB_SUBDIR.search(folder):
+            return (f"hydra.sweep.subdir={folder!r} is not accepted in a sweep of {jobs} jobs: each job's folder would be "
+                    "the same, and each job would write its metrics.json there over the one before; expected a folder "
+                    "per job, e.g. hydra.sweep.subdir='${hydra.job.num}'")
         for value in values:
             if value is not None and jobs > 1 and not PER_JOB.search(str(value)):
                 return (f"output_dir={str(value)!r} is not accepted in a sweep of {jobs * len(values)} jobs: each would "
                         f"write its metrics.json there over the one before; expected it unset (each job writes in "
                         f"its own folder, hydra.sweep.subdir) or a folder per job, e.g. output_dir='{value}/${{hydra:job.num}}'")
+    return None
+
+
+def job_folder_problem(studies: list, typed: dict[str, str]) -> str | None:
+    """A job folder typed as a plain path (hydra.sweep.subdir, under hydra.sweep.dir) that cannot be made, as one
+    line; None if none. `typed`: the command line's Hydra settings. Hydra makes the folder only as the job starts:
+    the study had opened, then its launcher failed."""
+    subdir, sweep_dir = typed.get("hydra.sweep.subdir"), typed.get("hydra.sweep.dir")
+    if not subdir or "${" in subdir:  # none, or empty (the sweep folder, checked as hydra.sweep.dir), or per job
+        return None
+    for config in studies:
+        within = sweep_dir
+        if within is None or "${" in within:
+            with as_first_job(config, multirun=True):
+                within = str(config.hydra.sweep.dir)  # the study's own, as its first job resolves it
+        try:
+            require_folder("hydra.sweep.subdir", subdir, Path(within, subdir).absolute(), writable=True)
+        except PipelineError as error:
+            return str(error)
     return None
 
 
@@ -319,8 +347,11 @@ def _precheck(lines: list[str], multirun: bool) -> str | None:
         if override is None:  # the fixed overrides together: name the first that fails on its own
             override = next((line for line in fixed if composed([line], False)[1] is not None), " ".join(fixed))
         return composition_error(override, error)
+    typed_hydra = {o.key_or_group: str(o.value()) for o in parsed
+                   if o.key_or_group in (*HYDRA_OUTPUT_DIRS, "hydra.sweep.subdir")}
     return (hydra_settings_problem(fixed, parsed) or preset_sweep_problem(studies, parsed)
-            or (shared_output_problem(studies, lines) or foreign_report_folder_problem(studies) if multirun else None))
+            or (shared_output_problem(studies, lines, typed_hydra.get("hydra.sweep.subdir"))
+                or job_folder_problem(studies, typed_hydra) or foreign_report_folder_problem(studies) if multirun else None))
 
 
 def hydra_settings_problem(fixed: list[str], parsed: list) -> str | None:
