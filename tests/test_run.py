@@ -273,6 +273,9 @@ def test_good_overrides_pass_the_precheck():
     assert precheck_overrides(["-m", "seed=0,1", "hydra.sweep.subdir=${hydra.job.override_dirname}"]) is None
     assert precheck_overrides(["-m", "seed=0,1", "hydra.sweep.subdir=", "output_dir=out/${hydra:job.num}"]) is None
     assert precheck_overrides(["-m", "seed=0", "hydra.sweep.subdir="]) is None  # one job: its folder is the sweep's
+    # "." names the folder it is relative to, as a path may (it has no first component to be a '~').
+    assert precheck_overrides(["hydra.run.dir=.", "checkpoints_dir=.", "output_dir=./"]) is None
+    assert precheck_overrides(["-m", "seed=0", "hydra.sweep.dir=.", "hydra.sweep.subdir=."]) is None
     # Hydra's flags keep their values; a deletion (~key) needs no value.
     assert precheck_overrides(["--cfg", "job", "-p", "train", "~seed", "--config-name", "config", "-cp", "../conf"]) is None
 

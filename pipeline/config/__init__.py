@@ -107,9 +107,9 @@ def require_folder(key: str, value: str, path: Path, writable: bool) -> None:
     one starting with '~', which would be a folder of that name there, not a home folder."""
     if not value.strip():
         raise ConfigError(f"{key}={value!r} is not accepted: it is empty; expected the path of a folder")
-    home = Path(value).parts[0]
-    if home.startswith("~"):  # a shell expands it; Python does not: `rm -rf ~` would then remove the wrong folder
-        within = path.parents[len(Path(value).parts) - 1]
+    parts = Path(value).parts  # none for "."
+    if parts and parts[0].startswith("~"):  # a shell expands it, Python does not: `rm -rf ~` would remove the wrong one
+        home, within = parts[0], path.parents[len(parts) - 1]
         written_out = os.path.expanduser(value)
         raise ConfigError(f"{key}={value!r} is not accepted: '~' is not expanded here, so it would be a folder named "
                           f"{home!r} in {within}; expected the path written out"
