@@ -280,6 +280,18 @@ def test_good_overrides_pass_the_precheck():
     assert precheck_overrides(["--cfg", "job", "-p", "train", "~seed", "--config-name", "config", "-cp", "../conf"]) is None
 
 
+@pytest.mark.parametrize("char", list("~!#&;<=>^`()[]{}'\""))
+def test_a_character_hydra_reads_only_quoted_is_named_in_the_hint(char):
+    """The hint named ;()[]{},'" only: `checkpoints_dir=a~b` (or !, #, &, <, =, >, ^, `) was refused without it."""
+    from pipeline.config.overrides import UNQUOTABLE, precheck_overrides
+
+    problem = precheck_overrides([f"checkpoints_dir=a{char}b"])
+    assert problem.startswith(f"checkpoints_dir=a{char}b is not accepted: cannot parse it"), problem
+    assert problem.endswith(f"with a value holding spaces or any of {UNQUOTABLE} quoted") and char in UNQUOTABLE
+    quote = '"' if char == "'" else "'"
+    assert "cannot parse" not in (precheck_overrides([f"checkpoints_dir={quote}a{char}b{quote}"]) or "")
+
+
 def test_a_glob_sweep_of_a_config_group_is_checked_as_its_options():
     """Hydra's glob() sweeps a group's options (loss=glob(*), experiment=glob(seed_*)); it needs Hydra's config
     loader to list them, which the pre-check once parsed without: a traceback, exit 1."""

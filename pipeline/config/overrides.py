@@ -28,6 +28,8 @@ ONE_CONFIG_FLAGS = ("--cfg", "-c", "--info", "-i", "--run", "-r", "--shell-compl
 VALUED_FLAGS = ("--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn", "--config-dir", "-cd",
                 "--experimental-rerun")
 INFO_FLAGS, INFO_CHOICES = ("--info", "-i"), ("all", "config", "defaults", "defaults-tree", "plugins", "searchpath")
+# What Hydra's grammar reads only inside quotes (with spaces), as a value starts or anywhere in it.
+UNQUOTABLE = "~!#&;<=>^`()[]{},'\""
 # An output_dir naming a folder of each job's own: Hydra's number, id or overrides of the job, or the job's folder.
 PER_JOB = re.compile(r"\$\{hydra:(job\.(num|id|override_dirname)|runtime\.output_dir)\}")
 # A job folder (hydra.sweep.subdir, inside Hydra's own node) of each job's own: the job's number, id or overrides.
@@ -171,7 +173,7 @@ def parse_error(lines: list[str], error: Exception) -> str:
             parse_overrides([line])
         except OverrideParseException as line_error:
             return (f"{line} is not accepted: cannot parse it ({first_line(line_error)}); expected key=value in "
-                    "Hydra's override grammar, with a value holding spaces or any of ;()[]{},'\" quoted")
+                    f"Hydra's override grammar, with a value holding spaces or any of {UNQUOTABLE} quoted")
     return f"cannot parse the overrides: {first_line(error)}"
 
 
