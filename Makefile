@@ -53,11 +53,14 @@ ui: setup
 	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(PY) -m mlflow ui --backend-store-uri sqlite:///$(STORE)/mlflow.db \
 		--default-artifact-root $(STORE)/artifacts --host 127.0.0.1 --port $(UI_PORT)
 
-# Removes what the pipeline wrote besides the store (mlruns/) and the data: outputs/ (run and sweep folders,
-# checkpoints of unfinished runs) and the report folders it made (those holding its marker file); a folder of
-# anyone else's in reports/ stays, and so does reports/ then.
+# Removes what the pipeline wrote besides the store (mlruns/) and the data: its folders in outputs/ (run and sweep
+# folders, checkpoints of unfinished runs, DVC's outputs, JAX's compilation cache, the browser test's screenshots)
+# and the report folders it made (those holding its marker file). Anything else in outputs/ or reports/ stays, and
+# so does the folder then.
+PIPELINE_OUTPUTS := runs multirun checkpoints dvc jax-cache screenshots
 clean-outputs:
-	rm -rf outputs
+	rm -rf $(addprefix outputs/,$(PIPELINE_OUTPUTS))
+	@rmdir outputs 2>/dev/null || true
 	@for folder in reports/*/; do if [ -f "$$folder.fromlogits-report" ]; then rm -rf "$$folder"; fi; done; \
 		rmdir reports 2>/dev/null || true
 

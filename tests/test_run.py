@@ -363,28 +363,34 @@ def test_make_ui_refuses_a_bad_port_in_one_line_naming_it(tmp_path, port):
 
 def test_make_clean_outputs_removes_only_what_the_pipeline_made(tmp_path):
     """`make clean-outputs` ran `rm -rf outputs multirun reports`: a top-level multirun/ (the pipeline's sweeps go
-    to outputs/multirun/) and a researcher's own files in reports/ went with it."""
+    to outputs/multirun/) and a researcher's own files in reports/ went with it; then `rm -rf outputs`, and their
+    own files in outputs/ with it."""
     import shutil
     import subprocess
 
     from pipeline.files import MARKER
 
     shutil.copy(Path(__file__).parents[1] / "Makefile", tmp_path / "Makefile")
-    (tmp_path / "outputs" / "checkpoints").mkdir(parents=True)
+    for made in ("runs/2026-12-06_01-00-00-000000_logits", "multirun/x/0_probs_seed0", "checkpoints/0123", "dvc/models",
+                 "jax-cache", "screenshots"):
+        (tmp_path / "outputs" / made).mkdir(parents=True)
     (tmp_path / "multirun" / "mine").mkdir(parents=True)
     for study in ("seed_mnist", "a study"):
         (tmp_path / "reports" / study).mkdir(parents=True)
         (tmp_path / "reports" / study / MARKER).write_text("")
     (tmp_path / "reports" / "notes").mkdir()
     (tmp_path / "reports" / "notes" / "draft.md").write_text("mine")
+    (tmp_path / "outputs" / "analysis.ipynb").write_text("mine")  # went with `rm -rf outputs`
     result = subprocess.run(["make", "-s", "clean-outputs"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["Makefile", "multirun", "reports"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["Makefile", "multirun", "outputs", "reports"]
     assert [p.name for p in (tmp_path / "reports").iterdir()] == ["notes"]
+    assert [p.name for p in (tmp_path / "outputs").iterdir()] == ["analysis.ipynb"]
 
     shutil.rmtree(tmp_path / "reports" / "notes")
+    (tmp_path / "outputs" / "analysis.ipynb").unlink()
     subprocess.run(["make", "-s", "clean-outputs"], cwd=tmp_path, check=True, capture_output=True, timeout=60)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["Makefile", "multirun"]  # an empty reports/ goes too
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["Makefile", "multirun"]  # empty outputs/, reports/ go too
 
 
 @pytest.mark.parametrize("script,args,expected", [
