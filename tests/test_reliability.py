@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -461,6 +462,25 @@ def test_report_cli_refuses_an_empty_store_uri_which_read_the_local_store(capsys
     assert capsys.readouterr().err.strip().splitlines() == [
         "error: --tracking-uri='' is not accepted: it is empty; expected a store's URI (sqlite:///<file>, "
         "http://<host>:<port>, …), or leave it out for $MLFLOW_TRACKING_URI, else the local store"]
+
+
+@pytest.mark.parametrize("empty", ["", "  "])
+def test_an_empty_tracking_uri_variable_is_refused_not_read_as_the_local_store(monkeypatch, capsys, empty):
+    """`export MLFLOW_TRACKING_URI=$SERVER` with SERVER unset: runs, studies and reports went to the local store
+    as if the variable were unset. A tracking.uri given on the command line still wins over it."""
+    from pipeline.report.__main__ import main
+    from pipeline.tracking import TrackingUnavailable, tracking_uri
+
+    expected = (f"MLFLOW_TRACKING_URI={empty!r} is not accepted: it is set but empty; expected a store's URI "
+                "(sqlite:///<file>, http://<host>:<port>, …), or the variable unset for the local store in mlruns/")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", empty)
+    with pytest.raises(TrackingUnavailable, match=re.escape(expected)):
+        tracking_uri()
+    assert tracking_uri("sqlite:////elsewhere/mlflow.db") == "sqlite:////elsewhere/mlflow.db"
+    assert main(["--study", "seed_mnist"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [f"error: {expected}"]
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    assert tracking_uri().endswith("/mlruns/mlflow.db")
 
 
 def test_a_tracking_server_that_dies_mid_run_fails_the_run_within_its_limit(tmp_path, data_dir):

@@ -35,7 +35,16 @@ def default_tracking_uri() -> str:
 
 
 def tracking_uri(configured: str | None = None) -> str:
-    return configured or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
+    """The store's URI: `configured` (tracking.uri), else $MLFLOW_TRACKING_URI, else the local store. The variable
+    set but empty (`MLFLOW_TRACKING_URI=$SERVER`, SERVER unset) is refused: it meant the local store, unsaid."""
+    if configured:
+        return configured
+    from_environment = os.environ.get("MLFLOW_TRACKING_URI")
+    if from_environment is not None and not from_environment.strip():
+        raise TrackingUnavailable(f"MLFLOW_TRACKING_URI={from_environment!r} is not accepted: it is set but empty; "
+                                  "expected a store's URI (sqlite:///<file>, http://<host>:<port>, …), or the variable "
+                                  "unset for the local store in mlruns/")
+    return from_environment or default_tracking_uri()
 
 
 def is_server(uri: str) -> bool:
