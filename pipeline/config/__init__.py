@@ -151,12 +151,15 @@ def check_name(key: str, value: str) -> str:
     return value
 
 
+STORE_URI = "a store's URI (sqlite:///<file>, http://<host>:<port>, …)"  # what an empty one is refused for
+
+
 def check_store_uri(key: str, value: str, unset: str) -> str:
     """A tracking store's URI as typed: an empty one (tracking.uri=$SERVER, SERVER unset) would mean the local store,
     as none given does (`unset`: how to give none)."""
     if not value.strip():
-        raise ConfigError(f"{key}={value!r} is not accepted: it is empty; expected a store's URI (sqlite:///<file>, "
-                          f"http://<host>:<port>, …), or {unset} for $MLFLOW_TRACKING_URI, else the local store")
+        raise ConfigError(f"{key}={value!r} is not accepted: it is empty; expected {STORE_URI}, or {unset} for "
+                          "$MLFLOW_TRACKING_URI, else the local store")
     return value
 
 

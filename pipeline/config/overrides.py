@@ -238,9 +238,9 @@ def shared_output_problem(studies: list, lines: list[str], subdir: str | None = 
         jobs = count_jobs(sweeps)  # of each output_dir value
         folder = str(OmegaConf.to_container(config.hydra.sweep, resolve=False)["subdir"]) if subdir is None else subdir
         if values == [None] and jobs > 1 and not PER_JOB_SUBDIR.search(folder):
-            return (f"hydra.sweep.subdir={folder!r} is not accepted in a sweep of {jobs} jobs: each job's folder would be "
-                    "the same, and each job would write its metrics.json there over the one before; expected a folder "
-                    "per job, e.g. hydra.sweep.subdir='${hydra.job.num}'")
+            return (f"hydra.sweep.subdir={folder!r} is not accepted in a sweep of {jobs} jobs: each job's folder would "
+                    "be the same, and each job would write its metrics.json there over the one before; expected a "
+                    "folder per job, e.g. hydra.sweep.subdir='${hydra.job.num}'")
         for value in values:
             if value is not None and jobs > 1 and not PER_JOB.search(str(value)):
                 return (f"output_dir={str(value)!r} is not accepted in a sweep of {jobs * len(values)} jobs: each would "
@@ -251,8 +251,8 @@ def shared_output_problem(studies: list, lines: list[str], subdir: str | None = 
 
 def job_folder_problem(studies: list, typed: dict[str, str]) -> str | None:
     """A job folder typed as a plain path (hydra.sweep.subdir, under hydra.sweep.dir) that cannot be made, as one
-    line; None if none. `typed`: the command line's Hydra settings. Hydra makes the folder only as the job starts:
-    the study had opened, then its launcher failed."""
+    line; None if none. `typed`: the command line's hydra.sweep.dir and hydra.sweep.subdir. Hydra makes the folder
+    only as the job starts: the study had opened, then its launcher failed."""
     subdir, sweep_dir = typed.get("hydra.sweep.subdir"), typed.get("hydra.sweep.dir")
     if not subdir or "${" in subdir:  # none, or empty (the sweep folder, checked as hydra.sweep.dir), or per job
         return None
@@ -349,11 +349,12 @@ def _precheck(lines: list[str], multirun: bool) -> str | None:
         if override is None:  # the fixed overrides together: name the first that fails on its own
             override = next((line for line in fixed if composed([line], False)[1] is not None), " ".join(fixed))
         return composition_error(override, error)
-    typed_hydra = {o.key_or_group: str(o.value()) for o in parsed
-                   if o.key_or_group in (*HYDRA_OUTPUT_DIRS, "hydra.sweep.subdir")}
+    sweep_folders = {o.key_or_group: str(o.value()) for o in parsed
+                     if o.key_or_group in ("hydra.sweep.dir", "hydra.sweep.subdir")}  # as typed
     return (hydra_settings_problem(fixed, parsed) or preset_sweep_problem(studies, parsed)
-            or (shared_output_problem(studies, lines, typed_hydra.get("hydra.sweep.subdir"))
-                or job_folder_problem(studies, typed_hydra) or foreign_report_folder_problem(studies) if multirun else None))
+            or (shared_output_problem(studies, lines, sweep_folders.get("hydra.sweep.subdir"))
+                or job_folder_problem(studies, sweep_folders) or foreign_report_folder_problem(studies)
+                if multirun else None))
 
 
 def hydra_settings_problem(fixed: list[str], parsed: list) -> str | None:

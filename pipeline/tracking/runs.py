@@ -182,7 +182,8 @@ class RunDeleted(PipelineError):
 def raise_if_deleted(client: MlflowClient, run_id: str, error: Exception) -> None:
     """Raises RunDeleted if `error`, from logging to `run_id`, came from that run being deleted or removed; the
     store answered, so the error is a client error (MLflow refuses a deleted run's metrics as an invalid value)."""
-    if not (isinstance(error, MlflowException) and error.error_code in ("INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST")):
+    refused = ("INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST")
+    if not (isinstance(error, MlflowException) and error.error_code in refused):
         return
     try:
         deleted = client.get_run(run_id).info.lifecycle_stage == "deleted"

@@ -20,7 +20,7 @@ from mlflow.entities import RunStatus
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from pipeline.config import PipelineError, TrackingConfig, first_line, shared_project_root
+from pipeline.config import STORE_URI, PipelineError, TrackingConfig, first_line, shared_project_root
 from pipeline.files import folder_lock
 from pipeline.processes import named_on_this_host, process_gone
 from pipeline.record import Tag
@@ -42,8 +42,7 @@ def tracking_uri(configured: str | None = None) -> str:
     from_environment = os.environ.get("MLFLOW_TRACKING_URI")
     if from_environment is not None and not from_environment.strip():
         raise TrackingUnavailable(f"MLFLOW_TRACKING_URI={from_environment!r} is not accepted: it is set but empty; "
-                                  "expected a store's URI (sqlite:///<file>, http://<host>:<port>, …), or the variable "
-                                  "unset for the local store in mlruns/")
+                                  f"expected {STORE_URI}, or the variable unset for the local store in mlruns/")
     return from_environment or default_tracking_uri()
 
 
@@ -95,8 +94,9 @@ def _check_local_store(uri: str) -> None:
     if uri.startswith("sqlite:///"):
         database = Path(uri.removeprefix("sqlite:///"))
         if not database.is_absolute():  # MLflow cannot name the artifacts beside it: it failed once both were made
-            raise TrackingUnavailable(f"tracking URI {uri!r} is not accepted: its database path {str(database)!r} is "
-                                      "relative; expected an absolute one, sqlite:////<folder>/mlflow.db (four slashes)")
+            raise TrackingUnavailable(f"tracking URI {uri!r} is not accepted: its database path {str(database)!r} "
+                                      "is relative; expected an absolute one, sqlite:////<folder>/mlflow.db (four "
+                                      "slashes)")
         try:
             database.parent.mkdir(parents=True, exist_ok=True)
             probe = database.parent / f".write-test-{os.getpid()}"
