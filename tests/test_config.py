@@ -102,3 +102,14 @@ def test_unknown_group_option_fails_listing_the_options():
 def test_unknown_key_fails():
     with pytest.raises((ConfigCompositionException, ValidationError)):
         compose_config("train.epoch=3")
+
+
+def test_first_line_quotes_one_line_and_marks_where_it_cut():
+    """A quoted error cut at its limit ended mid-word, its parentheses open, as if the tool had said that much."""
+    from pipeline.config import first_line
+
+    assert first_line(ValueError("short\nsecond line")) == "short"
+    assert first_line(ValueError()) == "ValueError"
+    cut = first_line("x" * 301)
+    assert cut == "x" * 299 + "…" and len(cut) == 300
+    assert first_line("y" * 300) == "y" * 300

@@ -56,11 +56,12 @@ class PipelineError(Exception):
 
 def first_line(message: BaseException | str, limit: int = 300) -> str:
     """The first line of an error's message (its type's name when it has none) or of a text, cut at
-    `limit` characters: what a one-line error quotes from another tool's error."""
+    `limit` characters and then marked "…": what a one-line error quotes from another tool's error."""
     text = str(message).strip()
     if not text:
         return type(message).__name__ if isinstance(message, BaseException) else ""
-    return text.splitlines()[0][:limit]
+    line = text.splitlines()[0]
+    return line if len(line) <= limit else line[:limit - 1] + "…"
 
 
 # What OmegaConf's "Value 'ten' of type 'str' could not be converted to Integer" means, as the pipeline's own
