@@ -14,8 +14,9 @@ from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from pipeline.config import PipelineError, check_name
+from pipeline.config import PipelineError, check_name, first_line
 from pipeline.record import STUDY_ROLE, Tag, setting_params
+from pipeline.tracking.store import TrackingUnavailable
 
 CURVE_KEYS = ("train_epoch_loss", "val_nll_float64", "train_clipped_fraction", "grad_norm_ratio")
 
@@ -67,7 +68,10 @@ def find_parent(client: MlflowClient, experiment: str, study: str | None, parent
     if parent_run_id:
         try:
             return client.get_run(parent_run_id), []
-        except MlflowException:
+        except MlflowException as error:
+            if error.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):  # the store answered no
+                raise TrackingUnavailable(f"the tracking store did not return run {parent_run_id} "
+                                          f"({first_line(error)})") from None
             raise StudyNotFound(f"--parent-run-id {parent_run_id!r} is not a run in this store") from None
     check_name("--study", study)
     found = client.get_experiment_by_name(experiment)

@@ -23,7 +23,7 @@ from pipeline.record import STUDY_ROLE, Tag, resumed_provenance
 from pipeline.config import PipelineError, first_line
 from pipeline.files import WriteError
 from pipeline.processes import process_tags
-from pipeline.tracking.store import TrackingUnavailable
+from pipeline.tracking.store import LEFT_FOR_NEXT_COMMAND, TrackingUnavailable, is_server, one_quick_request
 
 
 def end_status(error: BaseException | None) -> str:
@@ -62,15 +62,23 @@ def tracked_run(uri: str, experiment_id: str, run_name: str | None = None, tags:
     try:
         yield run
     except BaseException as raised:
+        # A server that has not answered for give_up_seconds gets one quick request, to end the run, and no tag.
+        given_up = isinstance(raised, StoreNotAnswering) and is_server(uri)
         if not caused_by_stop(raised):
-            with contextlib.suppress(Exception):
-                mlflow.set_tag(Tag.ERROR, describe(raised))
+            if not given_up:
+                with contextlib.suppress(Exception):
+                    mlflow.set_tag(Tag.ERROR, describe(raised))
             raised.mlflow_run_id = run.info.run_id  # lets a sweep know the failure is on record
         try:
-            mlflow.end_run(end_status(raised))
+            with one_quick_request() if given_up else contextlib.nullcontext():
+                mlflow.end_run(end_status(raised))
             ended = ""
         except Exception:  # noqa: BLE001 - the store is why the run failed; the next command ends it
-            ended = "; the run could not be ended either: the next command on this store marks it FAILED"
+            ended = f"; the run could not be ended either: {LEFT_FOR_NEXT_COMMAND}"
+        if given_up and ended:
+            unended = StoreNotAnswering(f"{raised}{ended}")
+            unended.mlflow_run_id = run.info.run_id
+            raise unended from None
         if out_of_space(raised) and not isinstance(raised, WriteError):  # a file of ours names itself
             full = TrackingUnavailable(
                 f"the MLflow store {uri} is out of space ({first_line(raised)}); free space there and run the same "
@@ -197,11 +205,15 @@ def raise_if_deleted(client: MlflowClient, run_id: str, error: Exception) -> Non
                          f"{run_id}) and run the same command again") from None
 
 
+class StoreNotAnswering(TrackingUnavailable):
+    """The store refused or did not answer a run's metrics for `give_up_seconds` (`MetricBuffer.flush`)."""
+
+
 class MetricBuffer:
     """Collects per-epoch metrics and sends them in batches (SQLite logging costs ~65 ms a call).
 
     A failed send keeps the metrics and is retried at the next flush; once the store has failed for
-    `give_up_seconds` in a row, `flush` raises TrackingUnavailable.
+    `give_up_seconds` in a row, from the start of the first failed request, `flush` raises StoreNotAnswering.
 
     `logged`: the last step of each metric already in the store (`last_logged_steps`), for a resumed run;
     those steps are not sent again. A process can die after a batch is stored and before the checkpoint of
@@ -217,6 +229,7 @@ class MetricBuffer:
         self.pending: list[Metric] = []
         self.last_flush = time.monotonic()
         self.failing_since: float | None = None
+        self.gave_up: StoreNotAnswering | None = None  # once given up on, the store is not waited for again
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         now = int(time.time() * 1000)
@@ -227,10 +240,14 @@ class MetricBuffer:
 
     def flush(self) -> None:
         """Sends every pending metric, retrying with back-off until `give_up_seconds` have passed."""
+        if self.gave_up is not None:
+            raise self.gave_up
         delay = 1.0
         while self.pending:
             try:
                 while self.pending:
+                    # A request to a server that hangs fails only after its timeout: the window opens when it was sent.
+                    sent = time.monotonic()
                     self.client.log_batch(self.run_id, metrics=self.pending[:1000])  # at most 1000 a call
                     self.pending = self.pending[1000:]
                 self.failing_since = None
@@ -238,12 +255,13 @@ class MetricBuffer:
                 if stop_requested.is_set():  # asked to stop while the store is away: do not wait for it
                     raise Interrupted(f"stopped while the tracking store was unreachable ({first_line(error)})") from None
                 raise_if_deleted(self.client, self.run_id, error)
-                self.failing_since = self.failing_since or time.monotonic()
+                self.failing_since = self.failing_since or sent
                 waited = time.monotonic() - self.failing_since
                 if waited >= self.give_up_seconds:
-                    raise TrackingUnavailable(
+                    self.gave_up = StoreNotAnswering(
                         f"the tracking store did not accept metrics for {waited:.0f} s ({first_line(error)}); "
-                        "the run's checkpoint is kept: run the same command again when the store is back") from None
+                        "the run's checkpoint is kept: run the same command again when the store is back")
+                    raise self.gave_up from None
                 time.sleep(min(delay, self.give_up_seconds - waited))
                 delay *= 2
         self.last_flush = time.monotonic()

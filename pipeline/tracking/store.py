@@ -14,6 +14,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Iterator
 
 import mlflow
 from mlflow.entities import RunStatus
@@ -28,6 +29,10 @@ from pipeline.record import Tag
 
 class TrackingUnavailable(PipelineError):
     """The MLflow store cannot be reached, read or written."""
+
+
+# What becomes of a run this process could not end (`mark_stale_runs`, run by every command's `prepare_store`).
+LEFT_FOR_NEXT_COMMAND = "the next command on this store, on this machine, marks it FAILED"
 
 
 def default_tracking_uri() -> str:
@@ -63,6 +68,23 @@ def bound_requests(tracking: TrackingConfig) -> None:
     os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(int(max(1, tracking.timeout_seconds)))
     os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "1"
     os.environ["MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"] = "1"
+
+
+@contextlib.contextmanager
+def one_quick_request() -> Iterator[None]:
+    """Requests inside give up after 1 s, untried again: the last word to a server a run has given up on (each
+    request to a hung server otherwise waits out `timeout_seconds` twice)."""
+    quick = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "1", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}
+    saved = {name: os.environ.get(name) for name in quick}
+    os.environ.update(quick)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def _check_server(uri: str, timeout: float) -> None:
