@@ -541,8 +541,9 @@ def test_a_tracking_server_that_dies_or_hangs_mid_run_fails_the_run_within_its_l
                          "marks it FAILED")
     # The limit, the request under way (a timeout, tried twice), one quick request ending the run, the exit.
     assert gave_up < give_up + 2 * timeout + 1 + 3, gave_up
-    print(f"{fault}: gave up {gave_up:.1f} s after the fault")
     assert list((tmp_path / "checkpoints").glob("*/state.npz"))
+    if fault == "hangs":
+        return  # what follows is the same for both: the next command finds the run's process gone
 
     with start_mlflow_server(tmp_path, port=port) as (url, _):
         nxt = run_one(tmp_path, data_dir, url, "train.epochs=1", "seed=1", "resume=false", name="next")
