@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import (FAST_FLUSH, free_port, kill_server, run_cli, run_one, runs_of, start_mlflow_server,
+from conftest import (FAST_FLUSH, free_port, kill_server, run_cli, run_one, runs_of, start_mlflow_server, start_one,
                       wait_for_first_epoch, wait_until_drawn_into)
 from pipeline.config import PROJECT_ROOT
 
@@ -483,6 +483,61 @@ def test_an_empty_tracking_uri_variable_is_refused_not_read_as_the_local_store(m
     assert capsys.readouterr().err.strip().splitlines() == [f"error: {expected}"]
     monkeypatch.delenv("MLFLOW_TRACKING_URI")
     assert tracking_uri().endswith("/mlruns/mlflow.db")
+
+
+def test_a_tracking_server_that_hangs_as_the_run_ends_is_one_line_and_the_same_command_ends_the_run(tmp_path, data_dir):
+    """The server stops answering once the run's model is written: whichever of the run's last requests (the model's,
+    the stage timings, the run's end) meets it, the run fails in one line, exit 2, with its checkpoint kept. It was
+    MLflow's traceback, exit 1, and the run left RUNNING. Once the server answers, the same command ends the run
+    FINISHED, the same run."""
+    with start_mlflow_server(tmp_path) as (url, server):
+        from pipeline.tracking import prepare_store
+
+        prepare_store(url, "fromlogits")
+        process = start_one(tmp_path, data_dir, url, "train.epochs=2", "tracking.timeout_seconds=2")
+        deadline = time.monotonic() + 120
+        while not list((tmp_path / "artifacts").glob("**/MLmodel")):
+            assert time.monotonic() < deadline and process.poll() is None, process.communicate()[1][-3000:]
+            time.sleep(0.02)
+        os.killpg(server.pid, signal.SIGSTOP)
+        stdout, stderr = process.communicate(timeout=120)
+        os.killpg(server.pid, signal.SIGCONT)
+        assert process.returncode == 2, stderr[-3000:]
+        assert "Traceback" not in stderr, stderr[-3000:]
+        last = stderr.strip().splitlines()[-1]
+        assert last.startswith("error: the tracking store did not answer"), last
+        assert "the run's checkpoint is kept: run the same command again when the store is back" in last, last
+        assert list((tmp_path / "checkpoints").glob("*/state.npz"))
+
+        again = run_one(tmp_path, data_dir, url, "train.epochs=2", "tracking.timeout_seconds=2")
+        assert again.returncode == 0, again.stderr[-3000:]
+        (run,) = runs_of(url)
+        assert f"resuming run {run.info.run_id}" in again.stdout
+        assert run.info.status == "FINISHED" and "test_nll" in run.data.metrics
+
+
+def test_a_run_whose_end_the_server_does_not_answer_says_so_in_one_line(tmp_path, monkeypatch):
+    """The last request of a run that trained and logged everything: ending it. A server that hangs right then made
+    MLflow's traceback; now one line says the run is stored but not ended, and what ends it."""
+    import mlflow
+
+    from pipeline.tracking import prepare_store, tracked_run
+    from pipeline.tracking.runs import StoreNotAnswering
+
+    with start_mlflow_server(tmp_path) as (url, server):
+        experiment_id = prepare_store(url, "fromlogits")  # sets the pipeline's request limits: shortened below
+        monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "1")
+        monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+        with pytest.raises(StoreNotAnswering) as raised:
+            with tracked_run(url, experiment_id, "ends-unanswered") as run:
+                os.killpg(server.pid, signal.SIGSTOP)
+        os.killpg(server.pid, signal.SIGCONT)
+        assert str(raised.value).startswith("the tracking store did not answer as the run ended (API request to ")
+        assert str(raised.value).endswith("; the run's checkpoint is kept: run the same command again when the store is "
+                                          "back; the run could not be ended: the next command on this store, on this "
+                                          "machine, marks it FAILED")
+        assert mlflow.MlflowClient(url).get_run(run.info.run_id).info.status == "RUNNING"  # as the line says
+        assert mlflow.active_run() is None  # nothing left for MLflow's exit handler to wait on
 
 
 def test_a_parent_run_the_server_does_not_return_is_not_called_missing(tmp_path, monkeypatch):

@@ -23,7 +23,8 @@ from pipeline.record import STUDY_ROLE, Tag, resumed_provenance
 from pipeline.config import PipelineError, first_line
 from pipeline.files import WriteError
 from pipeline.processes import process_tags
-from pipeline.tracking.store import LEFT_FOR_NEXT_COMMAND, TrackingUnavailable, is_server, one_quick_request
+from pipeline.tracking.store import (LEFT_FOR_NEXT_COMMAND, TrackingUnavailable, is_server, not_answering,
+                                     one_quick_request)
 
 
 def end_status(error: BaseException | None) -> str:
@@ -62,23 +63,26 @@ def tracked_run(uri: str, experiment_id: str, run_name: str | None = None, tags:
     try:
         yield run
     except BaseException as raised:
-        # A server that has not answered for give_up_seconds gets one quick request, to end the run, and no tag.
-        given_up = isinstance(raised, StoreNotAnswering) and is_server(uri)
+        # A server that did not answer, or was given up on, gets no error tag and one quick request to end the
+        # run: each request to a server that hangs waits out its timeout again.
+        away = is_server(uri) and (isinstance(raised, StoreNotAnswering) or not_answering(raised))
         if not caused_by_stop(raised):
-            if not given_up:
+            if not away:
                 with contextlib.suppress(Exception):
                     mlflow.set_tag(Tag.ERROR, describe(raised))
             raised.mlflow_run_id = run.info.run_id  # lets a sweep know the failure is on record
         try:
-            with one_quick_request() if given_up else contextlib.nullcontext():
+            with one_quick_request() if away else contextlib.nullcontext():
                 mlflow.end_run(end_status(raised))
             ended = ""
         except Exception:  # noqa: BLE001 - the store is why the run failed; the next command ends it
             ended = f"; the run could not be ended either: {LEFT_FOR_NEXT_COMMAND}"
-        if given_up and ended:
-            unended = StoreNotAnswering(f"{raised}{ended}")
-            unended.mlflow_run_id = run.info.run_id
-            raise unended from None
+        if away:
+            said = str(raised) if isinstance(raised, StoreNotAnswering) else (
+                f"the tracking store did not answer ({first_line(raised)}); {CHECKPOINT_KEPT}")
+            unanswered = StoreNotAnswering(f"{said}{ended}")
+            unanswered.mlflow_run_id = run.info.run_id
+            raise unanswered from None
         if out_of_space(raised) and not isinstance(raised, WriteError):  # a file of ours names itself
             full = TrackingUnavailable(
                 f"the MLflow store {uri} is out of space ({first_line(raised)}); free space there and run the same "
@@ -86,7 +90,15 @@ def tracked_run(uri: str, experiment_id: str, run_name: str | None = None, tags:
             full.mlflow_run_id = run.info.run_id
             raise full from None
         raise
-    mlflow.end_run(end_status(None))
+    try:
+        mlflow.end_run(end_status(None))
+    except Exception as error:
+        if not (is_server(uri) and not_answering(error)):
+            raise
+        unended = StoreNotAnswering(f"the tracking store did not answer as the run ended ({first_line(error)}); "
+                                    f"{CHECKPOINT_KEPT}; the run could not be ended: {LEFT_FOR_NEXT_COMMAND}")
+        unended.mlflow_run_id = run.info.run_id
+        raise unended from None
 
 
 def out_of_space(error: BaseException) -> bool:
@@ -206,7 +218,10 @@ def raise_if_deleted(client: MlflowClient, run_id: str, error: Exception) -> Non
 
 
 class StoreNotAnswering(TrackingUnavailable):
-    """The store refused or did not answer a run's metrics for `give_up_seconds` (`MetricBuffer.flush`)."""
+    """The store did not answer a run's request, or refused its metrics for `give_up_seconds` (`MetricBuffer.flush`)."""
+
+
+CHECKPOINT_KEPT = "the run's checkpoint is kept: run the same command again when the store is back"
 
 
 class MetricBuffer:
@@ -260,7 +275,7 @@ class MetricBuffer:
                 if waited >= self.give_up_seconds:
                     self.gave_up = StoreNotAnswering(
                         f"the tracking store did not accept metrics for {waited:.0f} s ({first_line(error)}); "
-                        "the run's checkpoint is kept: run the same command again when the store is back")
+                        f"{CHECKPOINT_KEPT}")
                     raise self.gave_up from None
                 time.sleep(min(delay, self.give_up_seconds - waited))
                 delay *= 2

@@ -70,6 +70,16 @@ def bound_requests(tracking: TrackingConfig) -> None:
     os.environ["MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"] = "1"
 
 
+def not_answering(error: BaseException) -> bool:
+    """An MLflow request to a tracking server that got no answer: it timed out, could not connect, or met only
+    errors of the server's (MLflow's REST client raises an MlflowException caused by requests' exception)."""
+    import requests
+
+    unanswered = (requests.exceptions.ConnectionError, requests.exceptions.Timeout, requests.exceptions.RetryError)
+    chain = [error, error.__cause__, error.__context__]
+    return any(isinstance(e, unanswered) for e in chain if e is not None)
+
+
 @contextlib.contextmanager
 def one_quick_request() -> Iterator[None]:
     """Requests inside give up after 1 s, untried again: the last word to a server a run has given up on (each
