@@ -69,10 +69,10 @@ def free_port() -> int:
 def start_mlflow_server(folder: Path, *args: str, port: int | None = None, env: dict | None = None):
     """A real `mlflow server` on 127.0.0.1 over a SQLite store in `folder`; yields (URL, process), stops it after."""
     port = port or free_port()
+    store = [] if "--artifacts-only" in args else ["--backend-store-uri", f"sqlite:///{folder / 'server.db'}"]
     server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{folder / 'server.db'}", "--artifacts-destination", str(folder / "artifacts"),
-         "--workers", "1", *args],
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), *store,
+         "--artifacts-destination", str(folder / "artifacts"), "--workers", "1", *args],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,  # its workers die with it
         # MLflow 3's server otherwise starts ~8 background job workers (GenAI features) on 2 cores.
         env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **(env or {})},

@@ -540,6 +540,36 @@ def test_a_run_whose_end_the_server_does_not_answer_says_so_in_one_line(tmp_path
         assert mlflow.active_run() is None  # nothing left for MLflow's exit handler to wait on
 
 
+def test_a_report_whose_artifact_server_does_not_answer_fails_in_one_line_not_without_its_diagrams(tmp_path,
+                                                                                                     monkeypatch):
+    """Runs' artifacts served by a server of their own (`mlflow server --artifacts-only`), which hangs while the
+    report reads them: each run's reliability.json read as missing, and the report was drawn without its
+    reliability diagrams, saying nothing (MLflow reports a file it could not download as one it could not find).
+    Now the report fails in one line saying what did not answer."""
+    import mlflow
+
+    from pipeline.report.runs import read_study
+    from pipeline.tracking import TrackingUnavailable
+
+    with start_mlflow_server(tmp_path / "a", "--artifacts-only") as (artifacts_url, artifact_server), \
+            start_mlflow_server(tmp_path / "t", "--no-serve-artifacts", "--default-artifact-root",
+                                f"{artifacts_url}/api/2.0/mlflow-artifacts/artifacts") as (url, _):
+        client = mlflow.MlflowClient(url)
+        experiment_id = client.create_experiment("fromlogits")
+        parent = client.create_run(experiment_id, tags={"role": "study", "study": "served"}).info.run_id
+        child = client.create_run(experiment_id, tags={"mlflow.parentRunId": parent, "formulation": "logits",
+                                                       "seed": "0"}).info.run_id
+        client.log_dict(child, {"count": [1]}, "reliability.json")
+        client.set_terminated(child)
+        assert read_study(url, "fromlogits", parent_run_id=parent).finished[0].reliability == {"count": [1]}
+        monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "1")
+        monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+        os.killpg(artifact_server.pid, signal.SIGSTOP)
+        with pytest.raises(TrackingUnavailable, match=f"^the tracking store did not answer while the report read the "
+                                                      f"runs of parent run {parent} \\(API request to "):
+            read_study(url, "fromlogits", parent_run_id=parent)
+
+
 def test_a_parent_run_the_server_does_not_return_is_not_called_missing(tmp_path, monkeypatch):
     """A study's report looks its parent run up by id. A server that did not answer made the study end with "the
     study's report failed: --parent-run-id '…' is not a run in this store": a wrong reason, of a run that exists."""

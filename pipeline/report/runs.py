@@ -6,9 +6,11 @@ have been written in two parts, and a run that stopped early has fewer epochs.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
@@ -16,7 +18,7 @@ from mlflow.tracking import MlflowClient
 
 from pipeline.config import PipelineError, check_name, first_line
 from pipeline.record import STUDY_ROLE, Tag, setting_params
-from pipeline.tracking.store import TrackingUnavailable
+from pipeline.tracking.store import TrackingUnavailable, not_answering
 
 CURVE_KEYS = ("train_epoch_loss", "val_nll_float64", "train_clipped_fraction", "grad_norm_ratio")
 
@@ -105,11 +107,28 @@ def _run_data(client: MlflowClient, run: Run, with_details: bool) -> RunData:
                    run.data.metrics)
     if with_details:
         data.curves = metric_histories(client, run.info.run_id, CURVE_KEYS)
-        try:
-            data.reliability = json.loads(Path(client.download_artifacts(run.info.run_id, "reliability.json")).read_text())
-        except (MlflowException, OSError):
-            data.reliability = None  # a run that stopped before evaluation has none
+        data.reliability = None  # a run that stopped before evaluation has none
+        # Listed first: MLflow reports a file it could not download as one it could not find, and a report
+        # drawn without a run's diagrams would not say why.
+        if any(a.path == "reliability.json" for a in client.list_artifacts(run.info.run_id)):
+            try:
+                data.reliability = json.loads(Path(client.download_artifacts(run.info.run_id, "reliability.json"))
+                                              .read_text())
+            except (MlflowException, OSError) as error:
+                raise TrackingUnavailable(f"the tracking store did not return run {run.info.run_id}'s reliability.json "
+                                          f"({first_line(error)})") from None
     return data
+
+
+@contextlib.contextmanager
+def answered(doing: str) -> Iterator[None]:
+    """A request of the block that a tracking server did not answer becomes one line saying what was being done."""
+    try:
+        yield
+    except Exception as error:
+        if not not_answering(error):
+            raise
+        raise TrackingUnavailable(f"the tracking store did not answer while {doing} ({first_line(error)})") from None
 
 
 def read_study(uri: str, experiment: str, study: str | None = None, parent_run_id: str | None = None,
@@ -119,10 +138,11 @@ def read_study(uri: str, experiment: str, study: str | None = None, parent_run_i
     has not ended (running, or its command killed)."""
     client = MlflowClient(uri)
     parent, notes = find_parent(client, experiment, study, parent_run_id)
-    runs = client.search_runs([parent.info.experiment_id],
-                              filter_string=f"tags.{Tag.PARENT} = '{parent.info.run_id}'", max_results=5000)
-    finished = [_run_data(client, r, True) for r in runs if r.info.status == "FINISHED"]
-    failed = [_run_data(client, r, False) for r in runs if r.info.status != "FINISHED"]
+    with answered(f"the report read the runs of parent run {parent.info.run_id}"):
+        runs = client.search_runs([parent.info.experiment_id],
+                                  filter_string=f"tags.{Tag.PARENT} = '{parent.info.run_id}'", max_results=5000)
+        finished = [_run_data(client, r, True) for r in runs if r.info.status == "FINISHED"]
+        failed = [_run_data(client, r, False) for r in runs if r.info.status != "FINISHED"]
     name = parent.data.tags.get(Tag.STUDY, parent.info.run_id)
     if parent.info.status == "RUNNING" and not at_study_end:  # asked for while the study runs, or its command was killed
         running = sum(r.status == "RUNNING" for r in failed)
@@ -170,4 +190,5 @@ def log_report(uri: str, parent_run_id: str, summary: dict[str, float], folder: 
     buffer = MetricBuffer(client, parent_run_id)
     buffer.log(summary, step=0)
     buffer.flush()
-    client.log_artifacts(parent_run_id, str(folder), artifact_path="report")
+    with answered(f"the report was stored in parent run {parent_run_id}"):
+        client.log_artifacts(parent_run_id, str(folder), artifact_path="report")
