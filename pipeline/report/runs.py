@@ -18,7 +18,7 @@ from mlflow.tracking import MlflowClient
 
 from pipeline.config import PipelineError, check_name, first_line
 from pipeline.record import STUDY_ROLE, Tag, setting_params
-from pipeline.tracking.store import TrackingUnavailable, not_answering
+from pipeline.tracking.store import NO_SUCH_RUN, TrackingUnavailable, not_answering
 
 CURVE_KEYS = ("train_epoch_loss", "val_nll_float64", "train_clipped_fraction", "grad_norm_ratio")
 
@@ -71,7 +71,7 @@ def find_parent(client: MlflowClient, experiment: str, study: str | None, parent
         try:
             return client.get_run(parent_run_id), []
         except MlflowException as error:
-            if error.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):  # the store answered no
+            if error.error_code not in NO_SUCH_RUN:
                 raise TrackingUnavailable(f"the tracking store did not return run {parent_run_id} "
                                           f"({first_line(error)})") from None
             raise StudyNotFound(f"--parent-run-id {parent_run_id!r} is not a run in this store") from None

@@ -23,8 +23,8 @@ from pipeline.record import STUDY_ROLE, Tag, resumed_provenance
 from pipeline.config import PipelineError, first_line
 from pipeline.files import WriteError
 from pipeline.processes import process_tags
-from pipeline.tracking.store import (LEFT_FOR_NEXT_COMMAND, TrackingUnavailable, is_server, not_answering,
-                                     one_quick_request)
+from pipeline.tracking.store import (LEFT_FOR_NEXT_COMMAND, NO_SUCH_RUN, TrackingUnavailable, is_server,
+                                     not_answering, one_quick_request)
 
 
 def end_status(error: BaseException | None) -> str:
@@ -202,8 +202,7 @@ class RunDeleted(PipelineError):
 def raise_if_deleted(client: MlflowClient, run_id: str, error: Exception) -> None:
     """Raises RunDeleted if `error`, from logging to `run_id`, came from that run being deleted or removed; the
     store answered, so the error is a client error (MLflow refuses a deleted run's metrics as an invalid value)."""
-    refused = ("INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST")
-    if not (isinstance(error, MlflowException) and error.error_code in refused):
+    if not (isinstance(error, MlflowException) and error.error_code in NO_SUCH_RUN):
         return
     try:
         deleted = client.get_run(run_id).info.lifecycle_stage == "deleted"

@@ -31,6 +31,9 @@ class TrackingUnavailable(PipelineError):
     """The MLflow store cannot be reached, read or written."""
 
 
+# The codes of MLflow's answer to a request naming a run it has not, or will not take (deleted): the store answered.
+NO_SUCH_RUN = ("INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST")
+
 # What becomes of a run this process could not end (`mark_stale_runs`, run by every command's `prepare_store`).
 LEFT_FOR_NEXT_COMMAND = "the next command on this store, on this machine, marks it FAILED"
 
