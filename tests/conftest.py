@@ -67,7 +67,8 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def start_mlflow_server(folder: Path, *args: str, port: int | None = None, env: dict | None = None):
-    """A real `mlflow server` on 127.0.0.1 over a SQLite store in `folder`; yields (URL, process), stops it after."""
+    """A real `mlflow server` on 127.0.0.1 over a SQLite store in `folder` (none with `--artifacts-only`: a server of
+    artifacts alone); yields (URL, process), stops it after."""
     port = port or free_port()
     store = [] if "--artifacts-only" in args else ["--backend-store-uri", f"sqlite:///{folder / 'server.db'}"]
     server = subprocess.Popen(
