@@ -414,9 +414,16 @@ def test_a_second_stop_that_code_turns_into_another_error_ends_the_run_killed(tm
     assert run.info.status == "FINISHED"
 
 
+AS_TYPED = ["--study", "it's"]  # the one case run as a user types it
+
+
 @pytest.mark.parametrize("args,expected", [
-    (["--study", "it's"], "error: --study=\"it's\" is not accepted: expected 1 to 64 letters"),
+    (AS_TYPED, "error: --study=\"it's\" is not accepted: expected 1 to 64 letters"),
+    (["--study", ""], "error: --study='' is not accepted: expected 1 to 64 letters"),
     (["--parent-run-id", "deadbeef"], "error: --parent-run-id 'deadbeef' is not a run in this store"),
+    # "$RUN" with RUN unset: it was "give --study NAME or --parent-run-id ID", though the option was given
+    (["--parent-run-id", ""], "error: --parent-run-id='' is not accepted: it is empty; expected the id of a study's "
+                              "parent run"),
     # argparse's own errors: its usage block came first, and an unknown option was not told what is accepted
     (["--stuyd", "x"], "error: unrecognized arguments: --stuyd x; usage: python -m pipeline.report [-h] [--study STUDY] "
                        "[--parent-run-id PARENT_RUN_ID]"),
@@ -435,7 +442,7 @@ def test_report_cli_bad_input_is_one_line(tmp_path, args, expected, capsys):
 
     prepare_store(uri, "fromlogits")
     capsys.readouterr()  # MLflow's notices about creating the store: the test's, not the command's
-    if args[:1] == ["--study"]:
+    if args is AS_TYPED:
         result = run_cli("pipeline.report", *args, "--tracking-uri", uri)
         code, stderr = result.returncode, result.stderr
     else:
