@@ -13,6 +13,7 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.config import DEFAULT_EXPERIMENT, Config
     from pipeline.report import build_report, print_report
     from pipeline.tracking import prepare_store, tracking_uri
+    from pipeline.tracking.store import sqlite_database
 
     parser = OneLineParser(prog="python -m pipeline.report", description=__doc__.splitlines()[0])
     parser.add_argument("--study", help="study name (its latest finished parent run)")
@@ -36,10 +37,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.tracking_uri is not None:
             check_store_uri("--tracking-uri", args.tracking_uri, unset="leave it out")
         uri = tracking_uri(args.tracking_uri)
-        if not uri.startswith("sqlite:///") or Path(uri.removeprefix("sqlite:///")).exists():
+        database = sqlite_database(uri)
+        if database is None or database.exists():
             prepare_store(uri, args.experiment)
         else:  # reading must never create an empty store where the user mistyped a path
-            print(f"error: there is no MLflow store at {uri.removeprefix('sqlite:///')}", file=sys.stderr)
+            print(f"error: there is no MLflow store at {database}", file=sys.stderr)
             return 2
         report = build_report(uri, Path(Config().reports_dir), args.experiment, args.study, args.parent_run_id, out)
     except PipelineError as error:

@@ -58,11 +58,15 @@ def is_server(uri: str) -> bool:
     return uri.startswith(("http://", "https://"))
 
 
+def sqlite_database(uri: str) -> Path | None:
+    """The database file a local store's URI (sqlite:///<path>) names; None for any other store."""
+    return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
+
+
 def _artifact_location(uri: str) -> str | None:
     """Artifacts of the local store live beside its database; a server chooses its own."""
-    if uri.startswith("sqlite:///"):
-        return (Path(uri.removeprefix("sqlite:///")).parent / "artifacts").as_uri()
-    return None
+    database = sqlite_database(uri)
+    return None if database is None else (database.parent / "artifacts").as_uri()
 
 
 def bound_requests(tracking: TrackingConfig) -> None:
@@ -126,8 +130,8 @@ def _check_server(uri: str, timeout: float) -> None:
 
 
 def _check_local_store(uri: str) -> None:
-    if uri.startswith("sqlite:///"):
-        database = Path(uri.removeprefix("sqlite:///"))
+    database = sqlite_database(uri)
+    if database is not None:
         if not database.is_absolute():  # MLflow cannot name the artifacts beside it: it failed once both were made
             raise TrackingUnavailable(f"tracking URI {uri!r} is not accepted: its database path {str(database)!r} "
                                       "is relative; expected an absolute one, sqlite:////<folder>/mlflow.db (four "
@@ -172,9 +176,8 @@ def prepare_store(uri: str, experiment: str, tracking: TrackingConfig | None = N
 def _creating(uri: str):
     """A local store's folder, locked while a process creates or checks the store: two commands on a new
     store at once would both run MLflow's schema migrations on it, and one would fail."""
-    if uri.startswith("sqlite:///"):
-        return folder_lock(Path(uri.removeprefix("sqlite:///")).parent)
-    return contextlib.nullcontext()
+    database = sqlite_database(uri)
+    return contextlib.nullcontext() if database is None else folder_lock(database.parent)
 
 
 def _experiment_id(client: MlflowClient, uri: str, experiment: str) -> str:
