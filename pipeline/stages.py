@@ -281,8 +281,9 @@ def record_job_failure(dcfg, parent_run_id: str | None, overrides: str, error: B
     from pipeline.config import ConfigError, validate
     from pipeline.record import identity_tags
     from pipeline.tracking import record_failed_job
+    from pipeline.tracking.runs import recorded_by
 
-    if getattr(error, "mlflow_run_id", None):
+    if recorded_by(error):
         return  # tracked_run already ended the job's own run FAILED with the error
     try:
         cfg = validate(dcfg)

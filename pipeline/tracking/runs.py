@@ -70,7 +70,7 @@ def tracked_run(uri: str, experiment_id: str, run_name: str | None = None, tags:
             if not away:
                 with contextlib.suppress(Exception):
                     mlflow.set_tag(Tag.ERROR, describe(raised))
-            raised.mlflow_run_id = run.info.run_id  # lets a sweep know the failure is on record
+            on_record(raised, run.info.run_id)
         try:
             with one_quick_request() if away else contextlib.nullcontext():
                 mlflow.end_run(end_status(raised))
@@ -80,25 +80,31 @@ def tracked_run(uri: str, experiment_id: str, run_name: str | None = None, tags:
         if away:
             said = str(raised) if isinstance(raised, StoreNotAnswering) else (
                 f"the tracking store did not answer ({first_line(raised)}); {CHECKPOINT_KEPT}")
-            unanswered = StoreNotAnswering(f"{said}{ended}")
-            unanswered.mlflow_run_id = run.info.run_id
-            raise unanswered from None
+            raise on_record(StoreNotAnswering(f"{said}{ended}"), run.info.run_id) from None
         if out_of_space(raised) and not isinstance(raised, WriteError):  # a file of ours names itself
-            full = TrackingUnavailable(
+            raise on_record(TrackingUnavailable(
                 f"the MLflow store {uri} is out of space ({first_line(raised)}); free space there and run the same "
-                f"command again (an interrupted run's checkpoint is kept){ended}")
-            full.mlflow_run_id = run.info.run_id
-            raise full from None
+                f"command again (an interrupted run's checkpoint is kept){ended}"), run.info.run_id) from None
         raise
     try:
         mlflow.end_run(end_status(None))
     except Exception as error:
         if not (is_server(uri) and not_answering(error)):
             raise
-        unended = StoreNotAnswering(f"the tracking store did not answer as the run ended ({first_line(error)}); "
-                                    f"{CHECKPOINT_KEPT}; the run could not be ended: {LEFT_FOR_NEXT_COMMAND}")
-        unended.mlflow_run_id = run.info.run_id
-        raise unended from None
+        raise on_record(StoreNotAnswering(f"the tracking store did not answer as the run ended ({first_line(error)}); "
+                                          f"{CHECKPOINT_KEPT}; the run could not be ended: {LEFT_FOR_NEXT_COMMAND}"),
+                        run.info.run_id) from None
+
+
+def on_record(error: BaseException, run_id: str) -> BaseException:
+    """`error`, marked as recorded by run `run_id`, which it ended: a sweep then opens no FAILED run for it."""
+    error.mlflow_run_id = run_id
+    return error
+
+
+def recorded_by(error: BaseException) -> str | None:
+    """The run that recorded `error` (`on_record`), if one did."""
+    return getattr(error, "mlflow_run_id", None)
 
 
 def out_of_space(error: BaseException) -> bool:
