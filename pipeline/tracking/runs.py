@@ -97,7 +97,7 @@ def tracked_run(uri: str, experiment_id: str, run_name: str | None = None, tags:
 
 
 def on_record(error: BaseException, run_id: str) -> BaseException:
-    """`error`, marked as recorded by run `run_id`, which it ended: a sweep then opens no FAILED run for it."""
+    """`error`, marked as on record in run `run_id` (ended by it): a sweep then opens no FAILED run of its own for it."""
     error.mlflow_run_id = run_id
     return error
 
