@@ -257,6 +257,10 @@ def evaluate_into_run(clf: Classifier, splits: Splits, clock: StageClock | None 
         mlflow.log_dict(reliability, "reliability.json")  # the same file again, if it was there
         # The model is logged after the test metrics: only an attempt that stored those may have logged it.
         if "test_nll" in new or not has_logged_model(mlflow.MlflowClient(), mlflow.active_run(), MODEL_NAME):
+            if logged:  # a resumed run: an earlier attempt may have died logging the model; the one logged next stays alone
+                client = mlflow.MlflowClient()
+                for model_id in discard_unfinished_models(client, mlflow.active_run(), MODEL_NAME):
+                    client.delete_logged_model(model_id)
             try:
                 log_model(clf, splits.x_test[:5])
             except Exception as error:

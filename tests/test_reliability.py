@@ -497,6 +497,8 @@ def test_a_tracking_server_that_hangs_as_the_run_ends_is_one_line_and_the_same_c
     the stage timings, the run's end) meets it, the run fails in one line, exit 2, with its checkpoint kept. It was
     MLflow's traceback, exit 1, and the run left RUNNING. Once the server answers, the same command ends the run
     FINISHED, the same run."""
+    import mlflow
+
     with start_mlflow_server(tmp_path) as (url, server):
         from pipeline.tracking import prepare_store
 
@@ -521,6 +523,10 @@ def test_a_tracking_server_that_hangs_as_the_run_ends_is_one_line_and_the_same_c
         (run,) = runs_of(url)
         assert f"resuming run {run.info.run_id}" in again.stdout
         assert run.info.status == "FINISHED" and "test_nll" in run.data.metrics
+        # A model the hang left unfinished is not kept beside the one the same command logged.
+        models = mlflow.MlflowClient(url).search_logged_models([run.info.experiment_id],
+                                                               filter_string=f"source_run_id = '{run.info.run_id}'")
+        assert [m.status.name for m in models] == ["READY"]
 
 
 def test_a_run_whose_end_the_server_does_not_answer_says_so_in_one_line(tmp_path, monkeypatch):

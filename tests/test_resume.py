@@ -129,6 +129,10 @@ if sys.argv[1] == "checkpoint":
             kill()
         save(self, model, optimizer, epoch)
     Checkpoint.save = killing_save
+elif sys.argv[1] == "model-files":  # the model's files stored, its logging not finished: left PENDING
+    from mlflow import MlflowClient
+    upload = MlflowClient.log_model_artifacts
+    MlflowClient.log_model_artifacts = lambda *args: (upload(*args), kill())
 else:
     import pipeline.stages
     log_model = pipeline.stages.log_model
@@ -139,13 +143,15 @@ runpy.run_module("pipeline.run", run_name="__main__", alter_sys=True)
 
 
 def test_after_sigkill_between_two_writes_the_run_resumes_with_every_epoch_and_its_model_once(tmp_path, data_dir):
-    """Killed between storing an epoch's metrics and its checkpoint, then between logging its model and
-    closing the run: each next invocation marks the orphaned RUNNING run FAILED and continues it; the
-    epochs trained again are not logged again, nor the evaluation and the model."""
+    """Killed between storing an epoch's metrics and its checkpoint, then while logging its model (its files
+    stored, the model left PENDING), then between logging its model and closing the run: each next invocation
+    marks the orphaned RUNNING run FAILED and continues it; the epochs trained again are not logged again, nor the
+    evaluation and the model. The unfinished model is removed, files and record, when the complete one is logged:
+    it stayed beside it, PENDING, in the run's and the experiment's models."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     config = ["train.epochs=20", "seed=7", "tracking.flush_seconds=0"]  # every epoch: send, then checkpoint
     client = mlflow.MlflowClient(uri)
-    for attempt, where in enumerate(["checkpoint", "model"]):
+    for attempt, where in enumerate(["checkpoint", "model-files", "model"]):
         killed = subprocess.run(
             [sys.executable, "-c", KILLED_BETWEEN_WRITES, where, f"data_dir={data_dir}",
              f"hydra.run.dir={tmp_path / where}", f"checkpoints_dir={tmp_path / 'checkpoints'}", *config],
@@ -170,7 +176,9 @@ def test_after_sigkill_between_two_writes_the_run_resumes_with_every_epoch_and_i
     for key in set(run.data.metrics) - set(per_epoch):
         assert len(history(key)) == 1, key  # the evaluation's and the run's totals: once
     models = client.search_logged_models([run.info.experiment_id], filter_string=f"source_run_id = '{run.info.run_id}'")
-    assert len(models) == 1
+    assert [m.status.name for m in models] == ["READY"]
+    folders = {path.name for path in (tmp_path / "artifacts" / "models").iterdir()}
+    assert folders == {models[0].model_id}, "the unfinished model's files are removed"
 
 
 def test_a_second_signal_stops_at_once_inside_a_long_compiled_epoch(tmp_path, data_dir):

@@ -175,22 +175,22 @@ def logged_models(client: MlflowClient, run: Run, name: str) -> list:
                                        filter_string=f"source_run_id = '{run.info.run_id}' AND name = '{name}'")
 
 
-def discard_unfinished_models(client: MlflowClient, run: Run, name: str) -> None:
+def discard_unfinished_models(client: MlflowClient, run: Run, name: str) -> list[str]:
     """Removes the files of `run`'s models `name` whose logging did not finish (not READY), where they are
     local, and marks them FAILED: a model write that filled the disk would otherwise keep the space the
-    run then needs to end FAILED. Only a model's own folder (named after its id) is touched."""
+    run then needs to end FAILED. Only a model's own folder (named after its id) is touched. Returns their ids."""
     from mlflow.entities import LoggedModelStatus
     from mlflow.utils.file_utils import local_file_uri_to_path
 
-    for model in logged_models(client, run, name):
-        if model.status == LoggedModelStatus.READY:
-            continue
+    unfinished = [model for model in logged_models(client, run, name) if model.status != LoggedModelStatus.READY]
+    for model in unfinished:
         if model.artifact_location.startswith("file:"):
             files = Path(local_file_uri_to_path(model.artifact_location))
             if files.parent.name == model.model_id:
                 shutil.rmtree(files.parent, ignore_errors=True)
         with contextlib.suppress(Exception):
             client.finalize_logged_model(model.model_id, LoggedModelStatus.FAILED)
+    return [model.model_id for model in unfinished]
 
 
 def has_logged_model(client: MlflowClient, run: Run, name: str) -> bool:
