@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 from pipeline.cli import OneLineParser
-from pipeline.config import ConfigError, PipelineError, check_name, check_store_uri, require_folder
+from pipeline.config import PipelineError, check_name, check_store_uri, require_folder
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,11 +26,6 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("give --study NAME or --parent-run-id ID")
     try:
         check_name("--experiment", args.experiment)
-        if args.parent_run_id is None:
-            check_name("--study", args.study)
-        elif not args.parent_run_id.strip():  # --parent-run-id "$RUN" with RUN unset: named, not read as no option
-            raise ConfigError(f"--parent-run-id={args.parent_run_id!r} is not accepted: it is empty; expected the id "
-                              "of a study's parent run, as the study prints it (MLflow parent run: <id>)")
         out = None if args.out is None else Path(args.out)  # as typed: Path("") would be the working directory
         if out is not None:  # before anything is read: the report is written last
             require_folder("--out", args.out, out.absolute(), writable=True)

@@ -16,7 +16,7 @@ from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from pipeline.config import PipelineError, check_name, first_line
+from pipeline.config import ConfigError, PipelineError, check_name, first_line
 from pipeline.record import STUDY_ROLE, Tag, setting_params
 from pipeline.tracking.store import NO_SUCH_RUN, TrackingUnavailable, not_answering
 
@@ -67,7 +67,10 @@ class StudyData:
 
 def find_parent(client: MlflowClient, experiment: str, study: str | None, parent_run_id: str | None) -> tuple[Run, list[str]]:
     """The parent run to report on, and notes for the reader (other parents of the same name)."""
-    if parent_run_id:
+    if parent_run_id is not None:
+        if not parent_run_id.strip():  # --parent-run-id "$RUN" with RUN unset: named, not read as no id given
+            raise ConfigError(f"--parent-run-id={parent_run_id!r} is not accepted: it is empty; expected the id of a "
+                              "study's parent run, as the study prints it (MLflow parent run: <id>)")
         try:
             return client.get_run(parent_run_id), []
         except MlflowException as error:
