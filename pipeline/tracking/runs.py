@@ -65,7 +65,7 @@ def tracked_run(uri: str, experiment_id: str, run_name: str | None = None, tags:
     except BaseException as raised:
         # A server that did not answer, or was given up on, gets no error tag and one quick request to end the
         # run: each request to a server that hangs waits out its timeout again.
-        away = is_server(uri) and (isinstance(raised, StoreNotAnswering) or not_answering(raised))
+        away = server_away(uri, raised)
         if not caused_by_stop(raised):
             if not away:
                 with contextlib.suppress(Exception):
@@ -89,11 +89,16 @@ def tracked_run(uri: str, experiment_id: str, run_name: str | None = None, tags:
     try:
         mlflow.end_run(end_status(None))
     except Exception as error:
-        if not (is_server(uri) and not_answering(error)):
+        if not server_away(uri, error):
             raise
         raise on_record(StoreNotAnswering(f"the tracking store did not answer as the run ended ({first_line(error)}); "
                                           f"{CHECKPOINT_KEPT}; the run could not be ended: {LEFT_FOR_NEXT_COMMAND}"),
                         run.info.run_id) from None
+
+
+def server_away(uri: str, error: BaseException) -> bool:
+    """`error` says that the tracking server at `uri` did not answer, or was given up on (`StoreNotAnswering`)."""
+    return is_server(uri) and (isinstance(error, StoreNotAnswering) or not_answering(error))
 
 
 def on_record(error: BaseException, run_id: str) -> BaseException:
