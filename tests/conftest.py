@@ -194,13 +194,37 @@ def wait_for_first_epoch(checkpoints: Path, runs: int = 1, timeout: float = 120,
     pytest.fail(f"{runs} run(s) did not finish an epoch in {timeout:.0f} s")
 
 
-def wait_until_drawn_into(report: Path, process: subprocess.Popen, timeout: float = 120) -> None:
-    """Until the new report of folder `report` is being written: its staging folder (`.<name>.partial-…`, made by
-    pipeline.files.staged_folder) exists beside it. Fails with `process`'s stderr if it ends first."""
+# `python -m <module> <args>` whose report, once its drawing is inside the new report's staging folder, says so
+# (touches the file argv[1]) and then takes a minute: a stop sent then lands while the report is drawn, however
+# loaded the machine (drawn at full speed, a loaded machine's test could send it after the report was written).
+_REPORT_HELD_WHILE_DRAWN = """
+import runpy, sys, time
+from pathlib import Path
+import pipeline.report.render as render
+write, drawing, module = render.write, Path(sys.argv[1]), sys.argv[2]
+def held_write(report, folder):
+    drawing.touch()
+    time.sleep(60)
+    write(report, folder)
+render.write = held_write
+sys.argv[0:3] = [module]
+runpy.run_module(module, run_name="__main__", alter_sys=True)
+"""
+
+
+def report_held_while_drawn(drawing: Path, module: str, *args: str) -> list[str]:
+    """The command `python -m <module> <args>` whose report touches `drawing` inside its staging folder, then
+    waits there a minute (`wait_until_drawing`)."""
+    return [sys.executable, "-c", _REPORT_HELD_WHILE_DRAWN, str(drawing), module, *args]
+
+
+def wait_until_drawing(drawing: Path, process: subprocess.Popen, timeout: float = 120) -> None:
+    """Until the report of a `report_held_while_drawn` command is being drawn: `drawing` exists. Fails with
+    `process`'s stderr if it ends first."""
     deadline = time.monotonic() + timeout
-    while not list(report.parent.glob(f".{report.name}.partial-*")):
+    while not drawing.exists():
         assert process.poll() is None and time.monotonic() < deadline, process.communicate()[1][-3000:]
-        time.sleep(0.005)
+        time.sleep(0.05)
 
 
 def in_terminal(terminal: int) -> dict:

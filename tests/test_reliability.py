@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import (FAST_FLUSH, free_port, kill_server, run_cli, run_one, runs_of, start_mlflow_server, start_one,
-                      wait_for_first_epoch)
+from conftest import (FAST_FLUSH, free_port, kill_server, report_held_while_drawn, run_cli, run_one, runs_of,
+                      start_mlflow_server, start_one, wait_for_first_epoch, wait_until_drawing)
 from pipeline.config import PROJECT_ROOT
 
 pytestmark = pytest.mark.slow
@@ -329,24 +329,6 @@ def test_a_full_disk_while_writing_the_report_leaves_no_partial_report(reported_
     assert [p.name for p in report.parent.iterdir()] == ["reported"]  # no partial folder left behind
 
 
-# `python -m pipeline.report <args>` whose drawing, once inside the new report's staging folder, says so (touches
-# the file argv[1]) and then takes a minute: a stop sent then lands while the report is drawn, however loaded the
-# machine (drawn at full speed, a loaded machine's test could send it after the report was written, exit 0).
-REPORT_HELD_WHILE_DRAWN = """
-import runpy, sys, time
-from pathlib import Path
-import pipeline.report.render as render
-write, drawing = render.write, Path(sys.argv[1])
-def slow_write(report, folder):
-    drawing.touch()
-    time.sleep(60)
-    write(report, folder)
-render.write = slow_write
-sys.argv[0:2] = ["pipeline/report/__main__.py"]
-runpy.run_module("pipeline.report", run_name="__main__", alter_sys=True)
-"""
-
-
 def test_ctrl_c_while_a_report_is_rebuilt_is_one_line_and_leaves_the_report_as_it_was(reported_study, tmp_path):
     """`python -m pipeline.report` stopped while it draws the new report: it printed Python's KeyboardInterrupt
     traceback; now one line, exit 130, and the previous report is as it was, with no partial folder beside it."""
@@ -355,13 +337,10 @@ def test_ctrl_c_while_a_report_is_rebuilt_is_one_line_and_leaves_the_report_as_i
     uri, report = reported_study
     before = {p.name: p.read_bytes() for p in report.iterdir()}
     drawing = tmp_path / "drawing"
-    command = [sys.executable, "-c", REPORT_HELD_WHILE_DRAWN, str(drawing),
-               "--study", "reported", "--tracking-uri", uri, "--out", str(report)]
+    command = report_held_while_drawn(drawing, "pipeline.report", "--study", "reported", "--tracking-uri", uri,
+                                      "--out", str(report))
     process = subprocess.Popen(command, cwd=PROJECT_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while not drawing.exists():
-        assert process.poll() is None and time.monotonic() < deadline, process.communicate()[1][-3000:]
-        time.sleep(0.05)
+    wait_until_drawing(drawing, process)
     assert list(report.parent.glob(f".{report.name}.partial-*"))  # inside the new report's staging folder
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=60)

@@ -14,8 +14,8 @@ import time
 import mlflow
 import pytest
 
-from conftest import (FAST_FLUSH, interrupt_sweep, run_with_a_stop_pending, runs_of, start_training_sweep, study_runs,
-                      wait_until_drawn_into)
+from conftest import (FAST_FLUSH, interrupt_sweep, report_held_while_drawn, run_with_a_stop_pending, runs_of,
+                      start_training_sweep, study_runs, wait_until_drawing)
 from pipeline.config import PROJECT_ROOT
 from pipeline.processes import process_alive
 
@@ -132,13 +132,15 @@ def test_ctrl_c_while_a_study_writes_its_report_stops_at_once_and_the_same_comma
     report, keeping the run instead of training it again."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     reports = tmp_path / "reports"
-    command = [sys.executable, "-m", "pipeline.run", "-m", "experiment=seed_logistic", "hydra.sweeper.params.loss=logits",
-               "hydra.sweeper.params.seed=0", "train.epochs=2", f"data_dir={data_dir}", f"hydra.sweep.dir={tmp_path / 'sweep'}",
-               f"reports_dir={reports}", f"checkpoints_dir={tmp_path / 'checkpoints'}", f"tracking.uri={uri}"]
-    process = subprocess.Popen(command, cwd=PROJECT_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               start_new_session=True)
+    arguments = ["-m", "experiment=seed_logistic", "hydra.sweeper.params.loss=logits", "hydra.sweeper.params.seed=0",
+                 "train.epochs=2", f"data_dir={data_dir}", f"hydra.sweep.dir={tmp_path / 'sweep'}", f"reports_dir={reports}",
+                 f"checkpoints_dir={tmp_path / 'checkpoints'}", f"tracking.uri={uri}"]
+    drawing = tmp_path / "drawing"
+    process = subprocess.Popen(report_held_while_drawn(drawing, "pipeline.run", *arguments), cwd=PROJECT_ROOT,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
-        wait_until_drawn_into(reports / "seed_logistic", process)  # the jobs have ended
+        wait_until_drawing(drawing, process)  # the jobs have ended; the report is inside its staging folder
+        assert list(tmp_path.glob("reports/.seed_logistic.partial-*"))
         os.killpg(process.pid, signal.SIGINT)  # the terminal's Ctrl-C: the idle workers get it too
         _, stderr = process.communicate(timeout=60)
     finally:
@@ -153,7 +155,8 @@ def test_ctrl_c_while_a_study_writes_its_report_stops_at_once_and_the_same_comma
     study, (run,) = study_runs(uri)
     assert (study.info.status, run.info.status) == ("KILLED", "FINISHED")
 
-    again = subprocess.run(command, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=120)
+    again = subprocess.run([sys.executable, "-m", "pipeline.run", *arguments], cwd=PROJECT_ROOT, capture_output=True,
+                           text=True, timeout=120)
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"kept run {run.info.run_id}" in again.stdout + again.stderr
     assert (reports / "seed_logistic" / "report.html").is_file()
