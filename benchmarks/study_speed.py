@@ -3,6 +3,7 @@
     python benchmarks/study_speed.py                 # `make study`'s two studies: 30 runs x 100 epochs
     python benchmarks/study_speed.py --epochs 20     # shorter, same shape
     python benchmarks/study_speed.py --note-as-scripts   # also the note's code as 30 scripts (+10 minutes)
+    python benchmarks/study_speed.py --note-as-written   # also as the note is written: 30 scripts, TF's threads
 
 Pipeline: `python -m pipeline.run -m experiment=seed_mnist,seed_logistic`, the command `make study` runs
 (tracking, diagnostics, models, reports), into a temporary store; each study's own time is what it prints
@@ -14,7 +15,8 @@ the pipeline's TensorFlow settings (one thread: pipeline/__init__.py); with Tens
 probs_naive epochs measured slower (3.0 s vs 2.2 s, train_throughput.py). With `--note-as-scripts` the
 note's code is also timed as the issue measured it and a researcher runs it: one process per training, each
 paying its own imports (TensorFlow's and Keras's whole import: not the pipeline's shorter one), as each of
-the pipeline's studies does.
+the pipeline's studies does, still with the pipeline's thread settings. With `--note-as-written` the 30 scripts
+are also timed with TensorFlow's default threads, exactly as the note is written (it sets none).
 Prints both wall times and their ratio, then per-epoch throughput for every arm on both backends
 (benchmarks/train_throughput.py; `--no-throughput` leaves it out).
 """
@@ -102,11 +104,18 @@ def note_code(epochs: int) -> float:
     return time.perf_counter() - started
 
 
-def note_scripts(epochs: int, folder: Path) -> float:
+def note_environment(as_written: bool) -> dict[str, str]:
+    """The environment of a note's script: this process's, whose TensorFlow settings are the pipeline's (one
+    thread each, pipeline/__init__.py); `as_written`, TensorFlow's defaults instead, as the note sets no threads
+    (0 is TensorFlow's "not specified": it then sizes its thread pools by the machine's cores)."""
+    return {**os.environ, **({"TF_NUM_INTRAOP_THREADS": "0", "TF_NUM_INTEROP_THREADS": "0"} if as_written else {})}
+
+
+def note_scripts(epochs: int, folder: Path, as_written: bool = False) -> float:
     """The 30 trainings with the note's code as 30 scripts, one process each (how the issue measured it:
     a researcher runs the note's script once per arm and seed); returns the sum of their wall times.
     The digits are handed over in a .npz, so a script pays its imports and training, not the pipeline's
-    data loading."""
+    data loading. `as_written`: with TensorFlow's default threads (note_environment)."""
     import numpy as np
 
     total = 0.0
@@ -121,7 +130,8 @@ def note_scripts(epochs: int, folder: Path) -> float:
                 started = time.perf_counter()
                 # Its output held back (TensorFlow's import notices, unfiltered there), shown if it fails.
                 done = subprocess.run([sys.executable, __file__, NOTE_SCRIPT, str(data), json.dumps(
-                    {**spec, "arm": arm, "seed": seed, "epochs": epochs})], cwd=ROOT, capture_output=True, text=True)
+                    {**spec, "arm": arm, "seed": seed, "epochs": epochs})], cwd=ROOT, capture_output=True, text=True,
+                    env=note_environment(as_written))
                 total += time.perf_counter() - started
                 if done.returncode != 0:
                     sys.stderr.write(done.stderr[-3000:])
@@ -132,8 +142,7 @@ def note_scripts(epochs: int, folder: Path) -> float:
 def note_script(data: str, spec: str) -> int:
     """One of note_scripts' processes. Keras first, before anything of the pipeline's: a script of the note's
     pays TensorFlow's and Keras's whole import, the optional packages the pipeline holds back included
-    (pipeline/__init__.py). The pipeline's thread settings reach it through the environment, as this
-    benchmark's process set them when it imported the pipeline."""
+    (pipeline/__init__.py). Its thread settings come through the environment (note_environment)."""
     import keras  # noqa: F401
     import numpy as np
 
@@ -172,6 +181,9 @@ def main() -> int:
     parser.add_argument("--no-throughput", action="store_true", help="skip the per-epoch throughput table")
     parser.add_argument("--note-as-scripts", action="store_true",
                         help="also time the note's code as 30 scripts, one process per training (about 10 minutes)")
+    parser.add_argument("--note-as-written", action="store_true",
+                        help="also time the 30 scripts with TensorFlow's default threads, as the note is written "
+                             "(about 10 minutes)")
     args = parser.parse_args()
 
     problem = precheck_overrides(args.pipeline_args.split()) or trainings_changed_by(args.pipeline_args.split())
@@ -185,6 +197,7 @@ def main() -> int:
             print(f"error: a pipeline study failed (exit {error.returncode}); its message is above", file=sys.stderr)
             return 1
         scripts_seconds = note_scripts(args.epochs, store) if args.note_as_scripts else None
+        written_seconds = note_scripts(args.epochs, store, as_written=True) if args.note_as_written else None
     note_seconds = note_code(args.epochs)
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores; {len(STUDIES) * len(ARMS) * len(SEEDS)} trainings "
           f"of {args.epochs} epochs")
@@ -196,6 +209,9 @@ def main() -> int:
     if scripts_seconds is not None:
         print(f"note's code as 30 scripts {scripts_seconds:6.1f} s (one process per training, each paying its imports)")
         print(f"ratio                   {scripts_seconds / total:8.1f}x", flush=True)
+    if written_seconds is not None:
+        print(f"note's code as written  {written_seconds:8.1f} s (the 30 scripts with TensorFlow's default threads)")
+        print(f"ratio                   {written_seconds / total:8.1f}x", flush=True)
     if not args.no_throughput:
         print("\nper epoch, every arm, both backends (benchmarks/train_throughput.py):", flush=True)
         subprocess.run([sys.executable, str(ROOT / "benchmarks" / "train_throughput.py")], cwd=ROOT, check=True)

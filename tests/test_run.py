@@ -461,6 +461,29 @@ def test_the_epoch_parts_benchmark_times_each_variant_and_takes_nothing_from_the
     assert all(float(row[-1 if i == 0 else -2]) > 0 for i, row in enumerate(rows)), result.stdout
 
 
+def test_the_study_benchmark_runs_the_note_as_written_with_tensorflows_default_threads(tmp_path, monkeypatch):
+    """`study_speed.py --note-as-written` times the note's script with the threads TensorFlow picks (the note sets
+    none), where `--note-as-scripts` hands it the pipeline's (this process's: pipeline/__init__.py); the script
+    trains either way."""
+    root = Path(__file__).parents[1]
+    monkeypatch.syspath_prepend(str(root / "benchmarks"))
+    from study_speed import NOTE_SCRIPT, note_environment
+
+    threads = ("TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS")
+    assert [note_environment(as_written=False)[name] for name in threads] == [os.environ[name] for name in threads]
+    assert [note_environment(as_written=True)[name] for name in threads] == ["0", "0"]  # TensorFlow's "not specified"
+    rng = np.random.default_rng(0)
+    data = tmp_path / "digits.npz"
+    np.savez(data, x_train=rng.random((64, 784), dtype=np.float32), y_train=rng.integers(0, 10, 64),
+             x_test=rng.random((16, 784), dtype=np.float32), y_test=rng.integers(0, 10, 16))
+    spec = {"task": "multiclass", "num_classes": 10, "hidden_units": [25, 15], "activation": "relu",
+            "learning_rate": 1e-3, "arm": "probs", "seed": 0, "epochs": 2}
+    done = subprocess.run([sys.executable, str(root / "benchmarks" / "study_speed.py"), NOTE_SCRIPT, str(data),
+                           json.dumps(spec)], cwd=root, capture_output=True, text=True, timeout=300,
+                          env=note_environment(as_written=True))
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
 FAKE_PYTHON = """#!/bin/sh
 # A stand-in for python3 that makes a venv in no time and whose pip records when it runs.
 if [ "$1" = "-m" ] && [ "$2" = "venv" ]; then mkdir -p "$3/bin" && cp "$0" "$3/bin/python" && exit 0; fi
