@@ -25,8 +25,9 @@ from pipeline.files import exclusive, write_json
 from pipeline.models import Classifier
 from pipeline.progress import EpochProgress
 from pipeline.record import MODEL_NAME, DatasetRef, RunRecord, Tag, changed_provenance, run_record
-from pipeline.tracking import (MetricBuffer, discard_unfinished_models, has_logged_model, last_logged_steps,
-                               out_of_space, prepare_store, resumable, tracked_run, tracking_uri, unlogged)
+from pipeline.tracking import (MetricBuffer, discard_unfinished_models, has_finished_model, last_logged_steps,
+                               logged_models, out_of_space, prepare_store, resumable, tracked_run, tracking_uri,
+                               unlogged)
 from pipeline.interrupt import interruptible
 from pipeline.train import Checkpoint, TrainResult, configure_determinism, train
 
@@ -255,17 +256,18 @@ def evaluate_into_run(clf: Classifier, splits: Splits, clock: StageClock | None 
         new = unlogged(metrics, 0, logged)
         mlflow.log_metrics(new)
         mlflow.log_dict(reliability, "reliability.json")  # the same file again, if it was there
+        client, run = mlflow.MlflowClient(), mlflow.active_run()
+        # A resumed run: an earlier attempt may have logged the model, or died logging it (left unfinished).
+        earlier = logged_models(client, run, MODEL_NAME) if logged else []
         # The model is logged after the test metrics: only an attempt that stored those may have logged it.
-        if "test_nll" in new or not has_logged_model(mlflow.MlflowClient(), mlflow.active_run(), MODEL_NAME):
-            if logged:  # a resumed run: an earlier attempt may have died logging the model; the one logged next stays alone
-                client = mlflow.MlflowClient()
-                for model_id in discard_unfinished_models(client, mlflow.active_run(), MODEL_NAME):
-                    client.delete_logged_model(model_id)
+        if "test_nll" in new or not has_finished_model(earlier):
+            for model_id in discard_unfinished_models(client, earlier):  # the one logged next stays alone
+                client.delete_logged_model(model_id)
             try:
                 log_model(clf, splits.x_test[:5])
             except Exception as error:
                 if out_of_space(error):  # its half-written files hold the room the run needs to end FAILED
-                    discard_unfinished_models(mlflow.MlflowClient(), mlflow.active_run(), MODEL_NAME)
+                    discard_unfinished_models(client, logged_models(client, run, MODEL_NAME))
                 raise
     return metrics
 

@@ -180,14 +180,14 @@ def logged_models(client: MlflowClient, run: Run, name: str) -> list:
                                        filter_string=f"source_run_id = '{run.info.run_id}' AND name = '{name}'")
 
 
-def discard_unfinished_models(client: MlflowClient, run: Run, name: str) -> list[str]:
-    """Removes the files of `run`'s models `name` whose logging did not finish (not READY), where they are
-    local, and marks them FAILED: a model write that filled the disk would otherwise keep the space the
+def discard_unfinished_models(client: MlflowClient, models: list) -> list[str]:
+    """Removes the files of those of `models` (`logged_models`) whose logging did not finish (not READY), where
+    they are local, and marks them FAILED: a model write that filled the disk would otherwise keep the space the
     run then needs to end FAILED. Only a model's own folder (named after its id) is touched. Returns their ids."""
     from mlflow.entities import LoggedModelStatus
     from mlflow.utils.file_utils import local_file_uri_to_path
 
-    unfinished = [model for model in logged_models(client, run, name) if model.status != LoggedModelStatus.READY]
+    unfinished = [model for model in models if model.status != LoggedModelStatus.READY]
     for model in unfinished:
         if model.artifact_location.startswith("file:"):
             files = Path(local_file_uri_to_path(model.artifact_location))
@@ -198,12 +198,12 @@ def discard_unfinished_models(client: MlflowClient, run: Run, name: str) -> list
     return [model.model_id for model in unfinished]
 
 
-def has_logged_model(client: MlflowClient, run: Run, name: str) -> bool:
-    """Whether `run` has a model `name` whose logging finished (READY; a writer that died midway leaves
+def has_finished_model(models: list) -> bool:
+    """Whether one of `models` (`logged_models`) finished its logging (READY; a writer that died midway leaves
     it PENDING)."""
     from mlflow.entities import LoggedModelStatus
 
-    return any(model.status == LoggedModelStatus.READY for model in logged_models(client, run, name))
+    return any(model.status == LoggedModelStatus.READY for model in models)
 
 
 class RunDeleted(PipelineError):
